@@ -271,3 +271,41 @@ def pd_pair_configs(model: str, kv_transfer_config: dict[str, Any] | None, *, st
         configs.append(EngineConfig(model=model, name=role, kv_transfer_config=kv_transfer_config,
                                     cpu_bind=bind, env=env, log_dir=log_dir, **common))
     return configs
+
+
+class EnginePool:
+    """Named engine groups started on first use and shared; at most `max_groups` alive.
+
+    Tests and benchmarks ask for a group by name (e.g. "stock-llama"); the least recently
+    used group is stopped when a new one would exceed the limit (2 cores, 24 GiB here).
+    """
+
+    def __init__(self, max_groups: int = 2):
+        self.max_groups = max_groups
+        self._groups: dict[str, list[Engine]] = {}
+
+    def get(self, name: str, make_configs) -> list[Engine]:
+        """The running group `name`, starting it from `make_configs()` if needed."""
+        group = self._groups.pop(name, None)
+        if group is not None and all(e.alive() for e in group):
+            self._groups[name] = group
+            return group
+        if group is not None:
+            for e in group:
+                e.stop()
+        while len(self._groups) >= self.max_groups:
+            oldest = next(iter(self._groups))
+            for e in self._groups.pop(oldest):
+                e.stop()
+        group = start_engines(make_configs())
+        self._groups[name] = group
+        return group
+
+    def drop(self, name: str) -> None:
+        """Stop group `name` (e.g. after a test killed one of its engines)."""
+        for e in self._groups.pop(name, []):
+            e.stop()
+
+    def close(self) -> None:
+        for name in list(self._groups):
+            self.drop(name)

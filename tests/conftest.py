@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models built once, real vLLM engines shared across the suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pdsidecar.engines import EnginePool, pd_pair_configs, stock_nixl_config, vllm_available
+from pdsidecar.models import ensure_model
+
+CACHE = Path(os.environ.get("PDSIDECAR_CACHE", Path.home() / ".cache" / "pdsidecar"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir() -> str:
+    return str(ensure_model("llama", CACHE / "models" / "tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir() -> str:
+    return str(ensure_model("mixtral", CACHE / "models" / "tiny-mixtral"))
+
+
+@pytest.fixture(scope="session")
+def engine_pool(tmp_path_factory):
+    if not vllm_available():
+        pytest.skip("vLLM is not installed")
+    pool = EnginePool(max_groups=2)
+    pool.log_dir = str(tmp_path_factory.mktemp("engine-logs"))
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def stock_pair(engine_pool, llama_dir):
+    """(prefill, decode) vLLM engines with the stock NixlConnector, tiny Llama.
+
+    The prefill engine also serves as the aggregated reference (no kv_transfer_params).
+    """
+    return engine_pool.get(
+        "stock-llama",
+        lambda: pd_pair_configs(llama_dir, stock_nixl_config(), stock=True, log_dir=engine_pool.log_dir),
+    )
