@@ -1,0 +1,500 @@
+"""KV-cache layout math: pure functions from cache shapes to byte ranges.
+
+Nothing here touches a device or a NIXL agent. Tensors are read duck-typed
+(``shape``, ``stride()``, ``element_size()``, ``data_ptr()``, ``device``), so the
+module imports without torch.
+
+Vocabulary:
+
+* *region*: one registered range holding ``num_blocks`` blocks of one layer (or one
+  of K/V for caches with a leading K/V dim of 2). Block ``b`` of a region starts at
+  ``base_addr + b * block_stride`` and is ``block_len`` bytes long.
+* *descriptor*: ``(addr, len, dev)``; lists of them are numpy ``N x 3`` int64 arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import BlockIdError
+
+_DTYPE_BYTES = {
+    "float32": 4, "fp32": 4, "float": 4,
+    "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
+    "fp8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1, "int8": 1,
+    "fp8_e4m3": 1, "fp8_e5m2": 1,
+}
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of a dtype name (``"bfloat16"``, ``"torch.float16"``, ``"fp8"``)."""
+    name = str(dtype).removeprefix("torch.").lower()
+    try:
+        return _DTYPE_BYTES[name]
+    except KeyError:
+        raise ValueError(f"unknown KV-cache dtype {dtype!r}") from None
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Model-level KV-cache shape (whole model, before tensor parallelism).
+
+    ``head_size_v`` defaults to ``head_size`` for standard attention; MLA caches
+    have one latent "head" of ``head_size`` (kv_lora_rank + rope dim) and no V.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    block_size: int  # tokens per block
+    dtype: str = "bfloat16"
+    is_mla: bool = False
+    head_size_v: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_size", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.is_mla and self.num_kv_heads != 1:
+            raise ValueError("MLA caches have exactly one KV head")
+        dtype_bytes(self.dtype)
+
+    @property
+    def v_size(self) -> int:
+        if self.is_mla:
+            return 0
+        return self.head_size if self.head_size_v is None else self.head_size_v
+
+    def heads_per_rank(self, tp_size: int) -> int:
+        """KV heads held by one TP rank (heads are replicated when tp > heads)."""
+        return heads_per_rank(self.num_kv_heads, tp_size, self.is_mla)
+
+    def bytes_per_head_per_block(self) -> int:
+        """Bytes of one KV head in one block of one layer (K and V together)."""
+        return self.block_size * (self.head_size + self.v_size) * dtype_bytes(self.dtype)
+
+    def bytes_per_block_per_layer(self, tp_size: int = 1) -> int:
+        """Bytes of one block of one layer on one TP rank."""
+        return self.heads_per_rank(tp_size) * self.bytes_per_head_per_block()
+
+    def bytes_per_block(self, tp_size: int = 1) -> int:
+        """Bytes of one block over all layers on one TP rank."""
+        return self.num_layers * self.bytes_per_block_per_layer(tp_size)
+
+    def bytes_per_token(self, tp_size: int = 1) -> int:
+        return self.bytes_per_block(tp_size) // self.block_size
+
+    def num_blocks_for_tokens(self, num_tokens: int) -> int:
+        """Blocks holding ``num_tokens`` tokens (the last one may be partial)."""
+        if num_tokens < 0:
+            raise ValueError("num_tokens must be >= 0")
+        return -(-num_tokens // self.block_size)
+
+    def block_shape(self, tp_size: int = 1) -> tuple[int, int, int]:
+        """Logical per-block shape ``(H, N, C)`` as vLLM hands it to a connector."""
+        return (self.heads_per_rank(tp_size), self.block_size, self.head_size + self.v_size)
+
+
+def heads_per_rank(num_kv_heads: int, tp_size: int, is_mla: bool = False) -> int:
+    if tp_size <= 0:
+        raise ValueError("tp_size must be positive")
+    if is_mla:
+        return 1
+    if tp_size <= num_kv_heads:
+        if num_kv_heads % tp_size:
+            raise ValueError(f"{num_kv_heads} KV heads do not split over TP {tp_size}")
+        return num_kv_heads // tp_size
+    if tp_size % num_kv_heads:
+        raise ValueError(f"TP {tp_size} is not a multiple of {num_kv_heads} KV heads")
+    return 1
+
+
+def rank_heads(rank: int, tp_size: int, num_kv_heads: int, is_mla: bool = False) -> range:
+    """Global KV-head indices held by ``rank`` (replicas share indices)."""
+    if not 0 <= rank < tp_size:
+        raise ValueError(f"rank {rank} outside TP size {tp_size}")
+    if is_mla:
+        return range(0, 1)
+    h = heads_per_rank(num_kv_heads, tp_size)
+    if tp_size <= num_kv_heads:
+        return range(rank * h, rank * h + h)
+    start = rank * num_kv_heads // tp_size
+    return range(start, start + 1)
+
+
+# --------------------------------------------------------------------------- regions
+
+
+@dataclass(frozen=True)
+class Region:
+    """One registered per-layer (or per-layer-K/V) block array."""
+
+    name: str
+    base_addr: int
+    block_len: int
+    block_stride: int
+    num_blocks: int
+    device_id: int = 0
+    layer: int = 0  # index of the attention layer this region belongs to
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """``(start, end)`` byte range covered by the region's blocks."""
+        end = self.base_addr + (self.num_blocks - 1) * self.block_stride + self.block_len
+        return self.base_addr, end
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "base_addr": self.base_addr, "block_len": self.block_len,
+            "block_stride": self.block_stride, "num_blocks": self.num_blocks,
+            "device_id": self.device_id, "layer": self.layer,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Region":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def _device_index(t: Any) -> int:
+    dev = getattr(t, "device", None)
+    idx = getattr(dev, "index", None)
+    return int(idx) if idx is not None else 0
+
+
+def regions_from_kv_caches(
+    kv_caches: Mapping[str, Any], num_blocks: int | None = None
+) -> list[Region]:
+    """Regions for vLLM's ``{layer_name: tensor}`` (``register_kv_caches`` input).
+
+    Handles ``[num_blocks, H, N, C]`` (one region per layer; strides read from the
+    tensor, so any physical layout with a block-contiguous inner part works) and the
+    older ``[2, num_blocks, ...]`` K/V-split form (two regions per layer). The split
+    form is detected when dim 0 is 2 and ``num_blocks`` (if given) sits in dim 1, or
+    when dim 0 is 2 and the tensor's dim-0 stride is larger than dim 1's.
+    """
+    regions: list[Region] = []
+    for layer, (name, t) in enumerate(kv_caches.items()):
+        shape = tuple(t.shape)
+        strides = tuple(t.stride())
+        esize = int(t.element_size())
+        base = int(t.data_ptr())
+        dev = _device_index(t)
+        split = (
+            len(shape) >= 3
+            and shape[0] == 2
+            and (
+                (num_blocks is not None and shape[1] == num_blocks and shape[0] != num_blocks)
+                or (num_blocks is None and strides[0] > strides[1])
+            )
+        )
+        if split:
+            for kv, part in ((0, "k"), (1, "v")):
+                inner = shape[2:]
+                regions.append(Region(
+                    name=f"{name}.{part}",
+                    base_addr=base + kv * strides[0] * esize,
+                    block_len=_inner_block_bytes(inner, strides[2:], esize, name),
+                    block_stride=strides[1] * esize,
+                    num_blocks=shape[1], device_id=dev, layer=layer,
+                ))
+        else:
+            regions.append(Region(
+                name=name, base_addr=base,
+                block_len=_inner_block_bytes(shape[1:], strides[1:], esize, name),
+                block_stride=strides[0] * esize,
+                num_blocks=shape[0], device_id=dev, layer=layer,
+            ))
+        if num_blocks is not None and regions[-1].num_blocks != num_blocks:
+            raise ValueError(
+                f"layer {name!r}: {regions[-1].num_blocks} blocks, expected {num_blocks}"
+            )
+    return regions
+
+
+def _inner_block_bytes(
+    shape: Sequence[int], strides: Sequence[int], esize: int, name: str
+) -> int:
+    """Bytes of one block when its inner dims are contiguous in some order."""
+    n = int(np.prod(shape)) if len(shape) else 1
+    # inner dims must tile a dense range: max extent == element count
+    extent = 1 + sum((s - 1) * st for s, st in zip(shape, strides) if s > 1)
+    if extent != n:
+        raise ValueError(
+            f"layer {name!r}: a block is not contiguous (shape {tuple(shape)}, "
+            f"strides {tuple(strides)}); cannot describe it with one range"
+        )
+    return n * esize
+
+
+def regions_for_buffer(
+    base_addr: int, num_layers: int, num_blocks: int, block_len: int,
+    device_id: int = 0, layer_stride: int | None = None, prefix: str = "layer",
+) -> list[Region]:
+    """Regions for one flat buffer laid out layer-major, ``[L, num_blocks, block_len]``."""
+    layer_stride = num_blocks * block_len if layer_stride is None else layer_stride
+    return [
+        Region(f"{prefix}{i}", base_addr + i * layer_stride, block_len, block_len,
+               num_blocks, device_id, layer=i)
+        for i in range(num_layers)
+    ]
+
+
+def memory_ranges(regions: Iterable[Region]) -> list[tuple[int, int, int]]:
+    """Merged ``(addr, len, dev)`` ranges covering all regions (register each once)."""
+    spans = sorted((r.device_id, *r.span) for r in regions)
+    out: list[list[int]] = []
+    for dev, start, end in spans:
+        if out and out[-1][2] == dev and start <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], end - out[-1][0])
+        else:
+            out.append([start, end - start, dev])
+    return [tuple(r) for r in out]  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------- block ids and runs
+
+
+def validate_block_ids(block_ids: Any, num_blocks: int, what: str = "block ids") -> np.ndarray:
+    """Return ``block_ids`` as int64 array; raise :class:`BlockIdError` if bad."""
+    ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        return ids
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= num_blocks:
+        bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
+        raise BlockIdError(f"{what}: block id {bad} out of range [0, {num_blocks})")
+    if np.unique(ids).size != ids.size:
+        uniq, counts = np.unique(ids, return_counts=True)
+        raise BlockIdError(f"{what}: duplicate block id {int(uniq[counts > 1][0])}")
+    return ids
+
+
+def coalesce_runs(block_ids: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Split ids into runs of consecutive ids: ``(starts, lengths)`` in given order."""
+    ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        return ids, ids
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    starts_idx = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts_idx, [ids.size])))
+    return ids[starts_idx], lengths
+
+
+def coalesce_pairs(
+    local_ids: Any, remote_ids: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs where both local and remote ids advance by one: ``(lstart, rstart, len)``."""
+    l = np.asarray(local_ids, dtype=np.int64).reshape(-1)
+    r = np.asarray(remote_ids, dtype=np.int64).reshape(-1)
+    if l.size != r.size:
+        raise BlockIdError(f"{l.size} local block ids but {r.size} remote block ids")
+    if l.size == 0:
+        return l, r, l
+    brk = np.flatnonzero((np.diff(l) != 1) | (np.diff(r) != 1)) + 1
+    s = np.concatenate(([0], brk))
+    n = np.diff(np.concatenate((s, [l.size])))
+    return l[s], r[s], n
+
+
+def block_descriptors(
+    regions: Sequence[Region],
+    block_ids: Any,
+    layers: Iterable[int] | None = None,
+    offset: int = 0,
+    length: int | None = None,
+    coalesce: bool = True,
+    run_lengths: Any = None,
+) -> np.ndarray:
+    """``N x 3`` int64 ``(addr, len, dev)`` descriptors for ``block_ids``.
+
+    Order: region-major (all blocks of region 0, then region 1, ...). ``layers``
+    picks regions by their ``layer`` index (both K and V regions of split caches).
+    ``offset``/``length`` select a byte slice inside every block (heterogeneous TP).
+    With ``coalesce`` runs of adjacent ids become one descriptor where the region is
+    dense (``block_stride == block_len`` and the whole block is taken). Passing
+    ``run_lengths`` treats ``block_ids`` as run starts with those lengths.
+    """
+    sel = _select_regions(regions, layers)
+    if run_lengths is not None:
+        starts = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        lens = np.asarray(run_lengths, dtype=np.int64).reshape(-1)
+    else:
+        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        starts, lens = coalesce_runs(ids) if coalesce else (ids, np.ones_like(ids))
+    out = []
+    for reg in sel:
+        blen = reg.block_len - offset if length is None else length
+        if offset < 0 or blen <= 0 or offset + blen > reg.block_len:
+            raise ValueError(
+                f"slice [{offset}, {offset + blen}) outside block of {reg.block_len} B"
+            )
+        dense = reg.block_stride == reg.block_len and offset == 0 and blen == reg.block_len
+        if dense:
+            d = np.empty((starts.size, 3), dtype=np.int64)
+            d[:, 0] = reg.base_addr + starts * reg.block_stride
+            d[:, 1] = lens * blen
+            d[:, 2] = reg.device_id
+        else:
+            ids = np.repeat(starts, lens) + _run_offsets(lens)
+            d = np.empty((ids.size, 3), dtype=np.int64)
+            d[:, 0] = reg.base_addr + ids * reg.block_stride + offset
+            d[:, 1] = blen
+            d[:, 2] = reg.device_id
+        out.append(d)
+    if not out:
+        return np.empty((0, 3), dtype=np.int64)
+    return np.concatenate(out)
+
+
+def _run_offsets(lens: np.ndarray) -> np.ndarray:
+    """``[0..l0-1, 0..l1-1, ...]`` for run lengths ``lens``."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.repeat(np.cumsum(lens) - lens, lens)
+    return np.arange(total, dtype=np.int64) - starts
+
+
+def _select_regions(regions: Sequence[Region], layers: Iterable[int] | None) -> list[Region]:
+    if layers is None:
+        return list(regions)
+    wanted = set(int(l) for l in layers)
+    present = {r.layer for r in regions}
+    missing = wanted - present
+    if missing:
+        raise ValueError(f"layers {sorted(missing)} not in the registered regions")
+    return [r for r in regions if r.layer in wanted]
+
+
+def region_indices(regions: Sequence[Region], layers: Iterable[int] | None) -> np.ndarray:
+    """Indices (into ``regions``) of the regions of ``layers`` (all when None)."""
+    if layers is None:
+        return np.arange(len(regions), dtype=np.int64)
+    wanted = set(int(l) for l in layers)
+    missing = wanted - {r.layer for r in regions}
+    if missing:
+        raise ValueError(f"layers {sorted(missing)} not in the registered regions")
+    return np.array([i for i, r in enumerate(regions) if r.layer in wanted], dtype=np.int64)
+
+
+def total_bytes(regions: Sequence[Region], num_block_ids: int, layers: Iterable[int] | None = None,
+                length: int | None = None) -> int:
+    return sum((r.block_len if length is None else length) * num_block_ids
+               for r in _select_regions(regions, layers))
+
+
+# ------------------------------------------------------------------ heterogeneous TP
+
+
+@dataclass(frozen=True)
+class TPReadSlice:
+    """One piece of a local block that comes from one remote rank.
+
+    Heads are global KV-head indices counted from each rank's first head. Byte fields
+    are per block per layer (head-major layout: a head is a contiguous range).
+    """
+
+    remote_rank: int
+    remote_head_start: int  # first head inside the remote rank's block
+    local_head_start: int  # first head inside the local rank's block
+    num_heads: int
+    remote_offset: int = 0  # bytes inside the remote block
+    local_offset: int = 0  # bytes inside the local block
+    length: int = 0  # bytes
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    """What one local rank reads (``slices``) and which remote ranks it only notifies."""
+
+    slices: tuple[TPReadSlice, ...]
+    notify_only: tuple[int, ...] = field(default=())
+
+    @property
+    def remote_ranks(self) -> tuple[int, ...]:
+        return tuple(sorted({s.remote_rank for s in self.slices}))
+
+
+def _owner_of_head(head: int, local_rank: int, remote_tp: int, num_kv_heads: int,
+                   is_mla: bool) -> int:
+    owners = [p for p in range(remote_tp)
+              if head in rank_heads(p, remote_tp, num_kv_heads, is_mla)]
+    # spread readers over replicas: local rank i picks replica i mod #replicas
+    return owners[local_rank % len(owners)]
+
+
+def tp_read_plan(
+    local_rank: int, local_tp: int, remote_tp: int, num_kv_heads: int,
+    is_mla: bool = False, bytes_per_head: int | None = None,
+    kv_layout: str = "HND",
+) -> TPPlan:
+    """Which remote ranks (and which heads/bytes of their blocks) ``local_rank`` reads.
+
+    Works both ways (local TP larger or smaller than remote) and with replicated
+    heads (TP > KV heads, MLA). Slicing inside a block needs a head-major layout
+    (``HND``/``LBHNC``); token-major layouts are accepted only when every slice is a
+    whole block. ``bytes_per_head`` (per block per layer) fills the byte fields.
+    """
+    local_heads = rank_heads(local_rank, local_tp, num_kv_heads, is_mla)
+    slices: list[TPReadSlice] = []
+    cur: list[int] | None = None  # [remote_rank, rstart, lstart, n]
+    for i, h in enumerate(local_heads):
+        p = _owner_of_head(h, local_rank, remote_tp, num_kv_heads, is_mla)
+        rh = h - rank_heads(p, remote_tp, num_kv_heads, is_mla).start
+        if cur and cur[0] == p and cur[1] + cur[3] == rh and cur[2] + cur[3] == i:
+            cur[3] += 1
+        else:
+            if cur:
+                slices.append(_mk_slice(cur, bytes_per_head))
+            cur = [p, rh, i, 1]
+    if cur:
+        slices.append(_mk_slice(cur, bytes_per_head))
+    remote_h = heads_per_rank(num_kv_heads, remote_tp, is_mla)
+    partial = any(s.num_heads != remote_h or s.num_heads != len(local_heads) for s in slices)
+    if partial and kv_layout.upper() not in ("HND", "LBHNC", "LHBNC", "BLHNC", "BHLNC"):
+        raise ValueError(
+            f"heterogeneous TP {remote_tp}->{local_tp} needs a head-major KV layout "
+            f"(HND/LBHNC), got {kv_layout!r}"
+        )
+    read = {s.remote_rank for s in slices}
+    notify = tuple(
+        p for p in range(remote_tp)
+        if p not in read and p % local_tp == local_rank % local_tp
+        and not _read_by_anyone(p, local_tp, remote_tp, num_kv_heads, is_mla)
+    )
+    return TPPlan(tuple(slices), notify)
+
+
+def _mk_slice(cur: list[int], bph: int | None) -> TPReadSlice:
+    p, rh, lh, n = cur
+    if bph is None:
+        return TPReadSlice(p, rh, lh, n)
+    return TPReadSlice(p, rh, lh, n, rh * bph, lh * bph, n * bph)
+
+
+def _read_by_anyone(remote_rank: int, local_tp: int, remote_tp: int, num_kv_heads: int,
+                    is_mla: bool) -> bool:
+    for r in range(local_tp):
+        for h in rank_heads(r, local_tp, num_kv_heads, is_mla):
+            if _owner_of_head(h, r, remote_tp, num_kv_heads, is_mla) == remote_rank:
+                return True
+    return False
+
+
+def expected_notifications(
+    remote_rank: int, local_tp: int, remote_tp: int, num_kv_heads: int, is_mla: bool = False
+) -> int:
+    """Notifications the *remote* rank (the block owner) receives for one request.
+
+    Counts local ranks that read from it or notify it (see :func:`tp_read_plan`). The
+    owner frees a request's blocks after this many completion notifications.
+    """
+    n = 0
+    for r in range(local_tp):
+        plan = tp_read_plan(r, local_tp, remote_tp, num_kv_heads, is_mla)
+        if remote_rank in plan.remote_ranks or remote_rank in plan.notify_only:
+            n += 1
+    return n

@@ -1,0 +1,350 @@
+"""Transfer engine over a NIXL agent (UCX backend), DRAM or VRAM regions.
+
+Descriptor lists are prepared once: locally at registration, per peer at
+:meth:`NixlTransferEngine.add_peer` (one descriptor per block per region, index =
+``first_desc[region] + block_id``, like vLLM's NixlConnector). A transfer is then one
+``make_prepped_xfer`` with numpy index arrays plus one ``transfer`` post.
+
+``protocol="tcp"`` forces UCX onto TCP (``UCX_TLS=tcp,self``); it sets the variable
+for this process before the agent is created, so use one protocol per process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .engine import (PeerInfo, TransferEngine, TransferHandle, TransferStats, as_bytes,
+                     new_transfer_id)
+from .errors import (BackendUnavailableError, BlockIdError, TransferError,
+                     TransferFailedError, UnknownPeerError, UnregisteredMemoryError)
+from .layout import Region, block_descriptors, memory_ranges, region_indices, \
+    regions_from_kv_caches, validate_block_ids
+
+UCX_TLS_BY_PROTOCOL = {"tcp": "tcp,self"}
+
+
+def _import_nixl() -> Any:
+    try:
+        from nixl import _api  # type: ignore[import-not-found]
+    except Exception as e:  # ImportError, or a broken CUDA-flavoured build
+        raise BackendUnavailableError(f"NIXL is not importable: {e}") from e
+    return _api
+
+
+@dataclass
+class _Peer:
+    info: PeerInfo
+    agent_name: str
+    dlist: Any  # prepared remote descriptor list (whole blocks)
+    first_desc: np.ndarray  # per remote region: index of its block 0
+    sliced: dict  # (offset, length) -> (dlist, first_desc)
+
+
+class NixlTransferEngine(TransferEngine):
+    """:class:`TransferEngine` on one NIXL agent with the UCX backend."""
+
+    backend = "nixl"
+
+    def __init__(self, name: str | None = None, *, protocol: str = "rdma",
+                 num_threads: int = 0, capture_telemetry: bool = False,
+                 backends: Sequence[str] = ("UCX",)) -> None:
+        super().__init__(name or f"pdx-{uuid.uuid4().hex[:12]}")
+        if protocol in UCX_TLS_BY_PROTOCOL:
+            os.environ["UCX_TLS"] = UCX_TLS_BY_PROTOCOL[protocol]
+        elif protocol not in ("rdma", "auto"):
+            raise ValueError(f"unknown NIXL protocol {protocol!r} (rdma, tcp)")
+        self.protocol = protocol
+        api = _import_nixl()
+        cfg = api.nixl_agent_config(backends=list(backends), num_threads=num_threads,
+                                    capture_telemetry=capture_telemetry)
+        self._api = api
+        self.agent = api.nixl_agent(self.name, cfg)
+        if not self.agent.backends:
+            raise BackendUnavailableError(f"NIXL backends {list(backends)} unavailable")
+        self._reg_descs: list[Any] = []
+        self._local_dlist: Any = None
+        self._local_first = np.zeros(0, dtype=np.int64)
+        self._local_sliced: dict = {}
+        self._peers: dict[str, _Peer] = {}
+        self._inflight: dict[int, TransferHandle] = {}
+        self._stale: list[Any] = []  # xfer handles NIXL could not release yet
+        self._ranges: list[tuple[int, int, int]] = []
+
+    # ------------------------------------------------------------ registration
+    def register_regions(self, regions: Sequence[Region], mem_type: str = "DRAM") -> None:
+        if mem_type not in ("DRAM", "VRAM"):
+            raise ValueError(f"mem_type must be DRAM or VRAM, got {mem_type!r}")
+        with self._lock:
+            if self.regions:
+                raise TransferError("regions already registered on this engine")
+            ranges = memory_ranges(regions)
+            reg = self.agent.register_memory([(a, l, d, "") for a, l, d in ranges], mem_type)
+            self._reg_descs.append(reg)
+            self._ranges = ranges
+            self.regions = list(regions)
+            self.mem_type = mem_type
+            self._local_dlist, self._local_first = self._prep(
+                "NIXL_INIT_AGENT", self.regions, 0, None)
+
+    def register_kv_caches(self, kv_caches: Mapping[str, Any],
+                           num_blocks: int | None = None) -> list[Region]:
+        regions = regions_from_kv_caches(kv_caches, num_blocks)
+        first = next(iter(kv_caches.values()))
+        is_cuda = str(getattr(first, "device", "cpu")).startswith("cuda")
+        self.register_regions(regions, "VRAM" if is_cuda else "DRAM")
+        return regions
+
+    def _prep(self, agent: str, regions: Sequence[Region], offset: int,
+              length: int | None) -> tuple[Any, np.ndarray]:
+        descs = []
+        first = np.zeros(len(regions), dtype=np.int64)
+        n = 0
+        for i, r in enumerate(regions):
+            first[i] = n
+            descs.append(block_descriptors([r], np.arange(r.num_blocks), offset=offset,
+                                           length=length, coalesce=False))
+            n += r.num_blocks
+        arr = np.concatenate(descs) if descs else np.empty((0, 3), dtype=np.int64)
+        dl = self.agent.prep_xfer_dlist(agent, arr, self.mem_type)
+        return dl, first
+
+    def check_registered(self, addr: int, length: int) -> None:
+        """Raise :class:`UnregisteredMemoryError` unless ``[addr, addr+length)`` is ours."""
+        for a, l, _ in self._ranges:
+            if a <= addr and addr + length <= a + l:
+                return
+        raise UnregisteredMemoryError(
+            f"range [{addr:#x}, {addr + length:#x}) is not inside memory registered "
+            f"with agent {self.name!r}")
+
+    # ------------------------------------------------------------ peers
+    def local_info(self) -> PeerInfo:
+        with self._lock:
+            if not self.regions:
+                raise UnregisteredMemoryError("no memory registered: call register_* first")
+            return PeerInfo(name=self.name, backend=self.backend, mem_type=self.mem_type,
+                            regions=list(self.regions),
+                            agent_metadata=self.agent.get_agent_metadata(),
+                            device_id=self.regions[0].device_id)
+
+    def add_peer(self, info: PeerInfo) -> str:
+        if not info.agent_metadata:
+            raise TransferError(f"peer {info.name!r} sent no NIXL agent metadata")
+        with self._lock:
+            if info.name in self._peers:
+                self.remove_peer(info.name)
+            try:
+                agent_name = self.agent.add_remote_agent(info.agent_metadata)
+            except Exception as e:
+                raise TransferError(f"cannot load NIXL metadata of {info.name!r}: {e}") from e
+            if isinstance(agent_name, bytes):
+                agent_name = agent_name.decode()
+            try:
+                dl, first = self._prep(agent_name, info.regions, 0, None)
+            except Exception as e:
+                self.agent.remove_remote_agent(agent_name)
+                raise UnregisteredMemoryError(
+                    f"peer {info.name!r}: its regions are not registered on its side "
+                    f"({e})") from e
+            self._peers[info.name] = _Peer(info, agent_name, dl, first, {})
+            return info.name
+
+    def remove_peer(self, name: str) -> None:
+        with self._lock:
+            p = self._peers.pop(name, None)
+            if p is None:
+                raise UnknownPeerError(name, list(self._peers))
+            for h in [p.dlist] + [d for d, _ in p.sliced.values()]:
+                try:
+                    self.agent.release_dlist_handle(h)
+                except Exception:
+                    pass
+            try:
+                self.agent.remove_remote_agent(p.agent_name)
+            except Exception:
+                pass
+
+    def peers(self) -> list[str]:
+        return list(self._peers)
+
+    def _peer(self, name: str) -> _Peer:
+        try:
+            return self._peers[name]
+        except KeyError:
+            raise UnknownPeerError(name, list(self._peers)) from None
+
+    # ------------------------------------------------------------ transfers
+    def read_blocks(self, peer: str, local_block_ids: Any, remote_block_ids: Any, *,
+                    layers: Iterable[int] | None = None, notif: bytes | str | None = None,
+                    request_id: str = "", local_slice: tuple[int, int] | None = None,
+                    remote_slice: tuple[int, int] | None = None) -> TransferHandle:
+        return self._submit("READ", peer, local_block_ids, remote_block_ids, layers,
+                            notif, request_id, local_slice, remote_slice)
+
+    def write_blocks(self, peer: str, local_block_ids: Any, remote_block_ids: Any, *,
+                     layers: Iterable[int] | None = None, notif: bytes | str | None = None,
+                     request_id: str = "", local_slice: tuple[int, int] | None = None,
+                     remote_slice: tuple[int, int] | None = None) -> TransferHandle:
+        return self._submit("WRITE", peer, local_block_ids, remote_block_ids, layers,
+                            notif, request_id, local_slice, remote_slice)
+
+    def _local_side(self, sl: tuple[int, int] | None) -> tuple[Any, np.ndarray]:
+        if sl is None:
+            return self._local_dlist, self._local_first
+        if sl not in self._local_sliced:
+            self._local_sliced[sl] = self._prep("NIXL_INIT_AGENT", self.regions, *sl)
+        return self._local_sliced[sl]
+
+    def _remote_side(self, p: _Peer, sl: tuple[int, int] | None) -> tuple[Any, np.ndarray]:
+        if sl is None:
+            return p.dlist, p.first_desc
+        if sl not in p.sliced:
+            p.sliced[sl] = self._prep(p.agent_name, p.info.regions, *sl)
+        return p.sliced[sl]
+
+    def _submit(self, op: str, peer: str, local_ids: Any, remote_ids: Any,
+                layers: Iterable[int] | None, notif: bytes | str | None, request_id: str,
+                local_slice: tuple[int, int] | None,
+                remote_slice: tuple[int, int] | None) -> TransferHandle:
+        t0 = time.perf_counter_ns()
+        with self._lock:
+            if self._local_dlist is None:
+                raise UnregisteredMemoryError("no local memory registered on this engine")
+            p = self._peer(peer)
+            lids = validate_block_ids(local_ids, self._local_nblocks(), "local block ids")
+            rids = validate_block_ids(remote_ids, p.info.num_blocks,
+                                      f"remote block ids (peer {peer!r})")
+            if lids.size != rids.size:
+                raise BlockIdError(f"{lids.size} local block ids but {rids.size} remote ones")
+            layer_list = None if layers is None else list(layers)
+            lreg = region_indices(self.regions, layer_list)
+            rreg = region_indices(p.info.regions, layer_list)
+            if lreg.size != rreg.size:
+                raise TransferError(
+                    f"peer {peer!r} has {rreg.size} regions for these layers, we have "
+                    f"{lreg.size}")
+            ldl, lfirst = self._local_side(local_slice)
+            rdl, rfirst = self._remote_side(p, remote_slice)
+            lidx = (lfirst[lreg][:, None] + lids[None, :]).astype(np.int32).ravel()
+            ridx = (rfirst[rreg][:, None] + rids[None, :]).astype(np.int32).ravel()
+            nbytes = _bytes(self.regions, lreg, lids.size, local_slice)
+            msg = as_bytes(notif)
+            try:
+                xh = self.agent.make_prepped_xfer(op, ldl, lidx, rdl, ridx, msg)
+            except Exception as e:
+                raise TransferFailedError(f"{op} to {peer!r}: cannot create transfer: {e}") from e
+            t1 = time.perf_counter_ns()
+            try:
+                state = self.agent.transfer(xh)
+            except Exception as e:
+                self._release(xh)
+                raise TransferFailedError(f"{op} to {peer!r}: post failed: {e}") from e
+            t2 = time.perf_counter_ns()
+        stats = TransferStats(
+            transfer_id=new_transfer_id(), request_id=request_id, peer=peer, op=op,
+            backend=self.backend, bytes=nbytes, descriptors=int(lidx.size),
+            num_blocks=int(lids.size), num_layers=len({self.regions[i].layer for i in lreg}),
+            prepare_us=(t1 - t0) / 1e3, post_us=(t2 - t1) / 1e3)
+        h = TransferHandle(stats=stats, native=xh, t_submit_ns=t0, notif=msg)
+        if state == "ERR":
+            self._finish(h, "ERR", f"{op} to {peer!r}: NIXL post returned ERR")
+            raise TransferFailedError(h.stats.error)
+        if state == "DONE":
+            self._finish(h, "DONE")
+        return h
+
+    def _local_nblocks(self) -> int:
+        return min(r.num_blocks for r in self.regions)
+
+    def poll(self, handle: TransferHandle) -> bool:
+        if handle.done:
+            if handle.stats.state == "ERR":
+                raise TransferFailedError(handle.stats.error)
+            return True
+        with self._lock:
+            try:
+                state = self.agent.check_xfer_state(handle.native)
+            except Exception as e:
+                state, err = "ERR", str(e)
+            else:
+                err = ""
+            if state == "PROC":
+                return False
+            if state == "DONE":
+                self._finish(handle, "DONE")
+                return True
+            self._finish(handle, "ERR", f"{handle.stats.op} with peer {handle.stats.peer!r} "
+                                        f"failed (NIXL state ERR) {err}".strip())
+        raise TransferFailedError(handle.stats.error)
+
+    def _finish(self, h: TransferHandle, state: str, error: str = "") -> None:
+        h.stats.transfer_us = (time.perf_counter_ns() - h.t_submit_ns) / 1e3
+        h.stats.state = state
+        h.stats.error = error
+        h.done = True
+        self._release(h.native)
+        h.native = None
+        self._publish(h.stats)
+
+    def _release(self, xh: Any) -> None:
+        try:
+            self.agent.release_xfer_handle(xh)
+        except Exception:
+            self._stale.append(xh)  # still active in the backend; retried on close
+
+    def _on_timeout(self, handle: TransferHandle) -> None:
+        with self._lock:
+            if not handle.done:
+                self._finish(handle, "ERR", "timed out")
+
+    # ------------------------------------------------------------ notifications
+    def get_new_notifs(self) -> dict[str, list[bytes]]:
+        with self._lock:
+            raw = self.agent.get_new_notifs()
+        # map NIXL agent names back to peer names (they are equal for our engines)
+        return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+    def send_notif(self, peer: str, msg: bytes | str) -> None:
+        with self._lock:
+            p = self._peer(peer)
+            try:
+                self.agent.send_notif(p.agent_name, as_bytes(msg))
+            except Exception as e:
+                raise TransferFailedError(f"notification to {peer!r} failed: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            for name in list(self._peers):
+                self.remove_peer(name)
+            for dl in [self._local_dlist] + [d for d, _ in self._local_sliced.values()]:
+                if dl is not None:
+                    try:
+                        self.agent.release_dlist_handle(dl)
+                    except Exception:
+                        pass
+            self._local_dlist = None
+            for xh in self._stale:
+                try:
+                    self.agent.release_xfer_handle(xh)
+                except Exception:
+                    pass
+            self._stale.clear()
+            for reg in self._reg_descs:
+                try:
+                    self.agent.deregister_memory(reg)
+                except Exception:
+                    pass
+            self._reg_descs.clear()
+
+
+def _bytes(regions: Sequence[Region], reg_idx: np.ndarray, nblocks: int,
+           sl: tuple[int, int] | None) -> int:
+    if sl is not None:
+        return int(sl[1]) * int(reg_idx.size) * nblocks
+    return sum(regions[i].block_len for i in reg_idx) * nblocks
