@@ -11,10 +11,13 @@ import hashlib
 import json
 import os
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
 ARCHS = ("llama", "mixtral")
+# Bump when the generator's output changes, so cached folders are rebuilt.
+GENERATOR_VERSION = 2
 
 # A chat template vLLM's /v1/chat/completions can render without a hub.
 CHAT_TEMPLATE = (
@@ -75,12 +78,15 @@ def _build_tokenizer(spec: TinyModelSpec, out: Path) -> int:
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    # Metaspace (no byte fallback): every token decodes to readable text, so a random
+    # model's greedy output is words, not broken UTF-8. Unseen characters map to <unk>.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    alphabet = sorted(set("".join(_corpus(spec.seed, 50))) | set(string.ascii_letters + string.digits + ".,!?:;'-"))
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
         special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=alphabet,
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(spec.seed), trainer=trainer)
@@ -183,8 +189,12 @@ def make_model(arch: str, out: str | os.PathLike, seed: int = 0, **overrides) ->
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}, indent=2) + "\n"
     )
     _build_weights(spec, config, path)
-    (path / "pdsidecar-model.json").write_text(json.dumps({"arch": arch, "seed": seed, **overrides}, sort_keys=True) + "\n")
+    (path / "pdsidecar-model.json").write_text(json.dumps(_marker(arch, seed, overrides), sort_keys=True) + "\n")
     return path
+
+
+def _marker(arch: str, seed: int, overrides: dict) -> dict:
+    return {"arch": arch, "seed": seed, "generator": GENERATOR_VERSION, **overrides}
 
 
 def folder_digest(path: str | os.PathLike) -> str:
@@ -198,14 +208,29 @@ def folder_digest(path: str | os.PathLike) -> str:
 
 
 def ensure_model(arch: str, out: str | os.PathLike, seed: int = 0, **overrides) -> Path:
-    """Return `out` if it already holds this model, else build it there."""
+    """Return `out` if it already holds this model, else build it there.
+
+    Safe to call from several processes at once: a file lock serialises builders and the
+    folder is built aside and renamed into place.
+    """
+    import fcntl
+    import shutil
+
     path = Path(out)
-    marker = path / "pdsidecar-model.json"
-    want = {"arch": arch, "seed": seed, **overrides}
-    if marker.exists() and (path / "model.safetensors").exists():
-        try:
-            if json.loads(marker.read_text()) == want:
-                return path
-        except ValueError:
-            pass
-    return make_model(arch, path, seed=seed, **overrides)
+    want = _marker(arch, seed, overrides)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = path / "pdsidecar-model.json"
+        if marker.exists() and (path / "model.safetensors").exists():
+            try:
+                if json.loads(marker.read_text()) == want:
+                    return path
+            except ValueError:
+                pass
+        tmp = path.with_name(f".{path.name}.build-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_model(arch, tmp, seed=seed, **overrides)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return path

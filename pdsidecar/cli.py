@@ -1,0 +1,98 @@
+"""`pdsidecar` command line: models, local P/D stack, sidecar, injection, webhook."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _cmd_models_make(args: argparse.Namespace) -> int:
+    from pdsidecar.models import ModelError, folder_digest, make_model
+
+    overrides = {}
+    if args.layers is not None:
+        overrides["num_layers"] = args.layers
+    if args.hidden_size is not None:
+        overrides["hidden_size"] = args.hidden_size
+        overrides["num_heads"] = args.hidden_size // 64
+        overrides["num_kv_heads"] = max(1, args.hidden_size // 128)
+        overrides["intermediate_size"] = args.hidden_size * 2
+    try:
+        path = make_model(args.arch, args.out, seed=args.seed, **overrides)
+    except ModelError as e:
+        raise CliError(str(e)) from None
+    print(f"{path}  sha256:{folder_digest(path)}")
+    return 0
+
+
+def _cmd_local(args: argparse.Namespace) -> int:
+    from pdsidecar.local import run_local
+
+    return run_local(args)
+
+
+def _delegate(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand whose flags are parsed by another module's `func(argv)`."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise CliError(f"{module} is not available: {e}") from None
+        return int(getattr(mod, func)(args.rest) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdsidecar", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="tiny random-weight models for tests and demos")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    make = msub.add_parser("make", help="build a deterministic tiny model folder vLLM can serve")
+    make.add_argument("--arch", default="llama", help="llama (dense) or mixtral (8 experts, top-2)")
+    make.add_argument("--out", required=True, help="output folder")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--layers", type=int, default=None, help="number of layers (default 4)")
+    make.add_argument("--hidden-size", type=int, default=None, help="hidden size, a multiple of 128 (default 256)")
+    make.set_defaults(func=_cmd_models_make)
+
+    from pdsidecar.local import add_local_arguments
+
+    local = sub.add_parser("local", help="run a local P/D pair on a tiny model and send real requests")
+    add_local_arguments(local)
+    local.set_defaults(func=_cmd_local)
+
+    for name, module, func, help_text in (
+        ("run", "pdsidecar.sidecar", "run_sidecar", "run the sidecar (--role prefill|decode); see `pdsidecar run --help`"),
+        ("inject", "pdsidecar.inject", "run_inject", "add the sidecar to Pod/Deployment/LeaderWorkerSet YAML"),
+        ("webhook", "pdsidecar.webhook", "run_webhook", "mutating admission webhook that injects the sidecar"),
+    ):
+        sp = sub.add_parser(name, help=help_text, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=_delegate(module, func))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as e:
+        print(f"pdsidecar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

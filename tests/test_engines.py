@@ -1,0 +1,55 @@
+"""Engine harness: readiness, clear errors, no orphans after stop."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from pdsidecar.engines import Engine, EngineConfig, EngineError, group_members
+
+
+def _pids_of_group(pgid: int) -> list[int]:
+    return group_members(pgid)
+
+
+def test_busy_port_is_a_clear_error(llama_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(EngineError, match=f"port {port} .* in use"):
+            Engine(EngineConfig(model=llama_dir, port=port)).start()
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(EngineError, match="does not exist"):
+        Engine(EngineConfig(model=str(tmp_path / "nope"))).start()
+
+
+@pytest.mark.engines
+def test_bad_model_fails_fast_with_log_tail(tmp_path):
+    bad = tmp_path / "broken-model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    e = Engine(EngineConfig(model=str(bad), cpu_bind="0", startup_timeout_s=120))
+    t0 = time.monotonic()
+    with pytest.raises(EngineError, match="exited with code") as info:
+        e.start().wait_ready()
+    assert time.monotonic() - t0 < 120
+    assert "log" in str(info.value)
+    assert e.proc is None
+
+
+@pytest.mark.engines
+def test_stop_leaves_no_process_behind(llama_dir, engine_pool):
+    e = Engine(EngineConfig(model=llama_dir, cpu_bind="0", log_dir=engine_pool.log_dir))
+    e.start().wait_ready()
+    pgid = e.proc.pid
+    assert len(_pids_of_group(pgid)) >= 2  # api server + engine core (+ worker)
+    e.stop()
+    assert _pids_of_group(pgid) == []
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
