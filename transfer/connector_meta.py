@@ -1,0 +1,276 @@
+"""Wire formats of the PdConnector: request params, scheduler->worker metadata,
+worker->scheduler metadata, handshake payload. Pure Python, import-cheap.
+
+``kv_transfer_params`` stay field-compatible with vLLM's stock NixlConnector
+(``do_remote_decode``, ``do_remote_prefill``, ``remote_block_ids`` (list per KV
+group), ``remote_engine_id``, ``remote_request_id``, ``remote_host``,
+``remote_port``, ``tp_size``, ``remote_num_tokens``, ``remote_blocks_expiry_time``,
+``transfer_mode``) and add ``pd_protocol_version``, ``pd_control_addr``,
+``remote_dp_rank``, ``remote_block_size``. The decode response adds ``pd_transfer``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+try:  # vLLM base classes (present in every process that loads the connector)
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorHandshakeMetadata, KVConnectorMetadata, KVConnectorWorkerMetadata)
+except Exception:  # pragma: no cover - unit tests without vLLM
+    class KVConnectorMetadata:  # type: ignore[no-redef]
+        pass
+
+    class KVConnectorHandshakeMetadata:  # type: ignore[no-redef]
+        pass
+
+    class KVConnectorWorkerMetadata:  # type: ignore[no-redef]
+        def aggregate(self, other):  # noqa: D401
+            raise NotImplementedError
+
+PD_PROTOCOL_VERSION = 1
+CONNECTOR_NAME = "PdConnector"
+
+# failure reasons (label values of pd_connector_failures_total)
+R_BAD_PARAMS = "bad_params"
+R_FOREIGN_HOST = "foreign_host"
+R_EXPIRED = "expired"
+R_MISMATCH = "mismatch"
+R_UNREACHABLE = "unreachable"
+R_UNKNOWN_ENGINE = "unknown_engine"
+R_BLOCK_RANGE = "block_range"
+R_TRANSFER = "transfer_failed"
+R_TIMEOUT = "timeout"
+R_ABORTED = "aborted"
+REASONS = (R_BAD_PARAMS, R_FOREIGN_HOST, R_EXPIRED, R_MISMATCH, R_UNREACHABLE,
+           R_UNKNOWN_ENGINE, R_BLOCK_RANGE, R_TRANSFER, R_TIMEOUT, R_ABORTED)
+
+
+class ParamsError(ValueError):
+    """Invalid or unusable ``kv_transfer_params``; ``reason`` is a failure label."""
+
+    def __init__(self, reason: str, msg: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {msg}")
+
+
+# ----------------------------------------------------------------- config
+
+
+@dataclass
+class PdConfig:
+    """``kv_connector_extra_config`` keys understood by the connector."""
+
+    control_port: int = 0  # 0 = ephemeral; else control_port + data_parallel_rank
+    control_host: str = ""  # advertised + bind address ("" = env PD_CONTROL_HOST / VLLM_HOST_IP / 127.0.0.1)
+    protocol: str = "auto"  # transfer protocol: auto, rdma, tcp (env KV_TRANSFER_PROTOCOL wins)
+    transfer_mode: str = "pull"  # pull | push
+    kv_lease_s: float = 30.0  # unread prefill blocks are freed after this
+    lease_guard_s: float = 1.0  # decode does not start a READ this close to expiry
+    transfer_timeout_s: float = 10.0  # a READ not done after this fails
+    handshake_timeout_s: float = 5.0
+    allowed_remote_hosts: list[str] | None = None  # None = any
+    spin_wait_us: float = 3000.0  # worker waits this long for a just-posted READ
+    enforce_compat: bool = True
+    backends: list[str] = field(default_factory=lambda: ["UCX"])
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any] | None, env: Mapping[str, str] | None = None
+                   ) -> "PdConfig":
+        import os
+        env = os.environ if env is None else env
+        extra = dict(extra or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = set(extra) - known
+        if unknown:
+            raise ValueError(f"PdConnector: unknown kv_connector_extra_config keys "
+                             f"{sorted(unknown)} (known: {sorted(known)})")
+        cfg = cls(**extra)
+        cfg.control_port = int(cfg.control_port)
+        if not 0 <= cfg.control_port < 65536:
+            raise ValueError(f"PdConnector: control_port {cfg.control_port} out of range")
+        cfg.protocol = str(env.get("KV_TRANSFER_PROTOCOL") or cfg.protocol).lower()
+        if cfg.protocol not in ("auto", "rdma", "tcp"):
+            raise ValueError(f"PdConnector: protocol {cfg.protocol!r} not one of auto, rdma, tcp")
+        if cfg.transfer_mode not in ("pull", "push"):
+            raise ValueError(f"PdConnector: transfer_mode {cfg.transfer_mode!r} not pull/push")
+        if cfg.transfer_mode == "push":
+            raise ValueError("PdConnector: transfer_mode 'push' is not implemented yet "
+                             "(see bench/README.connector.md); use 'pull'")
+        cfg.kv_lease_s = float(cfg.kv_lease_s)
+        if cfg.kv_lease_s <= cfg.lease_guard_s:
+            raise ValueError("PdConnector: kv_lease_s must exceed lease_guard_s")
+        if not cfg.control_host:
+            cfg.control_host = (env.get("PD_CONTROL_HOST") or env.get("VLLM_HOST_IP")
+                                or "127.0.0.1")
+        return cfg
+
+
+# ----------------------------------------------------------------- request params
+
+
+@dataclass(frozen=True)
+class RemoteSource:
+    """Validated prefill-side description of a request's KV blocks."""
+
+    engine_id: str
+    request_id: str
+    host: str
+    port: int
+    block_ids: tuple[int, ...]  # KV group 0
+    num_tokens: int
+    tp_size: int
+    dp_rank: int
+    expiry: float | None  # wall clock (time.time())
+    block_size: int | None
+
+
+def _int(v: Any, name: str, lo: int = 0, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ParamsError(R_BAD_PARAMS, f"{name} must be an integer, got {type(v).__name__}")
+    if v < lo or (hi is not None and v > hi):
+        raise ParamsError(R_BAD_PARAMS, f"{name}={v} out of range")
+    return v
+
+
+def _str(v: Any, name: str, maxlen: int = 512) -> str:
+    if not isinstance(v, str) or not v or len(v) > maxlen:
+        raise ParamsError(R_BAD_PARAMS, f"{name} must be a non-empty string")
+    return v
+
+
+def parse_remote_params(params: Mapping[str, Any], *, now: float | None = None,
+                        allowed_hosts: list[str] | None = None, guard_s: float = 0.0,
+                        max_blocks: int = 1 << 24) -> RemoteSource:
+    """Validate the decode-side ``kv_transfer_params`` (types, host, expiry)."""
+    if not isinstance(params, Mapping):
+        raise ParamsError(R_BAD_PARAMS, "kv_transfer_params must be an object")
+    mode = params.get("transfer_mode", "pull")
+    if mode not in (None, "pull"):
+        raise ParamsError(R_BAD_PARAMS, f"transfer_mode {mode!r} not supported")
+    ver = params.get("pd_protocol_version")
+    if ver is not None and ver != PD_PROTOCOL_VERSION:
+        raise ParamsError(R_MISMATCH, f"pd_protocol_version {ver!r} != {PD_PROTOCOL_VERSION}")
+    rb = params.get("remote_block_ids")
+    if isinstance(rb, list) and rb and all(isinstance(g, list) for g in rb):
+        if len(rb) != 1:
+            raise ParamsError(R_BAD_PARAMS, f"{len(rb)} KV-cache groups; only 1 supported")
+        ids = rb[0]
+    elif isinstance(rb, list):  # older flat form
+        ids = rb
+    else:
+        raise ParamsError(R_BAD_PARAMS, "remote_block_ids must be a list (per KV group)")
+    if len(ids) > max_blocks:
+        raise ParamsError(R_BLOCK_RANGE, f"{len(ids)} remote blocks is too many")
+    for b in ids:
+        _int(b, "remote_block_ids[]", 0, max_blocks)
+    host = _str(params.get("remote_host"), "remote_host", 255)
+    if allowed_hosts is not None and host not in allowed_hosts:
+        raise ParamsError(R_FOREIGN_HOST, f"remote_host {host!r} not in allowed_remote_hosts")
+    exp = params.get("remote_blocks_expiry_time")
+    if exp is not None:
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+            raise ParamsError(R_BAD_PARAMS, "remote_blocks_expiry_time must be a number")
+        now = time.time() if now is None else now
+        if now > float(exp) - guard_s:
+            raise ParamsError(R_EXPIRED, f"prefill blocks expired {now - float(exp):.3f} s ago"
+                              if now > exp else "prefill blocks about to expire")
+    bs = params.get("remote_block_size")
+    return RemoteSource(
+        engine_id=_str(params.get("remote_engine_id"), "remote_engine_id"),
+        request_id=_str(params.get("remote_request_id"), "remote_request_id"),
+        host=host,
+        port=_int(params.get("remote_port"), "remote_port", 1, 65535),
+        block_ids=tuple(ids),
+        num_tokens=_int(params.get("remote_num_tokens"), "remote_num_tokens", 0),
+        tp_size=_int(params.get("tp_size", 1), "tp_size", 1, 1024),
+        dp_rank=_int(params.get("remote_dp_rank", 0), "remote_dp_rank", 0, 4096),
+        expiry=None if exp is None else float(exp),
+        block_size=None if bs is None else _int(bs, "remote_block_size", 1, 1 << 16),
+    )
+
+
+def plan_block_read(src: RemoteSource, num_prompt_tokens: int, block_size: int,
+                    local_block_ids: list[int], num_local_hit_blocks: int
+                    ) -> tuple[list[int], list[int]]:
+    """``(local_ids, remote_ids)`` to READ: prompt blocks past the local prefix hit."""
+    if src.block_size is not None and src.block_size != block_size:
+        raise ParamsError(R_MISMATCH, f"remote block size {src.block_size} != {block_size}")
+    if src.num_tokens != num_prompt_tokens:
+        raise ParamsError(R_MISMATCH, f"remote_num_tokens {src.num_tokens} != prompt "
+                                      f"length {num_prompt_tokens}")
+    need = -(-num_prompt_tokens // block_size)
+    if len(src.block_ids) < need:
+        raise ParamsError(R_BLOCK_RANGE, f"{len(src.block_ids)} remote blocks for "
+                                         f"{num_prompt_tokens} tokens (need {need})")
+    if len(local_block_ids) < need:
+        raise ParamsError(R_BLOCK_RANGE, f"only {len(local_block_ids)} local blocks")
+    k = min(num_local_hit_blocks, need)
+    return list(local_block_ids[k:need]), list(src.block_ids[k:need])
+
+
+# ----------------------------------------------------------------- scheduler -> worker
+
+
+@dataclass
+class RecvJob:
+    """Decode side: READ ``remote_ids`` of ``src`` into ``local_ids``."""
+
+    req_id: str
+    src: RemoteSource | None
+    local_ids: list[int]
+    remote_ids: list[int]
+    error: str = ""  # reason label when the scheduler already rejected it
+    error_msg: str = ""
+
+
+@dataclass
+class PdConnectorMetadata(KVConnectorMetadata):
+    recv: dict[str, RecvJob] = field(default_factory=dict)
+    # prefill side: req_id -> (expiry wall clock, number of blocks)
+    send: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # prefill side: requests the decode side released without reading (or aborted)
+    release: set[str] = field(default_factory=set)
+
+
+# ----------------------------------------------------------------- worker -> scheduler
+
+
+@dataclass
+class PdWorkerMeta(KVConnectorWorkerMetadata):
+    """Per-request transfer results of one step: ``req_id -> dict``."""
+
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    released: set[str] = field(default_factory=set)  # prefill side: freed req ids
+
+    def aggregate(self, other: "PdWorkerMeta") -> "PdWorkerMeta":
+        out = PdWorkerMeta(dict(self.results), set(self.released) | set(other.released))
+        for rid, r in other.results.items():
+            out.results[rid] = merge_result(out.results.get(rid), r)
+        return out
+
+
+def merge_result(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return dict(b)
+    return {
+        "bytes": a.get("bytes", 0) + b.get("bytes", 0),
+        "descriptors": a.get("descriptors", 0) + b.get("descriptors", 0),
+        "blocks": max(a.get("blocks", 0), b.get("blocks", 0)),
+        "ms": max(a.get("ms", 0.0), b.get("ms", 0.0)),
+        "backend": a.get("backend") or b.get("backend"),
+        "error": a.get("error") or b.get("error", ""),
+        "ranks": a.get("ranks", 1) + b.get("ranks", 1),
+    }
+
+
+@dataclass
+class PdHandshakeMetadata(KVConnectorHandshakeMetadata):
+    """One worker's transfer identity, JSON-able (served over the control plane)."""
+
+    payload: dict[str, Any]
+
+
+def now_wall() -> float:
+    return time.time()

@@ -1,0 +1,350 @@
+"""gRPC control plane of the transfer layer: handshake, status, stats, notify.
+
+The server runs in its own thread pool (``grpc.server``), so it fits processes with
+no asyncio loop (vLLM's engine core / scheduler). One server can serve many ranks,
+keyed ``(dp_rank, tp_rank)``. Clients use explicit per-call timeouts.
+
+Generated code: ``control_pb2.py`` / ``control_pb2_grpc.py`` are committed; the
+regeneration command is at the top of ``control.proto`` (needs grpcio-tools; the
+generated code requires grpcio >= 1.85.1 and protobuf >= 7.35.1 at run time).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import grpc
+
+from . import control_pb2 as pb
+from . import control_pb2_grpc as pb_grpc
+from .engine import PeerInfo, TransferStats
+from .errors import HandshakeError, HandshakeMismatchError
+from .layout import Region
+
+PROTOCOL_VERSION = 1
+DEFAULT_RPC_TIMEOUT_S = 5.0
+
+#: fields that must be equal on both sides of a handshake, in check order
+COMPAT_FIELDS = ("protocol_version", "model_name", "dtype", "block_size", "kv_layout",
+                 "num_layers", "num_kv_heads", "head_size", "is_mla")
+
+
+@dataclass
+class RankDescriptor:
+    """One rank's handshake content: compatibility fields plus its :class:`PeerInfo`."""
+
+    engine_id: str
+    peer: PeerInfo
+    model_name: str
+    dtype: str
+    block_size: int
+    kv_layout: str = "HND"
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_size: int = 0
+    is_mla: bool = False
+    dp_rank: int = 0
+    tp_rank: int = 0
+    tp_size: int = 1
+    protocol_version: int = PROTOCOL_VERSION
+
+    def to_proto(self) -> pb.RankInfo:
+        p = self.peer
+        return pb.RankInfo(
+            protocol_version=self.protocol_version, engine_id=self.engine_id,
+            dp_rank=self.dp_rank, tp_rank=self.tp_rank, tp_size=self.tp_size,
+            model_name=self.model_name, dtype=self.dtype, block_size=self.block_size,
+            kv_layout=self.kv_layout, host_id=p.host_id, agent_name=p.name,
+            agent_metadata=p.agent_metadata, ipc_handles=p.ipc_handles,
+            regions=[pb.Region(**r.to_dict()) for r in p.regions], mem_type=p.mem_type,
+            backend=p.backend, num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size, is_mla=self.is_mla, device_id=p.device_id)
+
+    @classmethod
+    def from_proto(cls, m: pb.RankInfo) -> "RankDescriptor":
+        regions = [Region(name=r.name, base_addr=r.base_addr, block_len=r.block_len,
+                          block_stride=r.block_stride, num_blocks=r.num_blocks,
+                          device_id=r.device_id, layer=r.layer) for r in m.regions]
+        peer = PeerInfo(name=m.agent_name, backend=m.backend, mem_type=m.mem_type,
+                        regions=regions, host_id=m.host_id, agent_metadata=m.agent_metadata,
+                        ipc_handles=m.ipc_handles, device_id=m.device_id)
+        return cls(engine_id=m.engine_id, peer=peer, model_name=m.model_name, dtype=m.dtype,
+                   block_size=m.block_size, kv_layout=m.kv_layout, num_layers=m.num_layers,
+                   num_kv_heads=m.num_kv_heads, head_size=m.head_size, is_mla=m.is_mla,
+                   dp_rank=m.dp_rank, tp_rank=m.tp_rank, tp_size=m.tp_size,
+                   protocol_version=m.protocol_version)
+
+
+def check_compat(local: RankDescriptor, remote: RankDescriptor) -> None:
+    """Raise :class:`HandshakeMismatchError` naming the first field that differs."""
+    for f in COMPAT_FIELDS:
+        a, b = getattr(local, f), getattr(remote, f)
+        if a != b:
+            raise HandshakeMismatchError(f, a, b)
+    for d in (local, remote):
+        if not 0 <= d.tp_rank < max(d.tp_size, 1):
+            raise HandshakeMismatchError("tp_rank", d.tp_rank, f"< tp_size {d.tp_size}")
+    if local.peer.regions and remote.peer.regions and \
+            len(local.peer.regions) != len(remote.peer.regions):
+        raise HandshakeMismatchError("regions", len(local.peer.regions),
+                                     len(remote.peer.regions))
+
+
+@dataclass
+class _Status:
+    state: str = "UNKNOWN"
+    bytes: int = 0
+    error: str = ""
+    notifications: int = 0
+
+
+HandshakeHook = Callable[[RankDescriptor], None]
+NotifyHook = Callable[[str, str, bytes], None]
+
+
+class _Servicer(pb_grpc.KVTransferControlServicer):
+    def __init__(self, server: "ControlServer") -> None:
+        self.s = server
+
+    def Handshake(self, request: pb.HandshakeRequest, context: Any) -> pb.HandshakeResponse:
+        key = (request.target_dp_rank, request.target_tp_rank)
+        target = self.s.ranks.get(key)
+        if target is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"no rank dp={key[0]} tp={key[1]} on this server "
+                          f"(serving {sorted(self.s.ranks)})")
+        remote = RankDescriptor.from_proto(request.initiator)
+        try:
+            check_compat(target, remote)
+        except HandshakeMismatchError as e:
+            context.set_trailing_metadata((("mismatch-field", e.field),
+                                           ("local", repr(e.remote)),
+                                           ("remote", repr(e.local))))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        if self.s.on_handshake is not None:
+            try:
+                self.s.on_handshake(remote)
+            except Exception as e:  # the hook (e.g. add_peer) failed
+                context.abort(grpc.StatusCode.INTERNAL, f"handshake hook failed: {e}")
+        return pb.HandshakeResponse(target=target.to_proto())
+
+    def TransferStatus(self, request: pb.TransferStatusRequest,
+                       context: Any) -> pb.TransferStatusResponse:
+        st = self.s.status(request.request_id)
+        return pb.TransferStatusResponse(request_id=request.request_id, state=st.state,
+                                         bytes=st.bytes, error=st.error,
+                                         notifications=st.notifications)
+
+    def StatsStream(self, request: pb.StatsRequest, context: Any) -> Iterator[pb.TransferStatsMsg]:
+        q: "queue.Queue[TransferStats | None]" = queue.Queue(maxsize=10000)
+        self.s._subscribe(q)
+        try:
+            while context.is_active() and not self.s._stopping.is_set():
+                try:
+                    st = q.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if st is None:
+                    return
+                yield _stats_msg(st)
+        finally:
+            self.s._unsubscribe(q)
+
+    def Notify(self, request: pb.NotifyRequest, context: Any) -> pb.NotifyResponse:
+        if self.s.on_notify is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server takes no notifications")
+        self.s.on_notify(request.sender, request.receiver, request.message)
+        return pb.NotifyResponse()
+
+
+def _stats_msg(s: TransferStats) -> pb.TransferStatsMsg:
+    return pb.TransferStatsMsg(
+        transfer_id=s.transfer_id, request_id=s.request_id, peer=s.peer, op=s.op,
+        backend=s.backend, bytes=s.bytes, descriptors=s.descriptors, num_blocks=s.num_blocks,
+        num_layers=s.num_layers, prepare_us=s.prepare_us, post_us=s.post_us,
+        transfer_us=s.transfer_us, gbps=s.gbps, state=s.state, error=s.error)
+
+
+class ControlServer:
+    """Threaded gRPC server for one process's ranks (``add_rank`` each of them).
+
+    ``on_handshake(remote)`` runs after a successful compatibility check (e.g. to
+    ``engine.add_peer(remote.peer)`` for push mode); ``on_notify(sender, receiver,
+    msg)`` receives ``Notify`` calls (IPC-only setups without NIXL notifications).
+    Register :meth:`publish` as an engine stats listener to feed ``StatsStream``.
+    """
+
+    def __init__(self, address: str = "127.0.0.1:0", *, max_workers: int = 8,
+                 on_handshake: HandshakeHook | None = None,
+                 on_notify: NotifyHook | None = None) -> None:
+        self.address = address
+        self.on_handshake = on_handshake
+        self.on_notify = on_notify
+        self.ranks: dict[tuple[int, int], RankDescriptor] = {}
+        self._statuses: dict[str, _Status] = {}
+        self._subs: list[queue.Queue] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server = grpc.server(futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="kvx-control"))
+        pb_grpc.add_KVTransferControlServicer_to_server(_Servicer(self), self._server)
+        self.port = 0
+
+    def add_rank(self, desc: RankDescriptor) -> None:
+        self.ranks[(desc.dp_rank, desc.tp_rank)] = desc
+
+    def start(self) -> int:
+        """Bind and start serving; returns the bound port."""
+        self.port = self._server.add_insecure_port(self.address)
+        if not self.port:
+            raise HandshakeError(f"cannot bind control server to {self.address}")
+        self._server.start()
+        return self.port
+
+    @property
+    def target(self) -> str:
+        host = self.address.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self._stopping.set()
+        with self._lock:
+            for q in self._subs:
+                try:
+                    q.put_nowait(None)
+                except queue.Full:
+                    pass
+        self._server.stop(grace_s).wait(grace_s + 1.0)
+
+    # -- status and stats
+    def set_status(self, request_id: str, state: str, bytes: int = 0, error: str = "") -> None:
+        """Record a request's transfer state (``PENDING``, ``DONE``, ``FAILED``)."""
+        with self._lock:
+            st = self._statuses.setdefault(request_id, _Status())
+            st.state, st.bytes, st.error = state, bytes or st.bytes, error
+
+    def note_notification(self, request_id: str) -> int:
+        with self._lock:
+            st = self._statuses.setdefault(request_id, _Status(state="PENDING"))
+            st.notifications += 1
+            return st.notifications
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._statuses.pop(request_id, None)
+
+    def status(self, request_id: str) -> _Status:
+        with self._lock:
+            st = self._statuses.get(request_id)
+            return _Status(**vars(st)) if st else _Status()
+
+    def publish(self, stats: TransferStats) -> None:
+        """Engine stats listener: fan ``stats`` out to ``StatsStream`` subscribers."""
+        if stats.request_id:
+            self.set_status(stats.request_id, "DONE" if stats.state == "DONE" else "FAILED",
+                            stats.bytes, stats.error)
+        with self._lock:
+            for q in self._subs:
+                try:
+                    q.put_nowait(stats)
+                except queue.Full:  # slow subscriber: drop, never block transfers
+                    pass
+
+    def _subscribe(self, q: queue.Queue) -> None:
+        with self._lock:
+            self._subs.append(q)
+
+    def _unsubscribe(self, q: queue.Queue) -> None:
+        with self._lock:
+            if q in self._subs:
+                self._subs.remove(q)
+
+    def __enter__(self) -> "ControlServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class ControlClient:
+    """Blocking client; every call has an explicit timeout (``timeout_s``)."""
+
+    target: str
+    timeout_s: float = DEFAULT_RPC_TIMEOUT_S
+    _channel: Any = field(default=None, repr=False)
+    _stub: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._channel = grpc.insecure_channel(self.target)
+        self._stub = pb_grpc.KVTransferControlStub(self._channel)
+
+    def handshake(self, local: RankDescriptor, target_dp_rank: int = 0,
+                  target_tp_rank: int = 0, timeout_s: float | None = None) -> RankDescriptor:
+        """Send our descriptor, get the target rank's; raise on any mismatch."""
+        req = pb.HandshakeRequest(initiator=local.to_proto(), target_dp_rank=target_dp_rank,
+                                  target_tp_rank=target_tp_rank)
+        try:
+            resp = self._stub.Handshake(req, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as e:
+            raise _map_rpc_error(e, self.target) from None
+        remote = RankDescriptor.from_proto(resp.target)
+        check_compat(local, remote)
+        return remote
+
+    def transfer_status(self, request_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        try:
+            r = self._stub.TransferStatus(pb.TransferStatusRequest(request_id=request_id),
+                                          timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as e:
+            raise _map_rpc_error(e, self.target) from None
+        return {"request_id": r.request_id, "state": r.state, "bytes": r.bytes,
+                "error": r.error, "notifications": r.notifications}
+
+    def notify(self, sender: str, receiver: str, message: bytes,
+               timeout_s: float | None = None) -> None:
+        try:
+            self._stub.Notify(pb.NotifyRequest(sender=sender, receiver=receiver,
+                                               message=message),
+                              timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as e:
+            raise _map_rpc_error(e, self.target) from None
+
+    def stats_stream(self, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
+        """Yield per-transfer stats dicts; the stream ends after ``timeout_s``."""
+        call = self._stub.StatsStream(pb.StatsRequest(), timeout=timeout_s)
+        try:
+            for m in call:
+                yield {f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise _map_rpc_error(e, self.target) from None
+        finally:
+            call.cancel()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _map_rpc_error(e: grpc.RpcError, target: str) -> Exception:
+    code, details = e.code(), e.details()
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        md = dict(e.trailing_metadata() or ())
+        if "mismatch-field" in md:
+            return HandshakeMismatchError(md["mismatch-field"], md.get("local"),
+                                          md.get("remote"))
+        return HandshakeError(details)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return HandshakeError(f"control server {target} unreachable ({code.name}): {details}")
+    return HandshakeError(f"control call to {target} failed ({code.name}): {details}")
