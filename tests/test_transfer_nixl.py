@@ -1,0 +1,153 @@
+"""Real two-process transfers on CPU with real NIXL agents (UCX)."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nixl")
+
+from transfer.errors import (BlockIdError, TransferFailedError, TransferTimeoutError,
+                             UnknownPeerError, UnregisteredMemoryError)
+from transfer.layout import Region
+from transfer.nixl_engine import NixlTransferEngine
+from transfer.peerproc import CacheConfig, PeerProcess, make_cache
+
+L, NB, BL = 3, 64, 2048
+
+
+@pytest.fixture(scope="module")
+def pair():
+    peer = PeerProcess("nixl", "target-a", CacheConfig(L, NB, BL, seed=7))
+    buf, caches = make_cache(CacheConfig(L, NB, BL, seed=1))
+    eng = NixlTransferEngine("init-a")
+    eng.register_kv_caches(caches)
+    eng.add_peer(peer.info)
+    peer.call("add_peer", eng.local_info())
+    yield eng, buf, peer
+    eng.close()
+    peer.close()
+
+
+def _remote_blocks(peer, ids):
+    raw = peer.call("blocks", list(ids))
+    return np.frombuffer(raw, dtype=np.uint8).reshape(L, len(ids), BL)
+
+
+def test_read_random_noncontiguous(pair):
+    eng, buf, peer = pair
+    rng = np.random.default_rng(0)
+    rids = rng.choice(NB, 20, replace=False)
+    lids = rng.choice(NB, 20, replace=False)
+    st = eng.transfer("READ", peer.name, lids, rids, timeout_s=10, request_id="r1")
+    assert st.state == "DONE" and st.bytes == L * 20 * BL and st.descriptors == L * 20
+    assert np.array_equal(buf[:, lids].numpy(), _remote_blocks(peer, rids))
+
+
+def test_write_subset_of_layers_with_notification(pair):
+    eng, buf, peer = pair
+    lids, rids = [5, 6, 7, 30], [40, 41, 2, 3]
+    before = _remote_blocks(peer, rids)
+    h = eng.write_blocks(peer.name, lids, rids, layers=[1], notif=b"req-w:1")
+    eng.wait(h, timeout_s=10)
+    after = _remote_blocks(peer, rids)
+    assert np.array_equal(after[1], buf[1, lids].numpy())
+    assert np.array_equal(after[0], before[0]) and np.array_equal(after[2], before[2])
+    notifs = peer.call("notifs", 1, 10.0)
+    assert notifs == {eng.name: [b"req-w:1"]}
+
+
+def test_many_concurrent_reads_and_notifs(pair):
+    eng, buf, peer = pair
+    handles = []
+    for i in range(32):
+        lid, rid = i, (i * 7) % NB
+        handles.append((lid, rid, eng.read_blocks(peer.name, [lid], [rid], notif=f"c{i}")))
+    for _, _, h in handles:
+        eng.wait(h, timeout_s=10)
+    remote = _remote_blocks(peer, [rid for _, rid, _ in handles])
+    assert np.array_equal(buf[:, [lid for lid, _, _ in handles]].numpy(), remote)
+    got = peer.call("notifs", 32, 10.0)[eng.name]
+    assert sorted(got) == sorted(f"c{i}".encode() for i in range(32))
+
+
+async def test_async_wait_does_not_block_loop(pair):
+    eng, buf, peer = pair
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    t = asyncio.create_task(ticker())
+    hs = [eng.read_blocks(peer.name, [40 + i], [i]) for i in range(8)]
+    stats = await asyncio.gather(*(eng.wait_async(h, timeout_s=10) for h in hs))
+    t.cancel()
+    assert all(s.state == "DONE" for s in stats) and ticks > 0
+    assert np.array_equal(buf[:, 40:48].numpy(), _remote_blocks(peer, range(8)))
+
+
+def test_bad_block_ids_and_unknown_peer(pair):
+    eng, _, peer = pair
+    with pytest.raises(BlockIdError, match="out of range"):
+        eng.read_blocks(peer.name, [0], [NB])
+    with pytest.raises(BlockIdError, match="duplicate block id 3"):
+        eng.read_blocks(peer.name, [3, 3], [1, 2])
+    with pytest.raises(BlockIdError, match="local"):
+        eng.read_blocks(peer.name, [1, 2], [1])
+    with pytest.raises(UnknownPeerError, match="nobody"):
+        eng.read_blocks("nobody", [0], [0])
+    with pytest.raises(ValueError, match="layers"):
+        eng.read_blocks(peer.name, [0], [0], layers=[9])
+
+
+def test_unregistered_memory(pair):
+    eng, _, peer = pair
+    fresh = NixlTransferEngine("unregistered")
+    with pytest.raises(UnregisteredMemoryError):
+        fresh.local_info()
+    # a peer claiming regions it never registered
+    info = fresh_info = eng.local_info()
+    bogus = type(info)(name="liar", backend="nixl", mem_type="DRAM",
+                       regions=[Region("x", 0x10, 4096, 4096, 4)],
+                       agent_metadata=peer.info.agent_metadata)
+    with pytest.raises(UnregisteredMemoryError, match="not registered"):
+        eng.add_peer(bogus)
+    with pytest.raises(UnregisteredMemoryError):
+        eng.check_registered(0x10, 16)
+    del fresh_info
+    fresh.close()
+
+
+def test_peer_gone_mid_transfer():
+    cfg = CacheConfig(4, 256, 64 * 1024, seed=3)
+    peer = PeerProcess("nixl", "doomed", cfg)
+    _, caches = make_cache(CacheConfig(4, 256, 64 * 1024, seed=4))
+    eng = NixlTransferEngine("survivor")
+    eng.register_kv_caches(caches)
+    eng.add_peer(peer.info)
+    eng.transfer("READ", "doomed", [0], [0], timeout_s=10)
+    hs = [eng.read_blocks("doomed", list(range(256)), list(range(256))) for _ in range(4)]
+    peer.kill()
+    t0 = time.monotonic()
+    outcomes = []
+    for h in hs:
+        try:
+            eng.wait(h, timeout_s=5)
+            outcomes.append("done")  # finished before the kill
+        except (TransferFailedError, TransferTimeoutError) as e:
+            outcomes.append(type(e).__name__)
+    # new transfers to the dead peer fail fast or time out; nothing hangs
+    try:
+        eng.transfer("READ", "doomed", [1], [1], timeout_s=5)
+        outcomes.append("done-after")
+    except (TransferFailedError, TransferTimeoutError) as e:
+        outcomes.append(type(e).__name__)
+    assert time.monotonic() - t0 < 30
+    assert outcomes[-1] != "done-after", outcomes
+    eng.remove_peer("doomed")
+    eng.close()
