@@ -379,6 +379,8 @@ def _annotate(meta: dict, role: str, options: InjectOptions, *, with_sidecar: bo
             meta[k] = {}
     labels = meta["labels"]
     labels[ROLE_KEY] = role
+    # A label, so the MutatingWebhookConfiguration can skip pre-injected pods.
+    labels[INJECTED_KEY] = INJECTED_VALUE
     ann = meta["annotations"]
     ann[ROLE_KEY] = role
     ann[INJECTED_KEY] = INJECTED_VALUE

@@ -83,8 +83,11 @@ def _structural(schema: Any) -> Any:
     if schema.get("x-kubernetes-int-or-string"):
         s.pop("type", None)
         s["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if schema.get("x-kubernetes-preserve-unknown-fields") and "type" not in schema:
-        pass
+    # kubectl (validate=strict, the default) and the API server's strict field
+    # validation reject unknown fields: do the same.
+    if ("properties" in schema and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        s["additionalProperties"] = False
     # "format: int32" etc. are annotations for jsonschema; fine as they are.
     return s
 

@@ -1,0 +1,236 @@
+"""deploy/: kustomize overlays render, validate offline, and are consistent.
+
+* core kinds: kubernetes-validate (strict); LeaderWorkerSet, InferencePool,
+  ServiceMonitor: jsonschema against deploy/crds/ (unknown fields rejected);
+* the generated LWS files are up to date and a fixpoint of ``inject``;
+* vLLM's own parser accepts leader and worker command lines;
+* names and ports line up across objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pdsidecar import k8s_validate as kv
+from pdsidecar.inject import inject
+from pdsidecar.k8s_manifests import PROFILES, overlay_documents
+
+ROOT = Path(__file__).resolve().parent.parent
+OVERLAYS = ["production", "single-node"]
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {o: kv.render(ROOT / "deploy" / "overlays" / o) for o in OVERLAYS}
+
+
+def _by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _get(docs, kind, name):
+    [d] = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return d
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_validates(rendered, overlay):
+    docs = rendered[overlay]
+    errors = {f"{d['kind']}/{d['metadata']['name']}": kv.validate_object(d) for d in docs}
+    assert {k: v for k, v in errors.items() if v} == {}
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Service", "Deployment", "PodDisruptionBudget",
+            "MutatingWebhookConfiguration", "InferencePool", "ServiceMonitor", "LeaderWorkerSet"} <= kinds
+    # everything namespaced lands in the overlay's namespace
+    for d in docs:
+        if d["kind"] not in ("Namespace", "MutatingWebhookConfiguration"):
+            assert d["metadata"].get("namespace") == "pdsidecar", d["metadata"]["name"]
+
+
+def _lws_doc():
+    return copy.deepcopy(overlay_documents_obj("single-node", "prefill"))
+
+
+def overlay_documents_obj(overlay, role):
+    import yaml
+
+    return yaml.safe_load(overlay_documents(overlay)[f"lws-{role}.yaml"])
+
+
+@pytest.mark.parametrize(
+    "mutate,where",
+    [
+        (lambda d: d["spec"]["leaderWorkerTemplate"].__setitem__("size", "16"), "size"),
+        (lambda d: d["spec"].__setitem__("replica", 8), "replica"),
+        (lambda d: d["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0].__setitem__("imagePulPolicy", "Always"), "imagePulPolicy"),
+        (lambda d: d["spec"]["leaderWorkerTemplate"].__delitem__("workerTemplate"), "workerTemplate"),
+        (lambda d: d["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["initContainers"][0].__setitem__("restartPolicy", 3), "restartPolicy"),
+    ],
+)
+def test_lws_schema_rejects_broken_objects(mutate, where):
+    doc = _lws_doc()
+    assert kv.validate_object(doc) == []
+    mutate(doc)
+    errs = kv.validate_object(doc)
+    assert errs and any(where in e for e in errs), errs
+
+
+def test_other_schemas_reject_broken_objects(rendered):
+    docs = rendered["production"]
+    pool = copy.deepcopy(_get(docs, "InferencePool", "pd-decode"))
+    pool["spec"]["targetPorts"] = []
+    assert kv.validate_object(pool)
+    pool["spec"]["targetPorts"] = [{"number": 8000}]
+    pool["spec"]["targetPortNumber"] = 8000  # the seed's v1alpha2 field: gone in v1
+    assert kv.validate_object(pool)
+    sm = copy.deepcopy(_get(docs, "ServiceMonitor", "pdsidecar"))
+    sm["spec"]["endpoints"][0]["interval"] = "15 seconds"
+    assert kv.validate_object(sm)
+    svc = copy.deepcopy(_get(docs, "Service", "pd-decode-sidecar"))
+    svc["spec"]["ports"][0]["port"] = "eight thousand"
+    assert kv.validate_object(svc)
+    assert kv.validate_object({"apiVersion": "example.com/v1", "kind": "Unknown", "metadata": {"name": "x"}})
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_generated_lws_files_up_to_date(overlay):
+    for fname, text in overlay_documents(overlay).items():
+        path = ROOT / "deploy" / "overlays" / overlay / fname
+        assert path.read_text() == text, f"{path} is stale: run python -m pdsidecar.k8s_manifests"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_lws_shape_and_injection_fixpoint(rendered, overlay):
+    prof = PROFILES[overlay]
+    lws = {d["metadata"]["name"]: d for d in _by_kind(rendered[overlay], "LeaderWorkerSet")}
+    assert set(lws) == {"pd-prefill", "pd-decode"}
+    for role in ("prefill", "decode"):
+        d = lws[f"pd-{role}"]
+        assert d["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
+        assert d["spec"]["replicas"] == prof.replicas
+        assert d["spec"]["leaderWorkerTemplate"]["size"] == prof.size
+        # the rendered manifest is exactly what `pdsidecar inject` produces
+        assert inject(d, role, prof.inject) == d
+        for label, spec in kv.pod_templates(d):
+            c = kv.vllm_container(spec)
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+            if prof.inject.rdma_resource:
+                assert c["resources"]["limits"][prof.inject.rdma_resource] == 1
+            has_sidecar = [i["name"] for i in spec.get("initContainers", [])] == ["pdsidecar"]
+            assert has_sidecar == (label == "leader")
+    if overlay == "production":
+        assert prof.replicas * prof.size * 2 == 256  # seed: 256 GPUs for Pattern 5
+
+
+@pytest.fixture(scope="module")
+def vllm_parse():
+    pytest.importorskip("vllm", reason="vllm not installed")
+    try:
+        kv._vllm_parser()
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"vllm argument parser not importable: {e}")
+    return kv.parse_vllm_args
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_vllm_args_parse(rendered, vllm_parse, overlay):
+    prof = PROFILES[overlay]
+    for d in _by_kind(rendered[overlay], "LeaderWorkerSet"):
+        name = d["metadata"]["name"]
+        for label, spec in kv.pod_templates(d):
+            idx = 0 if label == "leader" else prof.size - 1
+            env = kv.lws_env(worker_index=idx, size=prof.size, name=name, ns="pdsidecar")
+            ns = vllm_parse(kv.expand_vars(kv.vllm_serve_args(kv.vllm_container(spec)), env))
+            assert ns.data_parallel_size == prof.size and ns.data_parallel_size_local == 1
+            assert ns.data_parallel_start_rank == idx and ns.data_parallel_rpc_port == 5555
+            assert ns.data_parallel_address == f"{name}-0.{name}.pdsidecar"
+            assert ns.enable_expert_parallel and ns.tensor_parallel_size == 1
+            assert ns.headless == (label == "worker")
+            if label == "leader":
+                assert ns.port == 8200
+            cfg = ns.kv_transfer_config
+            assert (cfg.kv_connector, cfg.kv_connector_module_path, cfg.kv_role) == ("PdConnector", "transfer.connector", "kv_both")
+            assert cfg.kv_connector_extra_config == {"control_port": 14600, "protocol": prof.inject.protocol}
+
+
+def _pod_specs_selected(docs, selector: dict):
+    """Pod specs (with their labels) of workloads whose pods match selector."""
+    out = []
+    for d in docs:
+        if d["kind"] == "LeaderWorkerSet":
+            name = d["metadata"]["name"]
+            lwt = d["spec"]["leaderWorkerTemplate"]
+            for idx, tpl in (("0", lwt["leaderTemplate"]), ("1", lwt["workerTemplate"])):
+                labels = dict(tpl["metadata"].get("labels", {}), **{
+                    "leaderworkerset.sigs.k8s.io/name": name, "leaderworkerset.sigs.k8s.io/worker-index": idx})
+                out.append((labels, tpl["spec"]))
+        elif d["kind"] == "Deployment":
+            out.append((d["spec"]["template"]["metadata"]["labels"], d["spec"]["template"]["spec"]))
+    return [spec for labels, spec in out if all(labels.get(k) == v for k, v in selector.items())]
+
+
+def _ports(spec):
+    return {(p.get("name"), p["containerPort"]) for c in spec.get("containers", []) + spec.get("initContainers", []) for p in c.get("ports", [])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_cross_references(rendered, overlay):
+    docs = rendered[overlay]
+    services = {d["metadata"]["name"]: d for d in _by_kind(docs, "Service")}
+    # every Service selects pods that expose its target ports
+    for name, svc in services.items():
+        specs = _pod_specs_selected(docs, svc["spec"]["selector"])
+        assert specs, f"Service {name} selects nothing"
+        for p in svc["spec"]["ports"]:
+            t = p.get("targetPort", p["port"])
+            for spec in specs:
+                assert any((t == n) or (t == num) for n, num in _ports(spec)), f"{name}: target {t} not exposed"
+    # InferencePool targets the decode sidecar's port on decode leaders
+    pool = _get(docs, "InferencePool", "pd-decode")
+    specs = _pod_specs_selected(docs, pool["spec"]["selector"]["matchLabels"])
+    assert specs and all(("http", pool["spec"]["targetPorts"][0]["number"]) in _ports(s) for s in specs)
+    assert all(s["initContainers"][0]["args"] == ["run", "--role", "decode"] for s in specs)
+    # ServiceMonitor finds both sidecar services and their metrics port
+    sm = _get(docs, "ServiceMonitor", "pdsidecar")
+    sel = sm["spec"]["selector"]["matchLabels"]
+    monitored = [n for n, s in services.items() if all(s["metadata"].get("labels", {}).get(k) == v for k, v in sel.items())]
+    assert sorted(monitored) == ["pd-decode-sidecar", "pd-prefill-sidecar"]
+    assert all(any(p["name"] == sm["spec"]["endpoints"][0]["port"] for p in services[n]["spec"]["ports"]) for n in monitored)
+    # the webhook configuration points at the webhook Service
+    mwc = _get(docs, "MutatingWebhookConfiguration", "pdsidecar")
+    ref = mwc["webhooks"][0]["clientConfig"]["service"]
+    wsvc = services[ref["name"]]
+    assert ref["namespace"] == wsvc["metadata"]["namespace"] and ref["port"] == wsvc["spec"]["ports"][0]["port"]
+    # decode sidecars' KV_TRANSFER_TARGET is the prefill sidecar service
+    dec = _get(docs, "LeaderWorkerSet", "pd-decode")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
+    env = {e["name"]: e.get("value") for e in dec["initContainers"][0]["env"]}
+    host, port = env["KV_TRANSFER_TARGET"].split(":")
+    assert host in services and int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
+    # service accounts referenced exist
+    sas = {d["metadata"]["name"] for d in _by_kind(docs, "ServiceAccount")}
+    for d in _by_kind(docs, "LeaderWorkerSet"):
+        for _, spec in kv.pod_templates(d):
+            assert spec["serviceAccountName"] in sas
+    # scrape annotations on the sidecar pods
+    for d in _by_kind(docs, "LeaderWorkerSet"):
+        ann = d["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["metadata"]["annotations"]
+        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "9090"
+
+
+def test_single_node_has_dev_secret_production_does_not(rendered):
+    assert [s["metadata"]["name"] for s in _by_kind(rendered["single-node"], "Secret")] == ["pdsidecar-auth"]
+    assert _by_kind(rendered["production"], "Secret") == []
+
+
+def test_crd_readme_names_sources():
+    text = (ROOT / "deploy" / "crds" / "README.md").read_text()
+    for f in (ROOT / "deploy" / "crds").glob("*.schema.json"):
+        src = json.loads(f.read_text())["source"]
+        assert src["repo"] in text and src["tag"] in text and src["path"] in text
