@@ -232,3 +232,25 @@ def test_make_patch_roundtrip(a, b):
     assert jsonpatch.JsonPatch(ops).apply(copy.deepcopy(a)) == b
     if json.dumps(a) == json.dumps(b):
         assert ops == []
+
+
+def test_webhook_cert_command(tmp_path, capsys):
+    from cryptography import x509
+
+    from pdsidecar.k8s_certs import run_webhook_cert
+
+    assert run_webhook_cert(["--namespace", "pd", "--out-dir", str(tmp_path)]) == 0
+    ca = base64.b64decode(capsys.readouterr().out.strip())
+    assert ca == (tmp_path / "tls.crt").read_bytes()
+    cert = x509.load_pem_x509_certificate(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert "pdsidecar-webhook.pd.svc" in sans
+    assert (tmp_path / "tls.key").stat().st_mode & 0o077 == 0
+
+
+def test_run_webhook_bad_cert_is_one_line_error(capsys):
+    from pdsidecar.webhook import run_webhook
+
+    assert run_webhook(["--tls-cert", "/nonexistent.crt", "--tls-key", "/nonexistent.key"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pdsidecar webhook: error:") and err.count("\n") == 1
