@@ -1,0 +1,409 @@
+"""Worker half of the PdConnector (one per TP rank), on ``transfer.TransferEngine``.
+
+Decode side (pull): for each planned request, make sure the prefill engine's
+workers are known (lazy gRPC handshake to its control server, in a background
+thread), then READ the remote blocks into the local ones -- per layer, with byte
+slices inside each block when prefill and decode TP differ
+(``transfer.layout.tp_read_plan``). The last READ to each remote rank carries the
+notification ``"<remote_request_id>:<expected>"``; the prefill worker frees the
+request's blocks once ``expected`` notifications arrived.
+
+Prefill side: holds finished requests' blocks until the notifications arrive, a
+``Release`` comes through the scheduler, or the lease expires.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .connector_meta import (PD_PROTOCOL_VERSION, R_BLOCK_RANGE, R_EXPIRED, R_MISMATCH,
+                             R_TIMEOUT, R_TRANSFER, R_UNKNOWN_ENGINE, R_UNREACHABLE,
+                             PdConfig, PdConnectorMetadata, PdWorkerMeta, RecvJob,
+                             RemoteSource)
+from .connector_stats import PdConnectorStats
+
+log = logging.getLogger("pdsidecar.connector")
+
+
+# ------------------------------------------------------------------ handshake payload
+
+
+def peer_to_dict(info: Any) -> dict[str, Any]:
+    return {"name": info.name, "backend": info.backend, "mem_type": info.mem_type,
+            "regions": [r.to_dict() for r in info.regions], "host_id": info.host_id,
+            "agent_metadata": base64.b64encode(info.agent_metadata).decode(),
+            "device_id": info.device_id}
+
+
+def peer_from_dict(d: dict[str, Any]) -> Any:
+    from .engine import PeerInfo
+    from .layout import Region
+    return PeerInfo(name=str(d["name"]), backend=str(d["backend"]), mem_type=str(d["mem_type"]),
+                    regions=[Region.from_dict(r) for r in d["regions"]],
+                    host_id=str(d.get("host_id", "")),
+                    agent_metadata=base64.b64decode(d["agent_metadata"]),
+                    device_id=int(d.get("device_id", 0)))
+
+
+def check_compat(local: dict[str, Any], remote: dict[str, Any]) -> None:
+    """Raise ValueError naming the first model-level field that differs."""
+    for k in ("protocol_version", "num_layers", "block_size", "num_kv_heads", "head_size",
+              "dtype", "is_mla", "bytes_per_head", "model"):
+        if local.get(k) != remote.get(k):
+            raise ValueError(f"handshake mismatch on {k}: local={local.get(k)!r} "
+                             f"remote={remote.get(k)!r}")
+
+
+@dataclass
+class _RemoteEngine:
+    engine_id: str
+    tp_size: int
+    peers: dict[int, str]  # remote tp rank -> peer name in our TransferEngine
+
+
+@dataclass
+class _Inflight:
+    job: RecvJob
+    handles: list[Any]
+    t0: float
+    nbytes: int = 0
+    descs: int = 0
+
+
+@dataclass
+class _Sending:
+    expiry: float
+    nblocks: int
+    released: bool = False
+
+
+@dataclass
+class _Notifs:
+    count: int = 0
+    expected: int = 1
+    t: float = field(default_factory=time.monotonic)
+
+
+class PdConnectorWorker:
+    def __init__(self, cfg: PdConfig, *, engine_id: str, tp_rank: int, tp_size: int,
+                 compat: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.engine_id = engine_id
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.compat = dict(compat, protocol_version=PD_PROTOCOL_VERSION)
+        self.engine: Any = None
+        self.regions: list[Any] = []
+        self.heads_local = 1
+        self.bytes_per_head = 0
+        self.stats = PdConnectorStats()
+        self._remotes: dict[tuple[str, int], _RemoteEngine] = {}
+        self._hs_futures: dict[tuple[str, int], Future] = {}
+        self._waiting: dict[tuple[str, int], list[RecvJob]] = {}
+        self._inflight: dict[str, _Inflight] = {}
+        self._done_recv: set[str] = set()
+        self._failed_recv: set[str] = set()
+        self._results: dict[str, dict[str, Any]] = {}
+        self._sending: dict[str, _Sending] = {}
+        self._notifs: dict[str, _Notifs] = {}
+        self._posted_this_step = False
+        self._bg = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pd-hs")
+        self._client: Any = None
+        self._expected_cache: dict[tuple[int, int, int], int] = {}
+
+    # ------------------------------------------------------------ registration
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        from .nixl_engine import NixlTransferEngine
+        name = f"pd-{self.engine_id}-tp{self.tp_rank}-{uuid.uuid4().hex[:8]}"
+        self.engine = NixlTransferEngine(name, protocol=self.cfg.protocol,
+                                         backends=tuple(self.cfg.backends))
+        self.regions = self.engine.register_kv_caches(kv_caches)
+        from .layout import heads_per_rank
+        self.heads_local = heads_per_rank(self.compat["num_kv_heads"], self.tp_size,
+                                          self.compat.get("is_mla", False))
+        self.bytes_per_head = self.regions[0].block_len // self.heads_local
+        self.compat["num_layers"] = len({r.layer for r in self.regions})
+        self.compat["bytes_per_head"] = self.bytes_per_head
+        log.info("PdConnector worker %s: %d regions, %d blocks, %d B/block/layer",
+                 name, len(self.regions), self.regions[0].num_blocks, self.regions[0].block_len)
+
+    def handshake_payload(self) -> dict[str, Any]:
+        return {"tp_rank": self.tp_rank, "tp_size": self.tp_size, "compat": self.compat,
+                "peer": peer_to_dict(self.engine.local_info())}
+
+    # ------------------------------------------------------------ per step
+    def start_load_kv(self, meta: PdConnectorMetadata | None) -> None:
+        if meta is not None:
+            for rid, (expiry, nblocks) in meta.send.items():
+                self._sending[rid] = _Sending(expiry, nblocks)
+            for rid in meta.release:
+                s = self._sending.get(rid)
+                if s is not None:
+                    s.released = True
+            for job in meta.recv.values():
+                self._start_job(job)
+        self._advance_handshakes()
+
+    def _start_job(self, job: RecvJob) -> None:
+        if job.error:
+            self._fail(job, job.error, job.error_msg, release=False)
+            return
+        src = job.src
+        key = (src.host, src.port)
+        rem = self._remotes.get(key)
+        if rem is not None and rem.engine_id == src.engine_id:
+            self._submit(job, rem)
+            return
+        # unknown (or changed) engine at that address: (re-)handshake
+        self._waiting.setdefault(key, []).append(job)
+        if key not in self._hs_futures:
+            self._hs_futures[key] = self._bg.submit(self._handshake, src.host, src.port)
+
+    def _handshake(self, host: str, port: int) -> dict[str, Any]:
+        client = self._get_client()
+        return client.call(host, port, "GetMetadata", {"tp_rank": self.tp_rank},
+                           self.cfg.handshake_timeout_s)
+
+    def _get_client(self) -> Any:
+        if self._client is None:
+            from .connector_control import ControlClient
+            self._client = ControlClient()
+        return self._client
+
+    def _advance_handshakes(self) -> None:
+        for key, fut in list(self._hs_futures.items()):
+            if not fut.done():
+                continue
+            del self._hs_futures[key]
+            jobs = self._waiting.pop(key, [])
+            try:
+                reply = fut.result()
+            except Exception as e:
+                for job in jobs:
+                    self._fail(job, R_UNREACHABLE, f"control plane {key[0]}:{key[1]}: {e}",
+                               release=False)
+                continue
+            try:
+                rem = self._add_remote(key, reply)
+            except Exception as e:
+                reason = R_MISMATCH if "mismatch" in str(e) else R_TRANSFER
+                for job in jobs:
+                    self._fail(job, reason, str(e))
+                continue
+            for job in jobs:
+                self._submit(job, rem)
+
+    def _add_remote(self, key: tuple[str, int], reply: dict[str, Any]) -> _RemoteEngine:
+        old = self._remotes.pop(key, None)
+        if old is not None:
+            for name in old.peers.values():
+                try:
+                    self.engine.remove_peer(name)
+                except Exception:
+                    pass
+        if reply.get("protocol_version") != PD_PROTOCOL_VERSION:
+            raise ValueError(f"handshake mismatch on protocol_version: "
+                             f"{reply.get('protocol_version')!r}")
+        workers = reply.get("workers") or {}
+        if not workers:
+            raise ValueError(f"prefill engine {reply.get('engine_id')!r} has no registered "
+                             f"workers yet")
+        tp = int(reply.get("tp_size", len(workers)))
+        peers: dict[int, str] = {}
+        for r, w in workers.items():
+            if self.cfg.enforce_compat:
+                check_compat(self.compat, w.get("compat", {}))
+            peers[int(r)] = self.engine.add_peer(peer_from_dict(w["peer"]))
+        rem = _RemoteEngine(str(reply.get("engine_id")), tp, peers)
+        self._remotes[key] = rem
+        return rem
+
+    def _expected(self, remote_rank: int, remote_tp: int) -> int:
+        k = (remote_rank, self.tp_size, remote_tp)
+        if k not in self._expected_cache:
+            from .layout import expected_notifications
+            self._expected_cache[k] = expected_notifications(
+                remote_rank, self.tp_size, remote_tp, self.compat["num_kv_heads"],
+                self.compat.get("is_mla", False))
+        return self._expected_cache[k]
+
+    def _submit(self, job: RecvJob, rem: _RemoteEngine) -> None:
+        src: RemoteSource = job.src
+        if rem.engine_id != src.engine_id:
+            self._fail(job, R_UNKNOWN_ENGINE, f"engine at {src.host}:{src.port} is "
+                       f"{rem.engine_id!r}, params name {src.engine_id!r}", release=False)
+            return
+        if rem.tp_size != src.tp_size:
+            self._fail(job, R_MISMATCH, f"tp_size {src.tp_size} != remote {rem.tp_size}")
+            return
+        if src.expiry is not None and time.time() > src.expiry - self.cfg.lease_guard_s:
+            self._fail(job, R_EXPIRED, "prefill lease (nearly) expired before the READ")
+            return
+        from .layout import tp_read_plan
+        plan = tp_read_plan(self.tp_rank, self.tp_size, rem.tp_size,
+                            self.compat["num_kv_heads"], self.compat.get("is_mla", False),
+                            bytes_per_head=self.bytes_per_head)
+        t0 = time.perf_counter()
+        infl = _Inflight(job, [], t0)
+        try:
+            by_rank: dict[int, list[Any]] = {}
+            for s in plan.slices:
+                by_rank.setdefault(s.remote_rank, []).append(s)
+            for p, slices in by_rank.items():
+                peer = rem.peers[p]
+                notif = f"{src.request_id}:{self._expected(p, rem.tp_size)}"
+                for i, s in enumerate(slices):
+                    whole = s.num_heads == self.heads_local and s.remote_offset == 0 and \
+                        s.local_offset == 0 and rem.tp_size == self.tp_size
+                    kw = {} if whole else {"local_slice": (s.local_offset, s.length),
+                                           "remote_slice": (s.remote_offset, s.length)}
+                    h = self.engine.read_blocks(
+                        peer, job.local_ids, job.remote_ids, request_id=job.req_id,
+                        notif=notif if i == len(slices) - 1 else None, **kw)
+                    infl.handles.append(h)
+                    infl.nbytes += h.stats.bytes
+                    infl.descs += h.stats.descriptors
+            for p in plan.notify_only:
+                self.engine.send_notif(rem.peers[p], f"{src.request_id}:"
+                                                     f"{self._expected(p, rem.tp_size)}")
+        except Exception as e:
+            from .errors import BlockIdError
+            reason = R_BLOCK_RANGE if isinstance(e, BlockIdError) else R_TRANSFER
+            self._fail(job, reason, str(e))
+            return
+        self._inflight[job.req_id] = infl
+        self._posted_this_step = True
+
+    def _fail(self, job: RecvJob, reason: str, msg: str, release: bool = True) -> None:
+        log.warning("PdConnector: KV load of %s failed (%s): %s", job.req_id, reason, msg)
+        self.stats.record_failure(reason)
+        self._failed_recv.add(job.req_id)
+        self._done_recv.add(job.req_id)
+        self._results[job.req_id] = {"bytes": 0, "descriptors": 0, "blocks": 0, "ms": 0.0,
+                                     "backend": "nixl", "error": reason, "detail": msg[:300]}
+        if release and job.src is not None:
+            src = job.src
+
+            def go() -> None:
+                try:
+                    self._get_client().call(src.host, src.port, "Release",
+                                            {"request_ids": [src.request_id]},
+                                            self.cfg.handshake_timeout_s)
+                except Exception:
+                    pass
+            self._bg.submit(go)
+
+    def _poll_inflight(self) -> None:
+        now = time.perf_counter()
+        for rid, infl in list(self._inflight.items()):
+            try:
+                done = all(self.engine.poll(h) for h in infl.handles)
+            except Exception as e:
+                del self._inflight[rid]
+                self._fail(infl.job, R_TRANSFER, str(e))
+                continue
+            src = infl.job.src
+            if done:
+                del self._inflight[rid]
+                if src.expiry is not None and time.time() > src.expiry:
+                    # the prefill side may have reused the blocks while we read
+                    self._fail(infl.job, R_EXPIRED, "READ completed after the lease expired")
+                    continue
+                secs = max(h.stats.transfer_us for h in infl.handles) / 1e6 \
+                    if infl.handles else now - infl.t0
+                self.stats.record_transfer(infl.nbytes, secs, infl.descs)
+                self._done_recv.add(rid)
+                self._results[rid] = {"bytes": infl.nbytes, "descriptors": infl.descs,
+                                      "blocks": len(infl.job.local_ids),
+                                      "ms": round(secs * 1e3, 4), "backend": "nixl",
+                                      "error": ""}
+            elif now - infl.t0 > self.cfg.transfer_timeout_s or \
+                    (src.expiry is not None and time.time() > src.expiry):
+                del self._inflight[rid]
+                for h in infl.handles:
+                    try:
+                        self.engine._on_timeout(h)
+                    except Exception:
+                        pass
+                self._fail(infl.job, R_TIMEOUT, f"READ not done after "
+                           f"{now - infl.t0:.3f} s", release=False)
+
+    def _poll_sending(self, finished_req_ids: set[str]) -> set[str]:
+        if not self._sending and not self._notifs:
+            return set()
+        if self.engine is not None:
+            for _peer, msgs in self.engine.get_new_notifs().items():
+                for m in msgs:
+                    try:
+                        rid, n = m.decode().rsplit(":", 1)
+                        n = max(1, int(n))
+                    except Exception:
+                        continue
+                    st = self._notifs.setdefault(rid, _Notifs())
+                    st.count += 1
+                    st.expected = n
+        out: set[str] = set()
+        now = time.time()
+        for rid, s in list(self._sending.items()):
+            st = self._notifs.get(rid)
+            if (st is not None and st.count >= st.expected) or s.released:
+                out.add(rid)
+            elif now > s.expiry:
+                self.stats.record_expired(s.nblocks)
+                log.info("PdConnector: lease of %s expired, freeing %d blocks", rid, s.nblocks)
+                out.add(rid)
+        for rid in out:
+            del self._sending[rid]
+            self._notifs.pop(rid, None)
+        if len(self._notifs) > len(self._sending):  # stray notifs (expired, unknown)
+            cut = time.monotonic() - 2 * self.cfg.kv_lease_s
+            for rid in [r for r, st in self._notifs.items()
+                        if r not in self._sending and st.t < cut]:
+                del self._notifs[rid]
+        return out
+
+    def get_transfer_results(self, finished_req_ids: set[str]
+                             ) -> tuple[set[str], set[str], set[str]]:
+        self._advance_handshakes()
+        if self._inflight:
+            self._poll_inflight()
+            if self._inflight and self._posted_this_step and self.cfg.spin_wait_us > 0:
+                # a fresh READ usually completes within microseconds: report it this
+                # step instead of next
+                deadline = time.perf_counter() + self.cfg.spin_wait_us / 1e6
+                while self._inflight and time.perf_counter() < deadline:
+                    self._poll_inflight()
+        self._posted_this_step = False
+        sending = self._poll_sending(finished_req_ids)
+        recving, failed = self._done_recv, self._failed_recv
+        self._done_recv, self._failed_recv = set(), set()
+        return sending, recving, failed
+
+    def take_worker_meta(self) -> PdWorkerMeta | None:
+        if not self._results:
+            return None
+        m = PdWorkerMeta(self._results)
+        self._results = {}
+        return m
+
+    def take_stats(self) -> PdConnectorStats | None:
+        if self.stats.is_empty():
+            return None
+        s, self.stats = self.stats, PdConnectorStats()
+        return s
+
+    def shutdown(self) -> None:
+        self._bg.shutdown(wait=False)
+        if self._client is not None:
+            self._client.close()
+        if self.engine is not None:
+            try:
+                self.engine.close()
+            except Exception:
+                pass
