@@ -7,8 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+from pdsidecar.errors import CliError
 
 
 def _cmd_models_make(args: argparse.Namespace) -> int:
@@ -36,19 +35,26 @@ def _cmd_local(args: argparse.Namespace) -> int:
     return run_local(args)
 
 
-def _delegate(module: str, func: str) -> Callable[[argparse.Namespace], int]:
-    """A subcommand whose flags are parsed by another module's `func(argv)`."""
+# Subcommands whose flags another module parses: name -> (module, function(argv) -> int, help).
+DELEGATED: dict[str, tuple[str, str, str]] = {
+    "run": ("pdsidecar.sidecar", "run_sidecar", "run the sidecar (--role prefill|decode); see `pdsidecar run --help`"),
+    "inject": ("pdsidecar.inject", "run_inject", "add the sidecar to Pod/Deployment/LeaderWorkerSet YAML"),
+    "webhook": ("pdsidecar.webhook", "run_webhook", "mutating admission webhook that injects the sidecar"),
+    "webhook-cert": ("pdsidecar.k8s_certs", "run_webhook_cert", "self-signed certificate for the webhook (dev)"),
+    "deploy-validate": ("pdsidecar.k8s_validate", "run_validate", "validate rendered manifests offline"),
+    "deploy-manifests": ("pdsidecar.k8s_manifests", "run_manifests", "regenerate the LeaderWorkerSet manifests"),
+}
 
-    def run(args: argparse.Namespace) -> int:
-        import importlib
 
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            raise CliError(f"{module} is not available: {e}") from None
-        return int(getattr(mod, func)(args.rest) or 0)
+def _run_delegated(name: str, argv: list[str]) -> int:
+    import importlib
 
-    return run
+    module, func, _ = DELEGATED[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise CliError(f"`pdsidecar {name}` is not available: {e}") from None
+    return int(getattr(mod, func)(argv) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,21 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_local_arguments(local)
     local.set_defaults(func=_cmd_local)
 
-    for name, module, func, help_text in (
-        ("run", "pdsidecar.sidecar", "run_sidecar", "run the sidecar (--role prefill|decode); see `pdsidecar run --help`"),
-        ("inject", "pdsidecar.inject", "run_inject", "add the sidecar to Pod/Deployment/LeaderWorkerSet YAML"),
-        ("webhook", "pdsidecar.webhook", "run_webhook", "mutating admission webhook that injects the sidecar"),
-    ):
-        sp = sub.add_parser(name, help=help_text, add_help=False)
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
-        sp.set_defaults(func=_delegate(module, func))
+    for name, (_, _, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in DELEGATED:
+            return _run_delegated(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except CliError as e:
         print(f"pdsidecar: error: {e}", file=sys.stderr)

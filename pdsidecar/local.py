@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdsidecar.errors import CliError
 from pdsidecar.engines import (
     Engine,
     EngineError,
@@ -205,7 +206,6 @@ def _sidecars_available() -> bool:
 
 
 def run_local(args: argparse.Namespace) -> int:
-    from pdsidecar.cli import CliError
     from pdsidecar.models import ModelError, ensure_model
 
     if not vllm_available():

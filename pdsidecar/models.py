@@ -17,7 +17,7 @@ from pathlib import Path
 
 ARCHS = ("llama", "mixtral")
 # Bump when the generator's output changes, so cached folders are rebuilt.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 4
 
 # A chat template vLLM's /v1/chat/completions can render without a hub.
 CHAT_TEMPLATE = (
@@ -148,14 +148,42 @@ def _build_weights(spec: TinyModelSpec, config, out: Path) -> None:
         else:
             from transformers import MixtralForCausalLM as cls
         meta_model = cls(config)
+    shapes = _checkpoint_shapes(meta_model.state_dict())
     tensors = {}
-    for name, p in sorted(meta_model.state_dict().items()):
+    for name, shape in sorted(shapes.items()):
         if name.endswith("norm.weight") or "layernorm" in name:
-            t = torch.ones(p.shape, dtype=torch.float32)
+            t = torch.ones(shape, dtype=torch.float32)
         else:
-            t = torch.randn(p.shape, generator=gen, dtype=torch.float32) * spec.initializer_range
+            t = torch.randn(shape, generator=gen, dtype=torch.float32) * spec.initializer_range
         tensors[name] = t.to(dtype).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _checkpoint_shapes(state_dict) -> dict[str, tuple[int, ...]]:
+    """Tensor names/shapes in the classic Hub checkpoint format that vLLM loads.
+
+    Recent transformers fuse Mixtral experts (`mlp.experts.gate_up_proj`); checkpoints on
+    the Hub (and vLLM's loader) use `block_sparse_moe.experts.{j}.w1/w2/w3`.
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    for name, p in state_dict.items():
+        shape = tuple(p.shape)
+        if ".mlp.experts.gate_up_proj" in name:
+            prefix = name.split(".mlp.")[0] + ".block_sparse_moe.experts"
+            experts, two_i, hidden = shape
+            for j in range(experts):
+                out[f"{prefix}.{j}.w1.weight"] = (two_i // 2, hidden)
+                out[f"{prefix}.{j}.w3.weight"] = (two_i // 2, hidden)
+        elif ".mlp.experts.down_proj" in name:
+            prefix = name.split(".mlp.")[0] + ".block_sparse_moe.experts"
+            experts, hidden, inter = shape
+            for j in range(experts):
+                out[f"{prefix}.{j}.w2.weight"] = (hidden, inter)
+        elif ".mlp.gate.weight" in name and "experts" not in name and len(shape) == 2 and "gate_proj" not in name:
+            out[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = shape
+        else:
+            out[name] = shape
+    return out
 
 
 def make_model(arch: str, out: str | os.PathLike, seed: int = 0, **overrides) -> Path:
@@ -184,6 +212,7 @@ def make_model(arch: str, out: str | os.PathLike, seed: int = 0, **overrides) ->
     config = _build_config(spec, vocab, bos=1, eos=2)
     config_dict = config.to_dict()
     config_dict.pop("transformers_version", None)
+    config_dict["architectures"] = ["LlamaForCausalLM" if arch == "llama" else "MixtralForCausalLM"]
     (path / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     (path / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}, indent=2) + "\n"

@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.engines
 def test_local_short_prints_pd_completion_equal_to_aggregated(llama_dir, tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "pdsidecar.cli", "local", "--short", "--model", llama_dir, "--log-dir", str(tmp_path)],
+        [sys.executable, "-m", "pdsidecar", "local", "--short", "--model", llama_dir, "--log-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=900,
     )
     out = r.stdout + r.stderr
@@ -30,7 +30,7 @@ def test_local_port_in_use_is_one_line_error(llama_dir):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "pdsidecar.cli", "local", "--port", str(port), "--model", llama_dir],
+        r = subprocess.run([sys.executable, "-m", "pdsidecar", "local", "--port", str(port), "--model", llama_dir],
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert f"port {port} is in use" in r.stderr and "Traceback" not in r.stderr

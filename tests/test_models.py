@@ -48,7 +48,7 @@ def test_unknown_arch_is_a_clear_error(tmp_path):
 ])
 def test_cli_bad_input_one_line_no_traceback(tmp_path, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    r = subprocess.run([sys.executable, "-m", "pdsidecar.cli", *argv], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "pdsidecar", *argv], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,5 @@
+import sys
+
+from pdsidecar.cli import main
+
+sys.exit(main())
