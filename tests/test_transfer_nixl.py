@@ -74,6 +74,7 @@ def test_many_concurrent_reads_and_notifs(pair):
 
 
 async def test_async_wait_does_not_block_loop(pair):
+    pytest.importorskip("pytest_asyncio")
     eng, buf, peer = pair
     ticks = 0
 
