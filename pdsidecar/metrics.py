@@ -1,0 +1,101 @@
+"""Prometheus metrics of the sidecar (`pd_*`, own registry, base units, bounded labels).
+
+Label values are closed sets defined here (`PATHS`, `APIS`, `PEER_ERROR_REASONS`, ...);
+the only open-ended label is `peer`, which takes only allowlisted/configured peers.
+docs/sidecar.md documents every family; keep the two in sync.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "PATHS", "APIS", "PEER_ERROR_REASONS", "LOCAL_REASONS"]
+
+PATHS = ("disagg", "local", "fallback", "error")
+APIS = ("completions", "chat")
+# why a request ran locally (path=local) or fell back (path=fallback)
+LOCAL_REASONS = ("threshold", "no_peer", "unsupported", "disabled")
+FALLBACK_REASONS = ("connect", "timeout", "http_5xx", "peer_rejected", "protocol", "draining")
+PEER_ERROR_REASONS = ("connect", "timeout", "http_5xx", "http_4xx", "peer_rejected", "protocol", "disconnect",
+                      "stats", "release")
+AUTH_FAILURE_REASONS = ("missing", "bad_signature", "stale", "peer_not_allowed", "source_mismatch")
+
+# latency buckets: 0.5 ms .. 120 s
+_LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+        10.0, 30.0, 60.0, 120.0)
+_OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+_BYTES = tuple(float(2 ** k) for k in range(10, 37, 2))  # 1 KiB .. 64 GiB
+_BPS = tuple(x * 1e9 for x in (0.01, 0.1, 0.5, 1, 2, 5, 10, 25, 50, 100, 200, 400))
+
+
+class Metrics:
+    """All metric families of one sidecar; `render()` is the /metrics body."""
+
+    def __init__(self, role: str, registry: CollectorRegistry | None = None):
+        self.role = role
+        r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.info = Gauge("pd_info", "Constant 1; labels describe this sidecar.", ["role", "protocol", "version"],
+                          registry=r)
+        self.requests = Counter("pd_requests", "Requests answered, by API and path (disagg|local|fallback|error).",
+                                ["role", "api", "path"], registry=r)
+        self.local_decisions = Counter("pd_local_decisions",
+                                       "Decode: requests served aggregated on purpose, by reason.",
+                                       ["reason"], registry=r)
+        self.fallbacks = Counter("pd_fallbacks", "Decode: requests recomputed locally after a prefill failure, by reason.",
+                                 ["reason"], registry=r)
+        self.ttft = Histogram("pd_ttft_seconds",
+                              "Decode: true time to first token (request received -> first response byte), by path.",
+                              ["path"], buckets=_LAT, registry=r)
+        self.request_seconds = Histogram("pd_request_duration_seconds", "Whole request, by role and path.",
+                                         ["role", "path"], buckets=_LAT, registry=r)
+        self.prefill_leg = Histogram("pd_prefill_leg_seconds", "Decode: prefill leg round trip (successful legs).",
+                                     buckets=_LAT, registry=r)
+        self.decode_leg = Histogram("pd_decode_leg_seconds",
+                                    "Decode: decode leg, request sent -> first response byte (includes KV pull).",
+                                    ["path"], buckets=_LAT, registry=r)
+        self.overhead = Histogram("pd_sidecar_overhead_seconds",
+                                  "Time to first byte spent in this sidecar itself (TTFT minus upstream legs).",
+                                  ["role"], buckets=_OVERHEAD, registry=r)
+        self.kv_bytes = Histogram("pd_kv_transfer_bytes", "Decode: KV bytes moved per request (connector-reported).",
+                                  buckets=_BYTES, registry=r)
+        self.kv_seconds = Histogram("pd_kv_transfer_seconds", "Decode: KV transfer time per request (connector-reported).",
+                                    buckets=_LAT, registry=r)
+        self.kv_bps = Histogram("pd_kv_transfer_bytes_per_second", "Decode: KV transfer throughput per request.",
+                                buckets=_BPS, registry=r)
+        self.kv_bytes_total = Counter("pd_kv_transferred_bytes", "Decode: total KV bytes moved (connector-reported).",
+                                      registry=r)
+        self.pending_requests = Gauge("pd_pending_kv_requests",
+                                      "KV handed out and not yet picked up (prefill) / legs outstanding (decode), per peer.",
+                                      ["peer"], registry=r)
+        self.pending_tokens = Gauge("pd_pending_kv_tokens", "Prompt tokens of pending KV, per peer.", ["peer"],
+                                    registry=r)
+        self.pending_blocks = Gauge("pd_pending_kv_blocks", "Prefill: KV blocks handed out and not yet picked up, per peer.",
+                                    ["peer"], registry=r)
+        self.pending_bytes = Gauge("pd_pending_kv_bytes", "Prefill: KV bytes handed out and not yet picked up "
+                                   "(when the connector reports sizes), per peer.", ["peer"], registry=r)
+        self.pending_age = Gauge("pd_pending_kv_oldest_age_seconds", "Prefill: age of the oldest pending KV, per peer.",
+                                 ["peer"], registry=r)
+        self.kv_expired = Counter("pd_kv_expired", "Prefill: pending KV forgotten after --kv-ttl without pickup.",
+                                  registry=r)
+        self.kv_released = Counter("pd_kv_released", "Prefill: pending KV closed by a decode sidecar's report, by status.",
+                                   ["status"], registry=r)
+        self.peer_errors = Counter("pd_peer_errors", "Errors talking to a peer sidecar, by peer and reason.",
+                                   ["peer", "reason"], registry=r)
+        self.auth_failures = Counter("pd_auth_failures", "Prefill: rejected peer requests, by reason.", ["reason"],
+                                     registry=r)
+        self.retries = Counter("pd_prefill_retries", "Decode: prefill legs retried on another peer (connect errors only).",
+                               registry=r)
+        self.upstream_errors = Counter("pd_upstream_errors", "Errors talking to the local vLLM, by reason.", ["reason"],
+                                       registry=r)
+        self.in_flight = Gauge("pd_in_flight_requests", "Requests being served now.", ["role"], registry=r)
+        self.client_disconnects = Counter("pd_client_disconnects", "Requests whose client went away, by stage.",
+                                          ["stage"], registry=r)
+        self.rejected = Counter("pd_rejected_requests", "Requests refused before any upstream call, by reason.",
+                                ["reason"], registry=r)
+        self.draining = Gauge("pd_draining", "1 while draining after SIGTERM.", registry=r)
+        self.token_reuse = Counter("pd_token_id_reuse", "Decode: decode legs sent the prefill leg's prompt token ids.",
+                                   ["api"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

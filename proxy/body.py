@@ -1,0 +1,199 @@
+"""Request bodies: validation, token estimates and the two legs' bodies.
+
+`kv_transfer_params` stays opaque: the prefill leg asks for `{do_remote_decode: true}`, the
+decode leg gets whatever the prefill leg returned, verbatim (plus vLLM's own
+`prompt_token_ids` reuse key for chat, which the serving layer pops before the connector).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import RequestError
+
+API_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+_INT_FIELDS = ("max_tokens", "max_completion_tokens", "min_tokens", "n", "best_of")
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def parse_request(api: str, raw: bytes) -> dict[str, Any]:
+    """Parse and sanity-check a client body; RequestError(400) when it is not usable."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"request body is not valid JSON: {e.__class__.__name__}", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body must be a JSON object", "invalid_body")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError(400, "`model` is required and must be a non-empty string", "missing_model", param="model")
+    if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
+        raise RequestError(400, "`stream` must be a boolean", "invalid_type", param="stream")
+    for f in _INT_FIELDS:
+        v = body.get(f)
+        if v is not None and not _is_int(v):
+            raise RequestError(400, f"`{f}` must be an integer", "invalid_type", param=f)
+        if _is_int(v) and v < 0:
+            raise RequestError(400, f"`{f}` must be >= 0", "invalid_value", param=f)
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise RequestError(400, "`stream_options` must be an object", "invalid_type", param="stream_options")
+    if api == "chat":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            raise RequestError(400, "`messages` must be a non-empty list of objects", "invalid_type", param="messages")
+    else:
+        p = body.get("prompt")
+        ok = isinstance(p, str) or (
+            isinstance(p, list) and p and (
+                all(isinstance(x, str) for x in p)
+                or all(_is_int(x) for x in p)
+                or all(isinstance(x, list) and all(_is_int(y) for y in x) for x in p)))
+        if not ok and body.get("prompt_embeds") is None:
+            raise RequestError(400, "`prompt` must be a string, a list of strings or a list of token ids",
+                               "invalid_type", param="prompt")
+    # Never forward a client's own kv_transfer_params: they name remote hosts the
+    # connector would connect to (SSRF through the KV transport).
+    body.pop("kv_transfer_params", None)
+    return body
+
+
+def _text_len(content: Any) -> tuple[int, bool]:
+    """(characters of text, only text?) of a chat message content."""
+    if content is None:
+        return 0, True
+    if isinstance(content, str):
+        return len(content), True
+    if isinstance(content, list):
+        n, text_only = 0, True
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text") and isinstance(part.get("text"), str):
+                n += len(part["text"])
+            else:
+                text_only = False
+        return n, text_only
+    return len(str(content)), False
+
+
+def estimate_tokens(api: str, body: dict[str, Any], chars_per_token: float) -> int:
+    """A cheap upper-bound-ish token count (no tokenizer)."""
+    if api == "chat":
+        chars = 0
+        msgs = body.get("messages") or []
+        for m in msgs:
+            n, _ = _text_len(m.get("content"))
+            chars += n
+        tools = body.get("tools")
+        if tools:
+            chars += len(json.dumps(tools))
+        return int(chars / chars_per_token) + 4 * len(msgs)
+    p = body.get("prompt")
+    if isinstance(p, str):
+        return int(len(p) / chars_per_token)
+    if isinstance(p, list) and p:
+        if _is_int(p[0]):
+            return len(p)
+        if isinstance(p[0], str):
+            return int(sum(len(x) for x in p) / chars_per_token)
+        if isinstance(p[0], list):
+            return sum(len(x) for x in p)
+    return 0
+
+
+def unsupported_for_disagg(api: str, body: dict[str, Any]) -> str | None:
+    """Why this request must run aggregated (None when it can be disaggregated)."""
+    if (body.get("n") or 1) > 1 or (body.get("best_of") or 1) > 1:
+        return "n>1"
+    if body.get("use_beam_search"):
+        return "beam search"
+    if api == "completions":
+        p = body.get("prompt")
+        if isinstance(p, list) and p and not _is_int(p[0]) and len(p) > 1:
+            return "batched prompts"
+        if body.get("prompt_embeds") is not None:
+            return "prompt embeds"
+    return None
+
+
+def reuse_eligible(api: str, body: dict[str, Any], mode: str) -> bool:
+    """May the decode leg get the prefill leg's prompt token ids instead of text?
+
+    Only where the decode response is the same: a single text prompt, no echo, no prompt
+    logprobs, no truncation (completions); text-only messages, no echo (chat, vLLM's own
+    `kv_transfer_params.prompt_token_ids` reuse).
+    """
+    if mode == "off" or (mode == "completions" and api != "completions"):
+        return False
+    if body.get("echo") or body.get("prompt_logprobs") is not None:
+        return False
+    if api == "completions":
+        return (isinstance(body.get("prompt"), str) and body.get("truncate_prompt_tokens") is None
+                and body.get("suffix") is None)
+    for m in body.get("messages") or []:
+        _, text_only = _text_len(m.get("content"))
+        if not text_only:
+            return False
+    return True
+
+
+def prefill_body(api: str, body: dict[str, Any], want_ids: bool) -> dict[str, Any]:
+    """The prefill leg: non-streaming, every token limit 1, asks for remote decode."""
+    b = dict(body)
+    b["stream"] = False
+    b.pop("stream_options", None)
+    b.pop("prompt_logprobs", None)
+    b["max_tokens"] = 1
+    if api == "chat" or "max_completion_tokens" in b:
+        b["max_completion_tokens"] = 1
+    if b.get("min_tokens") is not None:
+        b["min_tokens"] = 1
+    if b.get("echo"):
+        b["echo"] = False
+    b["kv_transfer_params"] = {"do_remote_decode": True}
+    if want_ids:
+        b["return_token_ids"] = True
+    return b
+
+
+def prompt_ids_from_prefill(api: str, resp: dict[str, Any]) -> list[int] | None:
+    """The prompt's token ids in a prefill response made with return_token_ids."""
+    ids = None
+    if api == "chat":
+        ids = resp.get("prompt_token_ids")
+    else:
+        choices = resp.get("choices")
+        if isinstance(choices, list) and len(choices) == 1 and isinstance(choices[0], dict):
+            ids = choices[0].get("prompt_token_ids")
+    if isinstance(ids, list) and ids and all(_is_int(x) and x >= 0 for x in ids):
+        return ids
+    return None
+
+
+def decode_body(api: str, body: dict[str, Any], kv_params: dict[str, Any], ids: list[int] | None) -> dict[str, Any]:
+    """The decode leg: the client's body plus the prefill leg's kv_transfer_params."""
+    b = dict(body)
+    kv = dict(kv_params)
+    if ids is not None:
+        if api == "completions":
+            b["prompt"] = ids
+        else:
+            kv["prompt_token_ids"] = ids
+    b["kv_transfer_params"] = kv
+    return b
+
+
+def release_body(api: str, body: dict[str, Any], kv_params: dict[str, Any]) -> dict[str, Any]:
+    """A one-token, non-streaming decode leg whose only purpose is to let the connector
+    pull (and so free) KV the prefill engine holds for a request whose client left."""
+    b = decode_body(api, body, kv_params, None)
+    b["stream"] = False
+    b.pop("stream_options", None)
+    b["max_tokens"] = 1
+    if api == "chat":
+        b["max_completion_tokens"] = 1
+    b.pop("min_tokens", None)
+    return b

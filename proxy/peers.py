@@ -1,0 +1,162 @@
+"""Peer allowlists, DNS-resolved targets and least-pending-KV peer selection."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from pdsidecar.config import Endpoint, _norm_host, parse_endpoint
+
+log = logging.getLogger("pdsidecar.peers")
+
+
+def canonical_ip(addr: str | None) -> str | None:
+    if not addr:
+        return None
+    try:
+        return _norm_host(addr.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+async def resolve(host: str, port: int | None) -> set[str]:
+    """IPs a name resolves to (empty set on failure); IP literals resolve to themselves."""
+    try:
+        ipaddress.ip_address(host)
+        return {host}
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return set()
+    return {canonical_ip(i[4][0]) for i in infos} - {None}
+
+
+class Allowlist:
+    """host:port entries (host:* = any port; CIDR:port; DNS names resolved and refreshed)."""
+
+    def __init__(self, entries: Iterable[Endpoint]):
+        self.entries = list(entries)
+        self._resolved: dict[Endpoint, set[str]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    async def refresh(self) -> None:
+        for e in self.entries:
+            if "/" in e.host or e.is_ip:
+                continue
+            ips = await resolve(e.host, e.port)
+            if ips or e not in self._resolved:
+                self._resolved[e] = ips
+
+    def allows(self, host: str, port: int) -> bool:
+        host = _norm_host(host)
+        ip = None
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        for e in self.entries:
+            if e.port is not None and e.port != port:
+                continue
+            if e.host == host:
+                return True
+            if ip is None:
+                continue
+            if "/" in e.host:
+                net = ipaddress.ip_network(e.host)
+                if ip.version == net.version and ip in net:
+                    return True
+            elif host in self._resolved.get(e, ()):
+                return True
+        return False
+
+    def host_matches_source(self, claimed_host: str, source_ip: str | None) -> bool:
+        """Is the socket peer address one of the claimed host's addresses?"""
+        src = canonical_ip(source_ip)
+        if src is None:
+            return False
+        claimed = _norm_host(claimed_host)
+        if claimed == src:
+            return True
+        for e in self.entries:
+            if e.host == claimed and src in self._resolved.get(e, ()):
+                return True
+        return False
+
+
+@dataclass
+class PeerState:
+    endpoint: Endpoint
+    outstanding: int = 0  # legs in flight + KV handed out to us and not yet picked up
+    outstanding_tokens: int = 0
+    remote_pending_tokens: int = 0  # from the peer's /pd/v1/stats (all decode peers)
+    remote_in_flight: int = 0
+    remote_draining: bool = False
+    down_until: float = 0.0  # after a connect error: skip while others are up
+    errors: int = 0
+    from_target: bool = True
+    last_stats: float = 0.0
+
+
+@dataclass
+class PeerSet:
+    """Decode role: the prefill peers named by KV_TRANSFER_TARGET (names resolved)."""
+
+    targets: list[Endpoint]
+    peers: dict[Endpoint, PeerState] = field(default_factory=dict)
+    down_s: float = 5.0
+
+    async def refresh(self) -> None:
+        seen: set[Endpoint] = set()
+        for t in self.targets:
+            if t.is_ip:
+                eps = [t]
+            else:
+                ips = await resolve(t.host, t.port)
+                eps = [Endpoint(ip, t.port) for ip in sorted(ips)] or [t]
+            for ep in eps:
+                seen.add(ep)
+                self.peers.setdefault(ep, PeerState(ep))
+        for ep in list(self.peers):
+            st = self.peers[ep]
+            if st.from_target and ep not in seen and st.outstanding == 0:
+                del self.peers[ep]
+
+    def state(self, ep: Endpoint) -> PeerState:
+        st = self.peers.get(ep)
+        if st is None:
+            st = self.peers[ep] = PeerState(ep, from_target=False)
+        return st
+
+    def pick(self, exclude: set[Endpoint] | None = None) -> Endpoint | None:
+        """Least pending KV (ours + what the peer reports), skipping recently failed peers."""
+        now = time.monotonic()
+        cands = [s for ep, s in self.peers.items() if s.from_target and ep not in (exclude or ())]
+        if not cands:
+            return None
+        up = [s for s in cands if s.down_until <= now and not s.remote_draining] or cands
+        best = min(s.outstanding_tokens + s.remote_pending_tokens + 64 * (s.outstanding + s.remote_in_flight)
+                   for s in up)
+        ties = [s for s in up if s.outstanding_tokens + s.remote_pending_tokens
+                + 64 * (s.outstanding + s.remote_in_flight) == best]
+        return random.choice(ties).endpoint
+
+    def mark_down(self, ep: Endpoint) -> None:
+        st = self.state(ep)
+        st.errors += 1
+        st.down_until = time.monotonic() + self.down_s
+
+
+def parse_prefiller_header(value: str) -> Endpoint:
+    """`x-prefiller-host-port`: strict host:port (ValueError otherwise)."""
+    return parse_endpoint(value)

@@ -1,0 +1,278 @@
+"""Prefill role: accepts prefill legs from authenticated decode sidecars only.
+
+Each leg is checked (HMAC-signed `x-pd-peer` identity, allowlist on host AND port, socket
+source address), forwarded untouched to the local vLLM, and the KV it leaves behind is
+tracked per decode peer until that peer reports pickup/release (`POST /pd/v1/release`)
+or `--kv-ttl` passes. `/pd/v1/stats` shows the pending KV to routers and peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from pdsidecar.config import Endpoint, parse_endpoint
+
+from . import auth
+from .body import API_PATHS
+from .errors import RequestError
+from .peers import Allowlist
+from .server import PD_ERROR_HEADER, forward_headers
+
+log = logging.getLogger("pdsidecar.prefill")
+
+RELEASE_STATUSES = ("picked_up", "released", "aborted")
+
+
+def kv_size_hints(kv: Any) -> tuple[int | None, int | None]:
+    """(blocks, bytes) of a prefill response's kv_transfer_params, when it says.
+
+    Optional hints only (the params stay opaque): block ids as vLLM's NIXL-style
+    `remote_block_ids` (one list per KV group, or flat), bytes as `pd_kv_bytes` or
+    `pd_transfer.bytes` when our connector reports them."""
+    if not isinstance(kv, dict):
+        return None, None
+    blocks = None
+    ids = kv.get("remote_block_ids")
+    if isinstance(ids, list):
+        if ids and all(isinstance(g, list) for g in ids):
+            blocks = sum(len(g) for g in ids)
+        else:
+            blocks = len(ids)
+    nbytes = kv.get("pd_kv_bytes")
+    if not isinstance(nbytes, int):
+        t = kv.get("pd_transfer")
+        nbytes = t.get("bytes") if isinstance(t, dict) else None
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        nbytes = None
+    return blocks, nbytes
+
+
+@dataclass
+class Pending:
+    peer: str
+    tokens: int
+    blocks: int
+    nbytes: int
+    created: float
+
+
+class PendingKV:
+    """KV handed out and not yet picked up, per decode peer."""
+
+    def __init__(self):
+        self.items: dict[str, Pending] = {}
+
+    def add(self, rid: str, p: Pending) -> None:
+        self.items[rid] = p
+
+    def pop(self, rid: str, peer: str | None = None) -> Pending | None:
+        p = self.items.get(rid)
+        if p is None or (peer is not None and p.peer != peer):
+            return None
+        return self.items.pop(rid)
+
+    def expire(self, ttl: float, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        old = [rid for rid, p in self.items.items() if now - p.created > ttl]
+        for rid in old:
+            del self.items[rid]
+        return len(old)
+
+    def summary(self, now: float | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        now = time.monotonic() if now is None else now
+        peers: dict[str, dict[str, Any]] = {}
+        for p in self.items.values():
+            d = peers.setdefault(p.peer, {"requests": 0, "tokens": 0, "blocks": 0, "bytes": 0, "oldest_age_s": 0.0})
+            d["requests"] += 1
+            d["tokens"] += p.tokens
+            d["blocks"] += p.blocks
+            d["bytes"] += p.nbytes
+            d["oldest_age_s"] = max(d["oldest_age_s"], round(now - p.created, 3))
+        total = {"requests": 0, "tokens": 0, "blocks": 0, "bytes": 0, "oldest_age_s": 0.0}
+        for d in peers.values():
+            for k in ("requests", "tokens", "blocks", "bytes"):
+                total[k] += d[k]
+            total["oldest_age_s"] = max(total["oldest_age_s"], d["oldest_age_s"])
+        return total, peers
+
+
+class PrefillRole:
+    def __init__(self, sc):
+        self.sc = sc
+        cfg = sc.cfg
+        self.allow = Allowlist(cfg.allowed_peers)
+        self.pending = PendingKV()
+        self._known_peers: set[str] = set()
+        self._bg: list[asyncio.Task] = []
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/pd/v1/release", self.release)
+
+    async def start(self) -> None:
+        await self.allow.refresh()
+        self._bg.append(self.sc.spawn(self._housekeeping()))
+
+    async def stop(self) -> None:
+        for t in self._bg:
+            t.cancel()
+
+    async def _housekeeping(self) -> None:
+        cfg = self.sc.cfg
+        last_dns = time.monotonic()
+        while True:
+            await asyncio.sleep(min(1.0, cfg.kv_ttl_s / 4))
+            n = self.pending.expire(cfg.kv_ttl_s)
+            if n:
+                self.sc.metrics.kv_expired.inc(n)
+                log.warning("pending KV expired without pickup", extra={"count": n, "ttl_s": cfg.kv_ttl_s})
+            if time.monotonic() - last_dns > cfg.dns_refresh_s:
+                last_dns = time.monotonic()
+                try:
+                    await self.allow.refresh()
+                except Exception:
+                    log.warning("allowlist refresh failed", exc_info=True)
+
+    def refresh_gauges(self) -> None:
+        m = self.sc.metrics
+        _, peers = self.pending.summary()
+        for peer in self._known_peers | set(peers):
+            d = peers.get(peer, {})
+            m.pending_requests.labels(peer).set(d.get("requests", 0))
+            m.pending_tokens.labels(peer).set(d.get("tokens", 0))
+            m.pending_blocks.labels(peer).set(d.get("blocks", 0))
+            m.pending_bytes.labels(peer).set(d.get("bytes", 0))
+            m.pending_age.labels(peer).set(d.get("oldest_age_s", 0.0))
+        self._known_peers |= set(peers)
+
+    def stats(self) -> dict[str, Any]:
+        total, peers = self.pending.summary()
+        return {"pending": total, "peers": peers}
+
+    # --------------------------------------------------------------- auth
+    def _authenticate(self, request: web.Request, rid: str) -> Endpoint:
+        cfg, m = self.sc.cfg, self.sc.metrics
+
+        def deny(status: int, reason: str, message: str) -> RequestError:
+            m.auth_failures.labels(reason).inc()
+            log.warning("peer rejected", extra={"request_id": rid, "reason": reason, "remote": request.remote})
+            return RequestError(status, message, reason, headers={PD_ERROR_HEADER: reason})
+
+        claimed = request.headers.get(auth.PEER_HEADER)
+        if cfg.auth_token:
+            why = auth.verify(cfg.auth_token, request.headers, rid, request.path)
+            if why is not None:
+                raise deny(401, why, "prefill legs need a valid peer signature")
+        if not claimed:
+            if cfg.allow_unauthenticated and not self.allow:
+                return Endpoint(request.remote or "unknown", 0)
+            raise deny(401, "missing", "prefill legs must name their decode sidecar in x-pd-peer")
+        try:
+            peer = parse_endpoint(claimed)
+        except ValueError:
+            raise deny(400, "bad_signature", "x-pd-peer must be host:port") from None
+        if self.allow and not self.allow.allows(peer.host, peer.port):
+            raise deny(403, "peer_not_allowed", "this decode sidecar is not allowed")
+        if cfg.peer_source_check and not self.allow.host_matches_source(peer.host, request.remote):
+            raise deny(403, "source_mismatch", "connection source does not match x-pd-peer")
+        return peer
+
+    # ------------------------------------------------------------ handlers
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "completions")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "chat")
+
+    async def _handle(self, request: web.Request, api: str) -> web.StreamResponse:
+        sc, cfg, m = self.sc, self.sc.cfg, self.sc.metrics
+        rid = request.headers.get("x-request-id", "")
+        if not rid or len(rid) > 128:
+            m.rejected.labels("no_request_id").inc()
+            raise RequestError(400, "prefill legs need an x-request-id", "missing_request_id",
+                               headers={PD_ERROR_HEADER: "bad_request"})
+        peer = self._authenticate(request, rid)
+        sc.admit()
+        t0 = time.perf_counter()
+        status, path = 0, "error"
+        try:
+            raw = await request.read()
+            headers = forward_headers(request, rid)
+            try:
+                t_send = time.perf_counter()
+                async with sc.upstreams.get(cfg.vllm_url).post(
+                        cfg.vllm_url + API_PATHS[api], data=raw, headers=headers,
+                        timeout=aiohttp.ClientTimeout(total=cfg.prefill_timeout_s,
+                                                      sock_connect=cfg.connect_timeout_s)) as r:
+                    payload = await r.read()
+                    status, ctype = r.status, r.content_type
+                t_done = time.perf_counter()
+            except aiohttp.ClientConnectorError:
+                m.upstream_errors.labels("connect").inc()
+                raise RequestError(502, "prefill vLLM is unreachable", "upstream_unavailable") from None
+            except asyncio.TimeoutError:
+                m.upstream_errors.labels("timeout").inc()
+                raise RequestError(504, "prefill vLLM timed out", "upstream_timeout") from None
+            except aiohttp.ClientError as e:
+                m.upstream_errors.labels("disconnect").inc()
+                raise RequestError(502, f"prefill vLLM dropped the connection ({type(e).__name__})",
+                                   "upstream_error") from None
+            if status == 200:
+                path = "disagg"
+                self._track(rid, str(peer), payload)
+            m.overhead.labels("prefill").observe(max((t_done - t0) - (t_done - t_send), 0.0))
+            return web.Response(status=status, body=payload, content_type=ctype or "application/json",
+                                headers={"x-request-id": rid})
+        except asyncio.CancelledError:
+            m.client_disconnects.labels("prefill").inc()  # decode sidecar closed: vLLM aborts too
+            raise
+        finally:
+            sc.release()
+            dt = time.perf_counter() - t0
+            m.requests.labels("prefill", api, path).inc()
+            m.request_seconds.labels("prefill", path).observe(dt)
+            log.info("prefill leg", extra={"request_id": rid, "api": api, "status": status, "peer": str(peer),
+                                           "duration_ms": round(dt * 1000, 3)})
+
+    def _track(self, rid: str, peer: str, payload: bytes) -> None:
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        kv = obj.get("kv_transfer_params")
+        if not isinstance(kv, dict):
+            return
+        usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+        tokens = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else 0
+        blocks, nbytes = kv_size_hints(kv)
+        self.pending.add(rid, Pending(peer, tokens, blocks or 0, nbytes or 0, time.monotonic()))
+
+    async def release(self, request: web.Request) -> web.Response:
+        rid = request.headers.get("x-request-id", "")
+        peer = self._authenticate(request, rid)
+        try:
+            data = json.loads(await request.read())
+            items = data["releases"]
+            assert isinstance(items, list)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise RequestError(400, "body must be {\"releases\": [{\"id\", \"status\"}]}", "invalid_body") from None
+        n = 0
+        for it in items[:10000]:
+            if not isinstance(it, dict) or not isinstance(it.get("id"), str):
+                continue
+            status = it.get("status") if it.get("status") in RELEASE_STATUSES else "released"
+            if self.pending.pop(it["id"], str(peer)) is not None:
+                n += 1
+                self.sc.metrics.kv_released.labels(status).inc()
+        return web.json_response({"released": n})
