@@ -41,7 +41,14 @@ def _compat(vllm_config: "VllmConfig") -> dict[str, Any]:
     cc = vllm_config.cache_config
     dtype = cc.cache_dtype if cc.cache_dtype != "auto" else str(mc.dtype).removeprefix("torch.")
     archs = getattr(mc.hf_config, "architectures", None) or []
-    return {"block_size": cc.block_size, "num_kv_heads": mc.get_total_num_kv_heads(),
+    layout = "HND"  # CPU backend: [blocks, heads, tokens, K|V] (head-major)
+    if not str(getattr(vllm_config.device_config, "device_type", "cpu")).startswith("cpu"):
+        try:
+            from vllm.v1.attention.backends.utils import get_kv_cache_layout
+            layout = str(get_kv_cache_layout())
+        except Exception:
+            pass
+    return {"block_size": cc.block_size, "kv_layout": layout, "num_kv_heads": mc.get_total_num_kv_heads(),
             "head_size": mc.get_head_size(), "dtype": dtype,
             "is_mla": bool(getattr(mc, "use_mla", False)), "model": ",".join(archs)}
 
@@ -77,7 +84,8 @@ class PdConnector(KVConnectorBase_V1):
             from .connector_worker import PdConnectorWorker
             self.connector_worker = PdConnectorWorker(
                 self.cfg, engine_id=self.engine_id, tp_rank=get_tensor_model_parallel_rank(),
-                tp_size=get_tensor_model_parallel_world_size(), compat=_compat(vllm_config))
+                tp_size=get_tensor_model_parallel_world_size(), compat=_compat(vllm_config),
+                dp_rank=_dp_rank(pc))
 
     # ============================================================ worker side
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -86,7 +94,7 @@ class PdConnector(KVConnectorBase_V1):
     def get_handshake_metadata(self) -> PdHandshakeMetadata | None:
         if self.connector_worker is None or self.connector_worker.engine is None:
             return None
-        return PdHandshakeMetadata(self.connector_worker.handshake_payload())
+        return PdHandshakeMetadata(self.connector_worker.desc)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._connector_metadata if self.has_connector_metadata() else None
@@ -145,7 +153,7 @@ class PdConnector(KVConnectorBase_V1):
         if self.connector_scheduler is None:
             return
         self.connector_scheduler.set_workers_metadata(
-            {int(k): v.payload for k, v in metadata.items() if isinstance(v, PdHandshakeMetadata)})
+            {int(k): v.desc for k, v in metadata.items() if isinstance(v, PdHandshakeMetadata)})
 
     def shutdown(self) -> None:
         for half in (self.connector_scheduler, self.connector_worker):

@@ -64,7 +64,7 @@ class PdConfig:
 
     control_port: int = 0  # 0 = ephemeral; else control_port + data_parallel_rank
     control_host: str = ""  # advertised + bind address ("" = env PD_CONTROL_HOST / VLLM_HOST_IP / 127.0.0.1)
-    protocol: str = "auto"  # transfer protocol: auto, rdma, tcp (env KV_TRANSFER_PROTOCOL wins)
+    protocol: str = "auto"  # transfer protocol: auto, rdma, tcp, ipc (env KV_TRANSFER_PROTOCOL wins)
     transfer_mode: str = "pull"  # pull | push
     kv_lease_s: float = 30.0  # unread prefill blocks are freed after this
     lease_guard_s: float = 1.0  # decode does not start a READ this close to expiry
@@ -91,8 +91,9 @@ class PdConfig:
         if not 0 <= cfg.control_port < 65536:
             raise ValueError(f"PdConnector: control_port {cfg.control_port} out of range")
         cfg.protocol = str(env.get("KV_TRANSFER_PROTOCOL") or cfg.protocol).lower()
-        if cfg.protocol not in ("auto", "rdma", "tcp"):
-            raise ValueError(f"PdConnector: protocol {cfg.protocol!r} not one of auto, rdma, tcp")
+        if cfg.protocol not in ("auto", "rdma", "tcp", "ipc"):
+            raise ValueError(f"PdConnector: protocol {cfg.protocol!r} not one of auto, rdma, "
+                             f"tcp, ipc")
         if cfg.transfer_mode not in ("pull", "push"):
             raise ValueError(f"PdConnector: transfer_mode {cfg.transfer_mode!r} not pull/push")
         if cfg.transfer_mode == "push":
@@ -267,9 +268,9 @@ def merge_result(a: dict | None, b: dict) -> dict:
 
 @dataclass
 class PdHandshakeMetadata(KVConnectorHandshakeMetadata):
-    """One worker's transfer identity, JSON-able (served over the control plane)."""
+    """One worker's ``transfer.control.RankDescriptor`` (served by the control plane)."""
 
-    payload: dict[str, Any]
+    desc: Any
 
 
 def now_wall() -> float:

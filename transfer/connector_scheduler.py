@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 from .connector_meta import (PD_PROTOCOL_VERSION, R_ABORTED, ParamsError, PdConfig,
                              PdConnectorMetadata, PdWorkerMeta, RecvJob, now_wall,
                              parse_remote_params, plan_block_read)
+from .connector_control import send_release
 from .connector_stats import PdConnectorStats
+
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -50,10 +52,8 @@ class PdConnectorScheduler:
         self._pending: dict[str, tuple[float, int]] = {}  # prefill reqs held for pickup
         self._results: dict[str, dict[str, Any]] = {}  # decode: req -> pd_transfer
         self._recv_blocks: dict[str, int] = {}  # decode: req -> blocks inflight
-        self._workers_meta: dict[int, dict[str, Any]] = {}
         self._gauges_dirty = True
         self._server = None
-        self._client = None
         self._bg: ThreadPoolExecutor | None = None
         self.port = 0
         self.host = cfg.control_host
@@ -62,47 +62,43 @@ class PdConnectorScheduler:
 
     # ------------------------------------------------------------ control plane
     def _start_server(self) -> None:
-        from .connector_control import ControlServer
+        from .control import ControlServer  # the transfer layer's gRPC control plane
         port = self.cfg.control_port + self.dp_rank if self.cfg.control_port else 0
-        self._server = ControlServer(self.host, port, {
-            "GetMetadata": self._rpc_get_metadata,
-            "Release": self._rpc_release,
-            "Ping": lambda req: {"engine_id": self.engine_id, "time": now_wall()},
-        })
-        self.port = self._server.port
+        addr = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+        self._server = ControlServer(addr, on_notify=self._on_notify)
+        self.port = self._server.start()
         log.info("PdConnector %s control plane on %s:%d", self.engine_id, self.host, self.port)
 
-    def _rpc_get_metadata(self, req: dict) -> dict:
+    def _on_notify(self, sender: str, receiver: str, message: bytes) -> None:
+        """``Notify(receiver=<our engine id>, message=b"release:<request id>")``."""
+        if receiver != self.engine_id:
+            raise ValueError(f"notification for engine {receiver!r}, this is {self.engine_id!r}")
+        msg = bytes(message).decode(errors="replace")
+        if not msg.startswith("release:"):
+            raise ValueError(f"unknown notification {msg[:40]!r}")
+        rid = msg[len("release:"):]
         with self._lock:
-            workers = {str(k): v for k, v in self._workers_meta.items()}
-        return {"engine_id": self.engine_id, "protocol_version": PD_PROTOCOL_VERSION,
-                "dp_rank": self.dp_rank, "tp_size": self.tp_size,
-                "block_size": self.block_size, "workers": workers}
+            if rid in self._pending:
+                self._release_in.add(rid)
 
-    def _rpc_release(self, req: dict) -> dict:
-        ids = req.get("request_ids")
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise ValueError("request_ids must be a list of strings")
-        with self._lock:
-            known = [i for i in ids if i in self._pending]
-            self._release_in.update(known)
-        return {"released": len(known)}
+    def set_workers_metadata(self, descs: dict[int, Any]) -> None:
+        """Workers' ``transfer.control.RankDescriptor`` by TP rank, served by Handshake."""
+        for d in descs.values():
+            d.dp_rank = self.dp_rank
+            if self._server is not None:
+                self._server.add_rank(d)
 
-    def set_workers_metadata(self, meta: dict[int, dict[str, Any]]) -> None:
-        with self._lock:
-            self._workers_meta = dict(meta)
-
-    def _release_remote(self, src_host: str, src_port: int, remote_req_id: str) -> None:
+    def _release_remote(self, src_host: str, src_port: int, remote_req_id: str,
+                        remote_engine_id: str = "") -> None:
         """Best effort, off the engine thread: tell a prefill engine to free blocks."""
         if self._bg is None:
-            from .connector_control import ControlClient
             self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pd-release")
-            self._client = ControlClient()
+        me = self.engine_id
+        timeout = self.cfg.handshake_timeout_s
 
         def go() -> None:
             try:
-                self._client.call(src_host, src_port, "Release",
-                                  {"request_ids": [remote_req_id]}, self.cfg.handshake_timeout_s)
+                send_release(src_host, src_port, me, remote_engine_id, remote_req_id, timeout)
             except Exception as e:  # prefill gone: its lease frees the blocks
                 log.info("PdConnector: release of %s at %s:%s failed: %s", remote_req_id,
                          src_host, src_port, e)
@@ -135,7 +131,7 @@ class PdConnectorScheduler:
             return
         if num_external_tokens == 0:
             # full local prefix hit: nothing to read, free the prefill blocks now
-            self._release_remote(src.host, src.port, src.request_id)
+            self._release_remote(src.host, src.port, src.request_id, src.engine_id)
             return
         group = blocks.blocks[0]
         local_ids = [b.block_id for b in group]
@@ -149,7 +145,7 @@ class PdConnectorScheduler:
                                          local_ids, hit)
         except ParamsError as e:
             self._recv[rid] = RecvJob(rid, src, [], [], e.reason, str(e))
-            self._release_remote(src.host, src.port, src.request_id)
+            self._release_remote(src.host, src.port, src.request_id, src.engine_id)
             log.warning("PdConnector: request %s: %s", rid, e)
             return
         self._recv[rid] = RecvJob(rid, src, lids, rids)
@@ -189,7 +185,7 @@ class PdConnectorScheduler:
             params["do_remote_prefill"] = False
             try:
                 src = parse_remote_params(params)
-                self._release_remote(src.host, src.port, src.request_id)
+                self._release_remote(src.host, src.port, src.request_id, src.engine_id)
             except ParamsError:
                 pass
             return False, {"pd_transfer": {"error": R_ABORTED}, "pd_protocol_version":
@@ -256,5 +252,3 @@ class PdConnectorScheduler:
             self._server = None
         if self._bg is not None:
             self._bg.shutdown(wait=False)
-        if self._client is not None:
-            self._client.close()

@@ -14,7 +14,6 @@ Prefill side: holds finished requests' blocks until the notifications arrive, a
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 import uuid
@@ -22,42 +21,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .connector_meta import (PD_PROTOCOL_VERSION, R_BLOCK_RANGE, R_EXPIRED, R_MISMATCH,
+from .connector_meta import (R_BLOCK_RANGE, R_EXPIRED, R_MISMATCH,
                              R_TIMEOUT, R_TRANSFER, R_UNKNOWN_ENGINE, R_UNREACHABLE,
                              PdConfig, PdConnectorMetadata, PdWorkerMeta, RecvJob,
                              RemoteSource)
 from .connector_stats import PdConnectorStats
 
 log = logging.getLogger("pdsidecar.connector")
-
-
-# ------------------------------------------------------------------ handshake payload
-
-
-def peer_to_dict(info: Any) -> dict[str, Any]:
-    return {"name": info.name, "backend": info.backend, "mem_type": info.mem_type,
-            "regions": [r.to_dict() for r in info.regions], "host_id": info.host_id,
-            "agent_metadata": base64.b64encode(info.agent_metadata).decode(),
-            "device_id": info.device_id}
-
-
-def peer_from_dict(d: dict[str, Any]) -> Any:
-    from .engine import PeerInfo
-    from .layout import Region
-    return PeerInfo(name=str(d["name"]), backend=str(d["backend"]), mem_type=str(d["mem_type"]),
-                    regions=[Region.from_dict(r) for r in d["regions"]],
-                    host_id=str(d.get("host_id", "")),
-                    agent_metadata=base64.b64decode(d["agent_metadata"]),
-                    device_id=int(d.get("device_id", 0)))
-
-
-def check_compat(local: dict[str, Any], remote: dict[str, Any]) -> None:
-    """Raise ValueError naming the first model-level field that differs."""
-    for k in ("protocol_version", "num_layers", "block_size", "num_kv_heads", "head_size",
-              "dtype", "is_mla", "bytes_per_head", "model"):
-        if local.get(k) != remote.get(k):
-            raise ValueError(f"handshake mismatch on {k}: local={local.get(k)!r} "
-                             f"remote={remote.get(k)!r}")
 
 
 @dataclass
@@ -92,12 +62,14 @@ class _Notifs:
 
 class PdConnectorWorker:
     def __init__(self, cfg: PdConfig, *, engine_id: str, tp_rank: int, tp_size: int,
-                 compat: dict[str, Any]) -> None:
+                 compat: dict[str, Any], dp_rank: int = 0) -> None:
+        self.dp_rank = dp_rank
+        self.desc: Any = None
         self.cfg = cfg
         self.engine_id = engine_id
         self.tp_rank = tp_rank
         self.tp_size = tp_size
-        self.compat = dict(compat, protocol_version=PD_PROTOCOL_VERSION)
+        self.compat = dict(compat)
         self.engine: Any = None
         self.regions: list[Any] = []
         self.heads_local = 1
@@ -114,28 +86,31 @@ class PdConnectorWorker:
         self._notifs: dict[str, _Notifs] = {}
         self._posted_this_step = False
         self._bg = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pd-hs")
-        self._client: Any = None
         self._expected_cache: dict[tuple[int, int, int], int] = {}
 
     # ------------------------------------------------------------ registration
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        from .nixl_engine import NixlTransferEngine
-        name = f"pd-{self.engine_id}-tp{self.tp_rank}-{uuid.uuid4().hex[:8]}"
-        self.engine = NixlTransferEngine(name, protocol=self.cfg.protocol,
-                                         backends=tuple(self.cfg.backends))
-        self.regions = self.engine.register_kv_caches(kv_caches)
+        from .control import RankDescriptor
         from .layout import heads_per_rank
-        self.heads_local = heads_per_rank(self.compat["num_kv_heads"], self.tp_size,
-                                          self.compat.get("is_mla", False))
+        from .select import create_engine
+        name = f"pd-{self.engine_id}-tp{self.tp_rank}-{uuid.uuid4().hex[:8]}"
+        first = next(iter(kv_caches.values()))
+        device = str(getattr(first, "device", "cpu"))
+        self.engine = create_engine(self.cfg.protocol, name, device=device,
+                                    backends=tuple(self.cfg.backends))
+        self.regions = self.engine.register_kv_caches(kv_caches)
+        c = self.compat
+        self.heads_local = heads_per_rank(c["num_kv_heads"], self.tp_size, c.get("is_mla", False))
         self.bytes_per_head = self.regions[0].block_len // self.heads_local
-        self.compat["num_layers"] = len({r.layer for r in self.regions})
-        self.compat["bytes_per_head"] = self.bytes_per_head
-        log.info("PdConnector worker %s: %d regions, %d blocks, %d B/block/layer",
-                 name, len(self.regions), self.regions[0].num_blocks, self.regions[0].block_len)
-
-    def handshake_payload(self) -> dict[str, Any]:
-        return {"tp_rank": self.tp_rank, "tp_size": self.tp_size, "compat": self.compat,
-                "peer": peer_to_dict(self.engine.local_info())}
+        self.desc = RankDescriptor(
+            engine_id=self.engine_id, peer=self.engine.local_info(), model_name=c["model"],
+            dtype=c["dtype"], block_size=c["block_size"], kv_layout=c.get("kv_layout", "HND"),
+            num_layers=len({r.layer for r in self.regions}), num_kv_heads=c["num_kv_heads"],
+            head_size=c["head_size"], is_mla=c.get("is_mla", False), dp_rank=self.dp_rank,
+            tp_rank=self.tp_rank, tp_size=self.tp_size)
+        log.info("PdConnector worker %s (%s): %d regions, %d blocks, %d B/block/layer",
+                 name, self.engine.backend, len(self.regions), self.regions[0].num_blocks,
+                 self.regions[0].block_len)
 
     # ------------------------------------------------------------ per step
     def start_load_kv(self, meta: PdConnectorMetadata | None) -> None:
@@ -163,18 +138,19 @@ class PdConnectorWorker:
         # unknown (or changed) engine at that address: (re-)handshake
         self._waiting.setdefault(key, []).append(job)
         if key not in self._hs_futures:
-            self._hs_futures[key] = self._bg.submit(self._handshake, src.host, src.port)
+            self._hs_futures[key] = self._bg.submit(self._handshake, src)
 
-    def _handshake(self, host: str, port: int) -> dict[str, Any]:
-        client = self._get_client()
-        return client.call(host, port, "GetMetadata", {"tp_rank": self.tp_rank},
-                           self.cfg.handshake_timeout_s)
-
-    def _get_client(self) -> Any:
-        if self._client is None:
-            from .connector_control import ControlClient
-            self._client = ControlClient()
-        return self._client
+    def _handshake(self, src: RemoteSource) -> list[Any]:
+        """Remote ranks' RankDescriptors (every TP rank of the named DP rank)."""
+        from .connector_control import control_client, drop_client
+        try:
+            c = control_client(src.host, src.port, self.cfg.handshake_timeout_s)
+            return [c.handshake(self.desc, target_dp_rank=src.dp_rank, target_tp_rank=r,
+                                timeout_s=self.cfg.handshake_timeout_s)
+                    for r in range(src.tp_size)]
+        except Exception:
+            drop_client(src.host, src.port)
+            raise
 
     def _advance_handshakes(self) -> None:
         for key, fut in list(self._hs_futures.items()):
@@ -185,9 +161,11 @@ class PdConnectorWorker:
             try:
                 reply = fut.result()
             except Exception as e:
+                from .errors import HandshakeMismatchError
+                mism = isinstance(e, HandshakeMismatchError)
                 for job in jobs:
-                    self._fail(job, R_UNREACHABLE, f"control plane {key[0]}:{key[1]}: {e}",
-                               release=False)
+                    self._fail(job, R_MISMATCH if mism else R_UNREACHABLE,
+                               f"control plane {key[0]}:{key[1]}: {e}", release=mism)
                 continue
             try:
                 rem = self._add_remote(key, reply)
@@ -199,7 +177,7 @@ class PdConnectorWorker:
             for job in jobs:
                 self._submit(job, rem)
 
-    def _add_remote(self, key: tuple[str, int], reply: dict[str, Any]) -> _RemoteEngine:
+    def _add_remote(self, key: tuple[str, int], descs: list[Any]) -> _RemoteEngine:
         old = self._remotes.pop(key, None)
         if old is not None:
             for name in old.peers.values():
@@ -207,20 +185,13 @@ class PdConnectorWorker:
                     self.engine.remove_peer(name)
                 except Exception:
                     pass
-        if reply.get("protocol_version") != PD_PROTOCOL_VERSION:
-            raise ValueError(f"handshake mismatch on protocol_version: "
-                             f"{reply.get('protocol_version')!r}")
-        workers = reply.get("workers") or {}
-        if not workers:
-            raise ValueError(f"prefill engine {reply.get('engine_id')!r} has no registered "
-                             f"workers yet")
-        tp = int(reply.get("tp_size", len(workers)))
-        peers: dict[int, str] = {}
-        for r, w in workers.items():
-            if self.cfg.enforce_compat:
-                check_compat(self.compat, w.get("compat", {}))
-            peers[int(r)] = self.engine.add_peer(peer_from_dict(w["peer"]))
-        rem = _RemoteEngine(str(reply.get("engine_id")), tp, peers)
+        if not descs:
+            raise ValueError("prefill engine has no registered workers")
+        eids = {d.engine_id for d in descs}
+        if len(eids) != 1:
+            raise ValueError(f"mismatch: remote ranks disagree on engine id {sorted(eids)}")
+        peers = {d.tp_rank: self.engine.add_peer(d.peer) for d in descs}
+        rem = _RemoteEngine(descs[0].engine_id, descs[0].tp_size, peers)
         self._remotes[key] = rem
         return rem
 
@@ -290,11 +261,12 @@ class PdConnectorWorker:
         if release and job.src is not None:
             src = job.src
 
+            me, timeout = self.engine_id, self.cfg.handshake_timeout_s
+
             def go() -> None:
+                from .connector_control import send_release
                 try:
-                    self._get_client().call(src.host, src.port, "Release",
-                                            {"request_ids": [src.request_id]},
-                                            self.cfg.handshake_timeout_s)
+                    send_release(src.host, src.port, me, src.engine_id, src.request_id, timeout)
                 except Exception:
                     pass
             self._bg.submit(go)
@@ -400,8 +372,6 @@ class PdConnectorWorker:
 
     def shutdown(self) -> None:
         self._bg.shutdown(wait=False)
-        if self._client is not None:
-            self._client.close()
         if self.engine is not None:
             try:
                 self.engine.close()

@@ -1,0 +1,127 @@
+"""Benchmark: PdConnector vs vLLM's stock NixlConnector on real CPU engines.
+
+Same run, same prompts, engines pinned to separate cores. For each model and each
+connector: aggregated latency (prefill engine, fresh prompt, max_tokens=1), the
+prefill leg (max_tokens=1, do_remote_decode) and the decode leg (max_tokens=1, the
+prefill response's kv_transfer_params), medians over n random-token prompts.
+Reports per-leg ratios ours/stock (<= 1.0 means no worse than stock).
+
+    flock /tmp/pdsidecar-engines.lock python -m bench.connector --models llama mixtral -n 10
+
+Run it under the engine flock: the machine has 2 cores shared with other jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pdsidecar.engines import pd_pair_configs, start_engines, stock_nixl_config  # noqa: E402
+from pdsidecar.models import ensure_model  # noqa: E402
+
+
+def ours_config(**extra: Any) -> dict[str, Any]:
+    return {"kv_connector": "PdConnector", "kv_connector_module_path": "transfer.connector",
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"control_port": 0, "protocol": "auto", **extra}}
+
+
+def post(url: str, body: dict, timeout: float = 120.0) -> dict:
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def metric_sum(url: str, name: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+               if l.startswith(name + "{") or l.startswith(name + " "))
+
+
+def run_pair(model: str, kv_cfg: dict, stock: bool, prompts: list[list[int]], warm: int,
+             log_dir: str) -> dict[str, Any]:
+    p, d = start_engines(pd_pair_configs(model, kv_cfg, stock=stock, log_dir=log_dir))
+    try:
+        agg, pre, dec, xfer = [], [], [], []
+        for i, toks in enumerate(prompts):
+            # aggregated reference: the same prompt shifted by one token (fresh, uncached)
+            ref = [toks[1]] + toks[1:]
+            t0 = time.perf_counter()
+            post(p.url, {"model": model, "prompt": ref, "max_tokens": 1, "temperature": 0})
+            t1 = time.perf_counter()
+            r1 = post(p.url, {"model": model, "prompt": toks, "max_tokens": 1,
+                              "kv_transfer_params": {"do_remote_decode": True}})
+            t2 = time.perf_counter()
+            r2 = post(d.url, {"model": model, "prompt": toks, "max_tokens": 1, "temperature": 0,
+                              "kv_transfer_params": r1["kv_transfer_params"]})
+            t3 = time.perf_counter()
+            if i >= warm:
+                agg.append(t1 - t0)
+                pre.append(t2 - t1)
+                dec.append(t3 - t2)
+                pt = (r2.get("kv_transfer_params") or {}).get("pd_transfer") or {}
+                if pt.get("ms") is not None:
+                    xfer.append(pt["ms"] / 1e3)
+        out = {"aggregated_ms": 1e3 * statistics.median(agg),
+               "prefill_leg_ms": 1e3 * statistics.median(pre),
+               "decode_leg_ms": 1e3 * statistics.median(dec)}
+        if xfer:
+            out["transfer_ms"] = 1e3 * statistics.median(xfer)
+        else:  # stock: from its histogram
+            s = metric_sum(d.url, "vllm:nixl_xfer_time_seconds_sum")
+            c = metric_sum(d.url, "vllm:nixl_xfer_time_seconds_count")
+            out["transfer_ms"] = 1e3 * s / c if c else None
+        return out
+    finally:
+        p.stop()
+        d.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["llama", "mixtral"])
+    ap.add_argument("-n", type=int, default=10)
+    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=1502)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "pdsidecar" / "models"))
+    ap.add_argument("--log-dir", default="/tmp/pdsidecar-bench-connector")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args(argv)
+    results: dict[str, Any] = {}
+    for m in a.models:
+        model = str(ensure_model(m, Path(a.cache) / f"tiny-{m}"))
+        vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+        rng = random.Random(a.seed)
+        prompts = [[rng.randrange(10, vocab - 1) for _ in range(a.tokens)]
+                   for _ in range(a.n + a.warm)]
+        res = {}
+        for name, cfg, stock in (("stock", stock_nixl_config(), True),
+                                 ("ours", ours_config(), False)):
+            res[name] = run_pair(model, cfg, stock, prompts, a.warm, a.log_dir)
+            print(m, name, json.dumps({k: round(v, 3) if v else v for k, v in res[name].items()}),
+                  flush=True)
+        res["ratio"] = {k: res["ours"][k] / res["stock"][k]
+                        for k in ("prefill_leg_ms", "decode_leg_ms", "aggregated_ms")}
+        print(m, "ratio ours/stock", json.dumps({k: round(v, 3) for k, v in res["ratio"].items()}),
+              flush=True)
+        results[m] = res
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
