@@ -1,0 +1,249 @@
+"""PdConnector unit tests: no vLLM engines (params, bookkeeping, stats, TP mapping)."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from transfer.connector_meta import (PD_PROTOCOL_VERSION, R_BAD_PARAMS, R_BLOCK_RANGE,
+                                     R_EXPIRED, R_FOREIGN_HOST, R_MISMATCH, ParamsError,
+                                     PdConfig, PdWorkerMeta, RecvJob, parse_remote_params,
+                                     plan_block_read)
+from transfer.connector_scheduler import PdConnectorScheduler
+from transfer.connector_stats import PdConnectorStats
+
+BS = 16
+
+
+def good_params(**kw):
+    p = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[5, 6, 7]],
+         "remote_engine_id": "eng-p", "remote_request_id": "req-p-1",
+         "remote_host": "127.0.0.1", "remote_port": 5601, "tp_size": 1,
+         "remote_num_tokens": 40, "remote_blocks_expiry_time": time.time() + 30,
+         "transfer_mode": "pull", "pd_protocol_version": PD_PROTOCOL_VERSION,
+         "remote_dp_rank": 0, "remote_block_size": BS}
+    p.update(kw)
+    return p
+
+
+# ------------------------------------------------------------------ params
+
+
+def test_parse_good_params():
+    src = parse_remote_params(good_params())
+    assert src.block_ids == (5, 6, 7) and src.port == 5601 and src.engine_id == "eng-p"
+    # stock NixlConnector form (no pd_* fields, null expiry) is accepted too
+    p = good_params(remote_blocks_expiry_time=None)
+    for k in ("pd_protocol_version", "remote_dp_rank", "remote_block_size"):
+        p.pop(k)
+    assert parse_remote_params(p).expiry is None
+
+
+@pytest.mark.parametrize("override,reason", [
+    ({"remote_block_ids": "1,2"}, R_BAD_PARAMS),
+    ({"remote_block_ids": [[1, "x"]]}, R_BAD_PARAMS),
+    ({"remote_block_ids": [[1, -3]]}, R_BAD_PARAMS),
+    ({"remote_block_ids": [[1], [2]]}, R_BAD_PARAMS),
+    ({"remote_port": "5601"}, R_BAD_PARAMS),
+    ({"remote_port": 70000}, R_BAD_PARAMS),
+    ({"remote_port": True}, R_BAD_PARAMS),
+    ({"remote_engine_id": 7}, R_BAD_PARAMS),
+    ({"remote_host": None}, R_BAD_PARAMS),
+    ({"remote_num_tokens": 1.5}, R_BAD_PARAMS),
+    ({"remote_blocks_expiry_time": "soon"}, R_BAD_PARAMS),
+    ({"remote_blocks_expiry_time": 1.0}, R_EXPIRED),
+    ({"transfer_mode": "teleport"}, R_BAD_PARAMS),
+    ({"pd_protocol_version": 99}, R_MISMATCH),
+    ({"remote_host": "10.9.9.9"}, R_FOREIGN_HOST),
+])
+def test_parse_bad_params(override, reason):
+    with pytest.raises(ParamsError) as e:
+        parse_remote_params(good_params(**override), allowed_hosts=["127.0.0.1"])
+    assert e.value.reason == reason
+
+
+def test_parse_not_a_dict():
+    with pytest.raises(ParamsError):
+        parse_remote_params(["x"])  # type: ignore[arg-type]
+
+
+def test_plan_skips_local_prefix_hit_and_partial_block():
+    src = parse_remote_params(good_params())  # 40 tokens = 2 full blocks + 8 tokens
+    lids, rids = plan_block_read(src, 40, BS, [11, 12, 13], 0)
+    assert (lids, rids) == ([11, 12, 13], [5, 6, 7])
+    lids, rids = plan_block_read(src, 40, BS, [11, 12, 13], 2)
+    assert (lids, rids) == ([13], [7])
+
+
+@pytest.mark.parametrize("kw,ntok,reason", [
+    ({"remote_num_tokens": 39}, 40, R_MISMATCH),
+    ({"remote_block_size": 32}, 40, R_MISMATCH),
+    ({"remote_block_ids": [[5, 6]]}, 40, R_BLOCK_RANGE),
+])
+def test_plan_mismatch(kw, ntok, reason):
+    src = parse_remote_params(good_params(**kw))
+    with pytest.raises(ParamsError) as e:
+        plan_block_read(src, ntok, BS, [1, 2, 3], 0)
+    assert e.value.reason == reason
+
+
+def test_config_validation():
+    cfg = PdConfig.from_extra({"control_port": 5700, "kv_lease_s": 5}, env={})
+    assert cfg.control_port == 5700 and cfg.protocol == "auto" and cfg.control_host == "127.0.0.1"
+    assert PdConfig.from_extra({}, env={"KV_TRANSFER_PROTOCOL": "tcp"}).protocol == "tcp"
+    with pytest.raises(ValueError, match="unknown kv_connector_extra_config"):
+        PdConfig.from_extra({"contol_port": 1}, env={})
+    with pytest.raises(ValueError, match="push"):
+        PdConfig.from_extra({"transfer_mode": "push"}, env={})
+    with pytest.raises(ValueError, match="protocol"):
+        PdConfig.from_extra({"protocol": "carrier-pigeon"}, env={})
+
+
+# ------------------------------------------------------------------ scheduler bookkeeping
+
+
+class FakeBlock:
+    def __init__(self, bid, hashed=False):
+        self.block_id = bid
+        self.block_hash = b"h" if hashed else None
+        self.is_null = False
+
+
+def fake_request(rid, ntok, params, status="RUNNING", computed=None):
+    return SimpleNamespace(request_id=rid, num_prompt_tokens=ntok, kv_transfer_params=params,
+                           status=SimpleNamespace(name=status),
+                           num_computed_tokens=ntok if computed is None else computed)
+
+
+def sched(**extra):
+    cfg = PdConfig.from_extra({"allowed_remote_hosts": ["127.0.0.1"], **extra}, env={})
+    s = PdConnectorScheduler(cfg, engine_id="eng-d", block_size=BS, tp_size=1, dp_rank=0,
+                             start_server=False)
+    s.released = []
+    s._release_remote = lambda h, p, rid, eid="": s.released.append((h, p, rid, eid))
+    return s
+
+
+def test_prefill_side_finish_holds_blocks_and_returns_params():
+    s = sched(kv_lease_s=30)
+    s.port, s.dp_rank = 7000, 0
+    req = fake_request("p1", 40, {"do_remote_decode": True}, status="FINISHED_LENGTH_CAPPED")
+    delay, params = s.request_finished(req, [3, 4, 5, 9])
+    assert delay is True
+    assert params["remote_block_ids"] == [[3, 4, 5]]  # trimmed to the prompt's blocks
+    assert params["do_remote_prefill"] is True and params["remote_num_tokens"] == 40
+    assert params["remote_port"] == 7000 and params["remote_engine_id"] == "eng-d"
+    assert params["remote_blocks_expiry_time"] > time.time() + 25
+    assert {"tp_size", "remote_dp_rank", "pd_protocol_version", "transfer_mode"} <= set(params)
+    meta = s.build_connector_meta(None)
+    assert meta.send["p1"][1] == 3
+    assert s.build_connector_meta(None).send == {}  # per-step state was reset
+    st = s.get_stats()
+    assert st.data["pending_blocks"] == 3 and st.data["pending_reqs"] == 1
+    # the worker reports it sent -> gauge back to 0
+    s.update_connector_output(SimpleNamespace(finished_sending={"p1"}, finished_recving=set(),
+                                              kv_connector_worker_meta=None))
+    assert s.get_stats().data["pending_blocks"] == 0
+
+
+def test_prefill_side_abort_frees_now():
+    s = sched()
+    req = fake_request("p2", 40, {"do_remote_decode": True}, status="FINISHED_ABORTED")
+    assert s.request_finished(req, [1, 2, 3]) == (False, None)
+    assert s.build_connector_meta(None).send == {}
+
+
+def test_decode_side_plans_only_missing_blocks():
+    s = sched()
+    req = fake_request("d1", 40, good_params(), computed=0)
+    assert s.get_num_new_matched_tokens(req, 16) == (24, True)
+    assert s.get_num_new_matched_tokens(req, 16) == (24, True)  # side-effect free
+    blocks = SimpleNamespace(blocks=[[FakeBlock(20, hashed=True), FakeBlock(21), FakeBlock(22)]])
+    s.update_state_after_alloc(req, blocks, 24)
+    assert req.kv_transfer_params["do_remote_prefill"] is False
+    job = s.build_connector_meta(None).recv["d1"]
+    assert (job.local_ids, job.remote_ids, job.error) == ([21, 22], [6, 7], "")
+    # a second alloc call for the same request plans nothing
+    s.update_state_after_alloc(req, blocks, 24)
+    assert s.build_connector_meta(None).recv == {}
+    # transfer result comes back -> reported in the decode response
+    res = {"bytes": 100, "descriptors": 8, "blocks": 2, "ms": 0.5, "backend": "nixl",
+           "error": ""}
+    s.update_connector_output(SimpleNamespace(
+        finished_sending=set(), finished_recving={"d1"},
+        kv_connector_worker_meta=PdWorkerMeta({"d1": res})))
+    _, out = s.request_finished(fake_request("d1", 40, req.kv_transfer_params, "FINISHED_STOPPED"), [])
+    assert out["pd_transfer"] == res
+
+
+def test_decode_side_full_local_hit_releases_prefill():
+    s = sched()
+    req = fake_request("d2", 40, good_params(), computed=0)
+    s.update_state_after_alloc(req, SimpleNamespace(blocks=[[]]), 0)
+    assert s.build_connector_meta(None).recv == {}
+    assert s.released == [("127.0.0.1", 5601, "req-p-1", "eng-p")]
+
+
+@pytest.mark.parametrize("override,reason", [
+    ({"remote_block_ids": "nope"}, R_BAD_PARAMS),
+    ({"remote_host": "203.0.113.9"}, R_FOREIGN_HOST),
+    ({"remote_blocks_expiry_time": 3.0}, R_EXPIRED),
+    ({"remote_num_tokens": 7}, R_MISMATCH),
+])
+def test_decode_side_bad_params_become_failed_loads(override, reason):
+    s = sched()
+    req = fake_request("d3", 40, good_params(**override), computed=0)
+    count, is_async = s.get_num_new_matched_tokens(req, 0)
+    assert (count, is_async) == (40, True)
+    s.update_state_after_alloc(req, SimpleNamespace(blocks=[[FakeBlock(i) for i in range(3)]]), 40)
+    job: RecvJob = s.build_connector_meta(None).recv["d3"]
+    assert job.error == reason and job.local_ids == []
+
+
+def test_decode_abort_before_schedule_releases_prefill():
+    s = sched()
+    req = fake_request("d4", 40, good_params(), status="FINISHED_ABORTED")
+    delay, out = s.request_finished(req, [])
+    assert delay is False and out["pd_transfer"]["error"] == "aborted"
+    assert s.released and s.released[0][2] == "req-p-1"
+
+
+def test_release_notification_only_for_known_requests():
+    s = sched()
+    s.request_finished(fake_request("p9", 20, {"do_remote_decode": True},
+                                    "FINISHED_STOPPED"), [1, 2])
+    s._on_notify("eng-x", "eng-d", b"release:p9")
+    s._on_notify("eng-x", "eng-d", b"release:unknown")
+    with pytest.raises(ValueError):
+        s._on_notify("eng-x", "someone-else", b"release:p9")
+    assert s.build_connector_meta(None).release == {"p9"}
+
+
+# ------------------------------------------------------------------ stats
+
+
+def test_stats_aggregate_and_reduce():
+    a = PdConnectorStats()
+    a.record_transfer(1_000_000, 0.001, 8)
+    a.record_failure("expired")
+    b = PdConnectorStats()
+    b.record_transfer(3_000_000, 0.003, 8)
+    b.record_expired(4)
+    b.set_gauge("pending_blocks", 2)
+    c = PdConnectorStats(data=a.aggregate(b).data)  # round trip through the data dict
+    assert c.data["bytes"] == [1_000_000, 3_000_000] and c.data["expired_blocks"] == 4
+    assert c.data["failures"] == {"expired": 1} and c.data["pending_blocks"] == 2
+    r = c.reduce()
+    assert r["Num transfers"] == 2 and r["Throughput (GB/s)"] == 1.0
+    assert PdConnectorStats().is_empty() and not c.is_empty()
+
+
+def test_worker_meta_aggregate_over_tp_ranks():
+    a = PdWorkerMeta({"r": {"bytes": 10, "descriptors": 2, "blocks": 1, "ms": 0.2,
+                            "backend": "nixl", "error": ""}})
+    b = PdWorkerMeta({"r": {"bytes": 10, "descriptors": 2, "blocks": 1, "ms": 0.5,
+                            "backend": "nixl", "error": ""}})
+    m = a.aggregate(b).results["r"]
+    assert m["bytes"] == 20 and m["ms"] == 0.5 and m["ranks"] == 2
