@@ -1,0 +1,286 @@
+"""PdConnector on real vLLM engines (tiny Llama and tiny Mixtral, CPU).
+
+Run under the engine lock, e.g.::
+
+    flock /tmp/pdsidecar-engines.lock python -m pytest tests/test_connector_engines.py -q
+
+Engines are shared through the session ``engine_pool``; no timed assertions (waits
+for eventual states have generous deadlines and only fail when never reached).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pdsidecar.engines import pd_pair_configs
+
+pytestmark = pytest.mark.engines
+
+
+def ours_config(policy: str = "recompute", **extra) -> dict:
+    return {"kv_connector": "PdConnector", "kv_connector_module_path": "transfer.connector",
+            "kv_role": "kv_both", "kv_load_failure_policy": policy,
+            "kv_connector_extra_config": {"control_port": 0, "protocol": "auto",
+                                          "allowed_remote_hosts": ["127.0.0.1"], **extra}}
+
+
+@pytest.fixture
+def ours_pair(engine_pool, llama_dir):
+    return engine_pool.get("ours-llama", lambda: pd_pair_configs(
+        llama_dir, ours_config(), log_dir=engine_pool.log_dir))
+
+
+@pytest.fixture
+def ours_fail_pair(engine_pool, llama_dir):
+    return engine_pool.get("ours-llama-fail", lambda: pd_pair_configs(
+        llama_dir, ours_config("fail"), log_dir=engine_pool.log_dir))
+
+
+@pytest.fixture
+def ours_mixtral_pair(engine_pool, mixtral_dir):
+    return engine_pool.get("ours-mixtral", lambda: pd_pair_configs(
+        mixtral_dir, ours_config(), log_dir=engine_pool.log_dir))
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def post(engine, body: dict, timeout: float = 120.0) -> tuple[int, dict]:
+    body = {"model": engine.model_name, **body}
+    req = urllib.request.Request(engine.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read())
+        except Exception:
+            return e.code, {}
+
+
+def metric(engine, name: str) -> float:
+    text = urllib.request.urlopen(engine.url + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def wait_metric(engine, name: str, want: float, timeout: float = 60.0) -> float:
+    deadline = time.monotonic() + timeout
+    v = metric(engine, name)
+    while v != want and time.monotonic() < deadline:
+        time.sleep(0.5)
+        v = metric(engine, name)
+    return v
+
+
+def vocab(model_dir: str) -> int:
+    return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+
+
+def make_prompts(model_dir: str, seed: int) -> list[list[int]]:
+    """>= 20 prompts: many blocks (block = 128 tokens on CPU), partial last blocks,
+    exact block multiples, shared prefixes, and an exact repeat."""
+    rng = random.Random(seed)
+    v = vocab(model_dir)
+    tok = lambda n: [rng.randrange(10, v - 1) for _ in range(n)]  # noqa: E731
+    prompts = [tok(n) for n in (3, 17, 127, 128, 129, 255, 256, 300, 515, 700, 1000, 1502)]
+    base = tok(400)
+    prompts += [base + tok(n) for n in (1, 20, 128, 150, 333)]
+    base2 = tok(256)
+    prompts += [base2 + tok(n) for n in (5, 200)]
+    prompts += [list(prompts[9]), list(prompts[13])]  # exact repeats: decode prefix hits
+    return prompts
+
+
+def prefill(pair, prompt, **kw) -> dict:
+    status, r = post(pair[0], {"prompt": prompt, "max_tokens": 1,
+                               "kv_transfer_params": {"do_remote_decode": True}, **kw})
+    assert status == 200, r
+    assert r["kv_transfer_params"]["do_remote_prefill"] is True
+    return r["kv_transfer_params"]
+
+
+def decode(pair, prompt, params, max_tokens=8, timeout=120.0) -> tuple[int, dict]:
+    return post(pair[1], {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                          "kv_transfer_params": params}, timeout)
+
+
+def aggregated(engine, prompt, max_tokens=8) -> str:
+    status, r = post(engine, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert status == 200, r
+    return r["choices"][0]["text"]
+
+
+def check_identical(pair, model_dir, seed):
+    prompts = make_prompts(model_dir, seed)
+    ref = [aggregated(pair[0], p) for p in prompts]
+    partial_pulls = 0
+    for i, p in enumerate(prompts):
+        params = prefill(pair, p)
+        nblocks = len(params["remote_block_ids"][0])
+        assert nblocks == -(-len(p) // params["remote_block_size"])
+        assert params["remote_dp_rank"] == 0 and params["pd_protocol_version"] == 1
+        status, r = decode(pair, p, params)
+        assert status == 200, r
+        assert r["choices"][0]["text"] == ref[i], f"prompt {i} ({len(p)} tokens) differs"
+        pt = r["kv_transfer_params"]["pd_transfer"]
+        assert pt["error"] == "", pt
+        assert pt["bytes"] > 0 and pt["descriptors"] > 0 and pt["backend"] == "nixl"
+        if pt["blocks"] < nblocks:
+            partial_pulls += 1
+    # shared prefixes and repeats hit the decode prefix cache: only missing blocks pulled
+    assert partial_pulls >= 4
+    assert wait_metric(pair[0], "pd_connector_blocks_pending_pickup", 0) == 0
+    assert metric(pair[1], "pd_connector_bytes_transferred_total") > 0
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_llama_pd_identical_to_aggregated(ours_pair, llama_dir):
+    check_identical(ours_pair, llama_dir, seed=1)
+
+
+def test_concurrent_16_no_blocks_held(ours_pair, llama_dir):
+    prompts = make_prompts(llama_dir, seed=2)[:16]
+    ref = [aggregated(ours_pair[0], p) for p in prompts]
+    out: dict[int, str] = {}
+    errors: list[str] = []
+
+    def one(i):
+        try:
+            params = prefill(ours_pair, prompts[i])
+            status, r = decode(ours_pair, prompts[i], params)
+            out[i] = r["choices"][0]["text"] if status == 200 else f"HTTP {status} {r}"
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert [out.get(i) for i in range(16)] == ref
+    for eng, name in ((ours_pair[0], "pd_connector_blocks_pending_pickup"),
+                      (ours_pair[0], "pd_connector_requests_pending_pickup"),
+                      (ours_pair[1], "pd_connector_recv_blocks_inflight")):
+        assert wait_metric(eng, name, 0) == 0, name
+    assert wait_metric(ours_pair[1], "vllm:num_requests_running", 0) == 0
+
+
+@pytest.mark.parametrize("case", ["bad_types", "unknown_engine", "block_range", "foreign_host",
+                                  "expired", "unreachable", "token_mismatch", "not_a_dict"])
+def test_bad_params_recompute(ours_pair, llama_dir, case):
+    """Wrong/malicious params: the decode engine recomputes, output unchanged, no crash."""
+    prompt = make_prompts(llama_dir, seed=3)[8]
+    ref = aggregated(ours_pair[0], prompt)
+    params = prefill(ours_pair, prompt)
+    good = dict(params)
+    reason = {"bad_types": "bad_params", "unknown_engine": "unknown_engine",
+              "block_range": "block_range", "foreign_host": "foreign_host",
+              "expired": "expired", "unreachable": "unreachable",
+              "token_mismatch": "mismatch", "not_a_dict": None}[case]
+    if case == "bad_types":
+        params["remote_block_ids"] = "all of them"
+    elif case == "unknown_engine":
+        params["remote_engine_id"] = "no-such-engine"
+    elif case == "block_range":
+        params["remote_block_ids"] = [[10_000_000 + i for i in range(len(good["remote_block_ids"][0]))]]
+    elif case == "foreign_host":
+        params["remote_host"] = "198.51.100.7"
+    elif case == "expired":
+        params["remote_blocks_expiry_time"] = time.time() - 5
+    elif case == "unreachable":
+        params["remote_port"] = 1
+    elif case == "token_mismatch":
+        params["remote_num_tokens"] = len(prompt) + 3
+    elif case == "not_a_dict":
+        params = ["do_remote_prefill"]
+    status, r = decode(ours_pair, prompt, params)
+    if case == "not_a_dict":  # rejected by vLLM's request validation: a clean 4xx
+        assert 400 <= status < 500, r
+    else:
+        assert status == 200, r
+        assert r["choices"][0]["text"] == ref
+        assert r["kv_transfer_params"]["pd_transfer"]["error"] == reason
+        assert metric(ours_pair[1], "pd_connector_failures_total") >= 1
+    # the good params still work afterwards if the blocks were not released
+    assert ours_pair[0].alive() and ours_pair[1].alive()
+    status, r = decode(ours_pair, prompt, prefill(ours_pair, prompt))
+    assert status == 200 and r["choices"][0]["text"] == ref
+
+
+def test_abort_frees_blocks_on_both_sides(ours_pair, llama_dir):
+    prompts = make_prompts(llama_dir, seed=4)[8:14]
+    for i, p in enumerate(prompts):
+        params = prefill(ours_pair, p)
+        # abort the decode request from the client side at staggered points
+        try:
+            decode(ours_pair, p, params, max_tokens=200, timeout=0.002 * (i + 1) ** 2)
+        except Exception:
+            pass
+    # an aborted prefill (client gone mid-prefill) holds nothing either
+    try:
+        post(ours_pair[0], {"prompt": prompts[-1] * 2, "max_tokens": 1,
+                            "kv_transfer_params": {"do_remote_decode": True}}, timeout=0.005)
+    except Exception:
+        pass
+    assert wait_metric(ours_pair[0], "pd_connector_blocks_pending_pickup", 0) == 0
+    assert wait_metric(ours_pair[1], "pd_connector_recv_blocks_inflight", 0) == 0
+    assert wait_metric(ours_pair[1], "vllm:num_requests_running", 0) == 0
+    assert wait_metric(ours_pair[1], "vllm:num_requests_waiting", 0) == 0
+    assert wait_metric(ours_pair[1], "vllm:kv_cache_usage_perc", 0) == 0
+    assert wait_metric(ours_pair[0], "vllm:kv_cache_usage_perc", 0) == 0
+
+
+def test_kill_prefill_then_decode_recomputes(ours_pair, engine_pool, llama_dir):
+    prompt = make_prompts(llama_dir, seed=5)[10]
+    ref = aggregated(ours_pair[0], prompt)
+    params = prefill(ours_pair, prompt)
+    ours_pair[0].kill(signal.SIGKILL)
+    try:
+        status, r = decode(ours_pair, prompt, params)
+        assert status == 200, r
+        assert r["choices"][0]["text"] == ref
+        assert r["kv_transfer_params"]["pd_transfer"]["error"] in (
+            "unreachable", "transfer_failed", "timeout")
+        assert ours_pair[1].alive()
+    finally:
+        engine_pool.drop("ours-llama")
+
+
+def test_fail_policy_gives_clean_error(ours_fail_pair, engine_pool, llama_dir):
+    prompt = make_prompts(llama_dir, seed=6)[9]
+    params = prefill(ours_fail_pair, prompt)
+    bad = dict(params, remote_engine_id="impostor")
+    status, r = decode(ours_fail_pair, prompt, bad)
+    assert status >= 400 or r["choices"][0]["finish_reason"] == "error", r
+    # the engine survives and serves the real params
+    status, r = decode(ours_fail_pair, prompt, params)
+    assert status == 200, r
+    # prefill engine gone -> clean error, decode engine stays up
+    params = prefill(ours_fail_pair, make_prompts(llama_dir, seed=6)[10])
+    ours_fail_pair[0].kill(signal.SIGKILL)
+    try:
+        status, r = decode(ours_fail_pair, make_prompts(llama_dir, seed=6)[10], params)
+        assert status >= 400 or r["choices"][0]["finish_reason"] == "error", r
+        assert ours_fail_pair[1].alive()
+        status, r = post(ours_fail_pair[1], {"prompt": [5, 6, 7], "max_tokens": 2})
+        assert status == 200
+    finally:
+        engine_pool.drop("ours-llama-fail")
+
+
+def test_mixtral_pd_identical_to_aggregated(ours_mixtral_pair, mixtral_dir):
+    check_identical(ours_mixtral_pair, mixtral_dir, seed=7)
