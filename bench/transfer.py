@@ -12,6 +12,11 @@ table. Backends:
 * ``ipc``       our CUDA IPC engine, one Triton launch per layer group (VRAM)
 * ``ipc-torch`` our CUDA IPC engine, torch index_select/index_copy_ per layer (VRAM)
 * ``torch``     baseline: in-process torch copy of the same blocks (no peer)
+* ``memcpy``    reference: one contiguous device-to-device ``copy_`` of the same
+                byte count (the copy-bandwidth ceiling; VRAM only, no peer)
+
+``ipc`` also records CUDA events around its work: ``dev us`` is that device time
+(id upload + copy kernel), next to the host wall-clock latency.
 
 Run standalone: ``python -m bench.transfer --help``.
 """
@@ -32,7 +37,7 @@ MODELS = {
     "llama3-70b": (80, 8, 128, 16, "bfloat16", False),
     "deepseek-v3": (61, 1, 576, 64, "bfloat16", True),
 }
-ALL_BACKENDS = ("nixl", "raw-nixl", "ipc", "ipc-torch", "torch")
+ALL_BACKENDS = ("nixl", "raw-nixl", "ipc", "ipc-torch", "torch", "memcpy")
 
 
 class UsageError(Exception):
@@ -194,7 +199,8 @@ class _Runner:
         elif kind in ("ipc", "ipc-torch"):
             from transfer.ipc import IpcTransferEngine
             self.eng = IpcTransferEngine(f"bench-{kind}-{os.getpid()}",
-                                         use_triton=(kind == "ipc"))
+                                         use_triton=(kind == "ipc"),
+                                         time_device=(kind == "ipc"))
             self.eng.register_kv_caches(caches)
             self.eng.add_peer(peer.info)
         elif kind == "raw-nixl":
@@ -213,6 +219,10 @@ class _Runner:
         elif kind == "torch":
             import torch
             self.src = torch.empty_like(buf).copy_(buf)
+        elif kind == "memcpy":
+            import torch
+            self.flat_src = buf.reshape(-1)
+            self.flat_dst = torch.empty_like(self.flat_src)
         self.block_len = buf.shape[2]
 
     def submit(self, op: str, layers: int, lids: Any, rids: Any) -> tuple[Any, float, float, int]:
@@ -237,8 +247,17 @@ class _Runner:
             if st == "ERR":
                 raise RuntimeError("raw NIXL post failed")
             return h, (t1 - t0) / 1e3, (t2 - t1) / 1e3, len(local)
-        # torch: in-process copy, no peer
         import torch
+        if self.kind == "memcpy":
+            t0 = time.perf_counter_ns()
+            nb = layers * len(lids) * self.block_len
+            self.flat_dst[:nb].copy_(self.flat_src[:nb])
+            ev = torch.cuda.Event() if self.buf.device.type == "cuda" else None
+            if ev is not None:
+                ev.record()
+            t1 = time.perf_counter_ns()
+            return ev, 0.0, (t1 - t0) / 1e3, 1
+        # torch: in-process copy, no peer
         t0 = time.perf_counter_ns()
         dev = self.buf.device
         li = torch.as_tensor(lids, device=dev)
@@ -338,7 +357,7 @@ def run_plan(plan: Plan) -> list[dict[str, Any]]:
                     plan.notes.append(f"{b}: unavailable ({type(e).__name__}: {e})")
             # correctness spot check of every peer backend: 4 random blocks, all layers
             for b, r in runners.items():
-                if b == "torch":
+                if b in ("torch", "memcpy"):
                     continue
                 lids, rids = rng.choice(pool, 4, replace=False), rng.choice(pool, 4, replace=False)
                 h, *_ = r.submit("read", layers, lids, rids)
@@ -368,7 +387,7 @@ def run_plan(plan: Plan) -> list[dict[str, Any]]:
 
 
 def _measure(plan: Plan, r: _Runner, b: str, op: str, c: Case, ids: list) -> dict[str, Any]:
-    lat, prep, post, descs = [], [], [], 0
+    lat, prep, post, dev, descs = [], [], [], [], 0
     t_case = time.monotonic()
     err = ""
     for i, (lids, rids) in enumerate(ids):
@@ -384,6 +403,9 @@ def _measure(plan: Plan, r: _Runner, b: str, op: str, c: Case, ids: list) -> dic
             lat.append((t1 - t0) / 1e3)
             prep.append(pr)
             post.append(po)
+            extra = getattr(h, "extra", None)
+            if isinstance(extra, dict) and "device_us" in extra:
+                dev.append(extra["device_us"])
         if i >= plan.warmup + 2 and time.monotonic() - t_case > plan.max_seconds:
             break
     nbytes = c.layers * c.blocks * c.block_bytes
@@ -398,6 +420,9 @@ def _measure(plan: Plan, r: _Runner, b: str, op: str, c: Case, ids: list) -> dic
             "avg_us": sum(lat) / len(lat), "p50_us": _pct(lat, 0.5), "p99_us": _pct(lat, 0.99),
             "prepare_us": _pct(prep, 0.5), "post_us": _pct(post, 0.5),
         })
+    if dev:
+        row["device_us"] = _pct(dev, 0.5)
+        row["device_gbps"] = nbytes / (row["device_us"] * 1e3)
     return row
 
 
@@ -412,7 +437,7 @@ def _fmt_size(n: int) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     hdr = (f"{'backend':<10}{'op':<6}{'mem':<5}{'layers':>6}{'block':>9}{'blocks':>7}"
            f"{'size':>10}{'descs':>7}{'GB/s':>9}{'avg us':>10}{'p50 us':>10}{'p99 us':>10}"
-           f"{'prep us':>9}{'post us':>9}")
+           f"{'prep us':>9}{'post us':>9}{'dev us':>9}{'dev GB/s':>9}")
     out = [hdr, "-" * len(hdr)]
     for r in rows:
         if "gbps" not in r:
@@ -423,7 +448,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['backend']:<10}{r['op']:<6}{r['mem']:<5}{r['layers']:>6}"
             f"{_fmt_size(r['block_bytes']):>9}{r['blocks']:>7}{_fmt_size(r['bytes']):>10}"
             f"{r['descriptors']:>7}{r['gbps']:>9.2f}{r['avg_us']:>10.1f}{r['p50_us']:>10.1f}"
-            f"{r['p99_us']:>10.1f}{r['prepare_us']:>9.1f}{r['post_us']:>9.1f}")
+            f"{r['p99_us']:>10.1f}{r['prepare_us']:>9.1f}{r['post_us']:>9.1f}"
+            + (f"{r['device_us']:>9.1f}{r['device_gbps']:>9.1f}" if "device_us" in r else ""))
     return "\n".join(out)
 
 
@@ -435,7 +461,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     for (op, l, bb, n, b), r in sorted(by.items()):
         if b not in ("nixl", "ipc", "ipc-torch"):
             continue
-        for base in ("raw-nixl", "nixl", "torch"):
+        for base in ("raw-nixl", "nixl", "torch", "memcpy"):
             if base == b:
                 continue
             o = by.get((op, l, bb, n, base))

@@ -68,3 +68,43 @@ def test_protocol_selection(monkeypatch):
     monkeypatch.setenv("KV_TRANSFER_PROTOCOL", "carrier-pigeon")
     with pytest.raises(ValueError, match="KV_TRANSFER_PROTOCOL"):
         resolve_protocol()
+
+
+def test_check_block_ids_fast_path_matches_validate():
+    import numpy as np
+
+    from transfer.ipc import check_block_ids
+    ids = np.array([5, 1, 9], dtype=np.int64)
+    assert check_block_ids(ids, 10) is ids  # no copy on the hot path
+    assert check_block_ids([3], 10).tolist() == [3]
+    assert check_block_ids([], 10).size == 0
+    assert check_block_ids(np.array([2, 3], dtype=np.int32), 4).tolist() == [2, 3]
+    for bad, msg in (([0, 10], "out of range"), ([-1], "out of range"),
+                     ([4, 2, 4], "duplicate"), (np.array([[1, 1]]), "duplicate")):
+        with pytest.raises(BlockIdError, match=msg):
+            check_block_ids(bad, 10)
+
+
+def test_plan_groups_geometry():
+    from transfer.ipc import plan_groups
+    kb = 64 * 1024
+    pairs = [(1 << 20 | i * 2 * kb * 0, 2 << 20, kb, kb, 0, 0, kb) for i in range(3)]
+    g = plan_groups(pairs)
+    assert len(g) == 1 and g[0]["nwords"] == kb // 8 and g[0]["aligned16"]
+    assert g[0]["src_stride"] == kb // 8 and len(g[0]["src"]) == 3
+    # two geometries -> two groups; 8- but not 16-byte aligned offset
+    g = plan_groups(pairs + [(4096, 8192, 2 * kb, kb, 8, 0, 512)])
+    assert len(g) == 2 and g[0]["aligned16"] and not g[1]["aligned16"]
+    assert g[1]["src_off"] == 1 and g[1]["nwords"] == 64
+    assert plan_groups([(0, 0, 12, 12, 0, 0, 12)]) is None  # not 8-byte aligned: torch
+
+
+def test_many_transfers_cpu_fallback_bytes_and_stats(engines):
+    a, b, ka, kb = engines
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        l, r = rng.choice(16, 5, replace=False), rng.choice(16, 5, replace=False)
+        st = a.transfer("READ", "ipc-b", l, r, layers=range(3))
+        assert st.bytes == 3 * 5 * 64 * 2 and st.num_blocks == 5 and st.num_layers == 3
+        assert all(torch.equal(ka[n][l], kb[n][r]) for n in ka)

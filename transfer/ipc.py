@@ -26,10 +26,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .engine import (PeerInfo, TransferEngine, TransferHandle, TransferStats, as_bytes,
-                     new_transfer_id)
+from .engine import (DEFAULT_WAIT_TIMEOUT_S, PeerInfo, TransferEngine, TransferHandle,
+                     TransferStats, as_bytes, new_transfer_id)
 from .errors import (BackendUnavailableError, BlockIdError, TransferError,
-                     TransferFailedError, UnknownPeerError, UnregisteredMemoryError)
+                     TransferFailedError, TransferTimeoutError, UnknownPeerError,
+                     UnregisteredMemoryError)
 from .layout import Region, region_indices, regions_from_kv_caches, validate_block_ids
 
 Notifier = Callable[[str, bytes], None]
@@ -60,7 +61,82 @@ class _MappedPeer:
     storages: list[_Storage]
     bases: list[int]  # per peer region: base address in *our* address space
     views: list[Any]  # per peer region: [num_blocks, block_len] uint8 view
-    tables: dict = field(default_factory=dict)  # cached device pointer tables
+    plans: dict = field(default_factory=dict)  # (op, layers, slices) -> _Plan
+
+
+@dataclass
+class _Plan:
+    """Everything a transfer of one (op, layers, slices) needs, built once per peer."""
+
+    groups: list | None  # GatherLaunchers (device tables + compiled kernel); None: torch
+    src_views: list
+    dst_views: list
+    bytes_per_block: int  # over all regions of the plan
+    nregions: int
+    nlayers: int
+
+
+@dataclass
+class _Slot:
+    """Pinned staging + device copy of one transfer's (src, dst) id pairs, + its event."""
+
+    host: Any  # numpy int32 view of pinned memory
+    host_view: Any  # the same as a torch tensor
+    host_ptr: int
+    dev_view: Any
+    dev_ptr: int
+    ev: Any  # completion event (recorded after the copy)
+    ev_start: Any = None  # only when timing device work
+    seq: int = 0
+    inflight: bool = False
+
+
+_NSLOTS = 16
+
+
+def _next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def check_block_ids(block_ids: Any, num_blocks: int, what: str = "block ids") -> np.ndarray:
+    """Fast host-side check (range, duplicates) of an id list; same errors as
+    :func:`validate_block_ids`, which it calls only for odd input or to raise."""
+    a = block_ids if isinstance(block_ids, np.ndarray) else np.asarray(block_ids)
+    if a.ndim != 1 or a.dtype.kind not in "iu" or a.size == 0:
+        return validate_block_ids(block_ids, num_blocks, what)
+    if a.size == 1:
+        lo = hi = int(a[0])
+    else:
+        lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi >= num_blocks:
+        return validate_block_ids(a, num_blocks, what)
+    if a.size > 1:
+        srt = np.sort(a)
+        if (srt[1:] == srt[:-1]).any():
+            return validate_block_ids(a, num_blocks, what)
+    return a
+
+
+def plan_groups(pairs: Sequence[tuple[int, int, int, int, int, int, int]]) -> list | None:
+    """Group ``(src_base, dst_base, src_stride, dst_stride, src_off, dst_off, length)``
+    (bytes) by geometry for the word-copy kernel; ``None`` if any is not 8-byte aligned.
+    Returned strides/offsets/lengths are in 8-byte words."""
+    groups: dict[tuple, dict] = {}
+    for sb, db, ss, ds, so, do, ln in pairs:
+        vals = (sb, db, ss, ds, so, do, ln)
+        if any(v % 8 for v in vals):
+            return None
+        g = groups.setdefault((ss, ds, so, do, ln), {"src": [], "dst": [], "aligned16": True})
+        g["src"].append(sb)
+        g["dst"].append(db)
+        g["aligned16"] &= all(v % 16 == 0 for v in vals)
+    return [{"src": g["src"], "dst": g["dst"], "src_stride": ss // 8, "dst_stride": ds // 8,
+             "src_off": so // 8, "dst_off": do // 8, "nwords": ln // 8,
+             "aligned16": g["aligned16"]}
+            for (ss, ds, so, do, ln), g in groups.items()]
 
 
 class IpcTransferEngine(TransferEngine):
@@ -69,18 +145,29 @@ class IpcTransferEngine(TransferEngine):
     backend = "ipc"
 
     def __init__(self, name: str | None = None, *, use_triton: bool | None = None,
-                 notifier: Notifier | None = None, chunk_words: int = 1024) -> None:
+                 notifier: Notifier | None = None, chunk_words: int | None = None,
+                 num_warps: int | None = None, time_device: bool = False) -> None:
         super().__init__(name or f"pdx-ipc-{uuid.uuid4().hex[:12]}")
         self._torch = _torch()
         self.use_triton = use_triton
         self.notifier = notifier
         self.chunk_words = chunk_words
+        self.num_warps = num_warps
+        self.time_device = time_device  # record start events: handle.extra["device_us"]
         self._storages: list[_Storage] = []
         self._views: list[Any] = []
         self._peers: dict[str, _MappedPeer] = {}
         self._inbox: dict[str, list[bytes]] = defaultdict(list)
         self._inbox_lock = threading.Lock()
         self._stream: Any = None
+        self._stream_handle = 0
+        self._ops: Any = None
+        self._driver = False
+        self._slots: list[_Slot] = []
+        self._slot_cap = 0
+        self._next_slot = 0
+        self._local_nblocks = 0
+        self._all_layers: tuple = ()
         self.device: Any = None
         _LOCAL_ENGINES[self.name] = self
 
@@ -118,11 +205,13 @@ class IpcTransferEngine(TransferEngine):
             self.mem_type = "VRAM" if self.device.type == "cuda" else "DRAM"
             self._views = [self._view(self._storages, r.base_addr, r) for r in regions]
             self.regions = regions
-            if self.device.type == "cuda":
-                self._stream = torch.cuda.Stream(device=self.device)
+            self._local_nblocks = min(r.num_blocks for r in regions)
+            self._all_layers = tuple(sorted({r.layer for r in regions}))
             if self.use_triton is None:
                 from .ipc_kernels import triton_available
                 self.use_triton = self.device.type == "cuda" and triton_available()
+            if self.device.type == "cuda":
+                self._init_device_path()
 
     def _view(self, storages: Sequence[_Storage], addr: int, r: Region) -> Any:
         for s in storages:
@@ -169,7 +258,15 @@ class IpcTransferEngine(TransferEngine):
                 v = self._view_remote(storages, r)
                 views.append(v)
                 bases.append(v.data_ptr())
-            self._peers[info.name] = _MappedPeer(info, storages, bases, views)
+            mp = _MappedPeer(info, storages, bases, views)
+            self._peers[info.name] = mp
+            if self.regions and self.device.type == "cuda":
+                # handshake-time work: device pointer tables + compiled kernels
+                for op in ("READ", "WRITE"):
+                    try:
+                        self._build_plan(mp, op, None, None, None)
+                    except TransferError:
+                        pass  # geometry mismatch: reported by the first transfer
             return info.name
 
     def _view_remote(self, storages: Sequence[_Storage], r: Region) -> Any:
@@ -214,131 +311,218 @@ class IpcTransferEngine(TransferEngine):
                 layers: Iterable[int] | None, notif: bytes | str | None, request_id: str,
                 local_slice: tuple[int, int] | None,
                 remote_slice: tuple[int, int] | None) -> TransferHandle:
-        torch = self._torch
         t0 = time.perf_counter_ns()
         with self._lock:
             if not self.regions:
                 raise UnregisteredMemoryError("no local memory registered on this engine")
             p = self._peer(peer)
-            lids = validate_block_ids(local_ids, min(r.num_blocks for r in self.regions),
-                                      "local block ids")
-            rids = validate_block_ids(remote_ids, p.info.num_blocks,
-                                      f"remote block ids (peer {peer!r})")
-            if lids.size != rids.size:
-                raise BlockIdError(f"{lids.size} local block ids but {rids.size} remote ones")
-            layer_list = None if layers is None else tuple(int(x) for x in layers)
-            lreg = region_indices(self.regions, layer_list)
-            rreg = region_indices(p.info.regions, layer_list)
-            if lreg.size != rreg.size:
-                raise TransferError(f"peer {peer!r} has {rreg.size} regions for these "
-                                    f"layers, we have {lreg.size}")
-            # source/destination sides
-            if op == "READ":
-                src = (p.info.regions, p.bases, p.views, rreg, rids, remote_slice)
-                dst = (self.regions, [v.data_ptr() for v in self._views], self._views,
-                       lreg, lids, local_slice)
+            lids = check_block_ids(local_ids, self._local_nblocks, "local block ids")
+            rids = check_block_ids(remote_ids, p.info.num_blocks,
+                                   f"remote block ids (peer {peer!r})")
+            n = lids.size
+            if n != rids.size:
+                raise BlockIdError(f"{n} local block ids but {rids.size} remote ones")
+            lk = None if layers is None else tuple(layers)
+            if lk is not None and lk == self._all_layers:
+                lk = None
+            key = (op, lk, local_slice, remote_slice)
+            plan = p.plans.get(key)
+            if plan is None:
+                plan = self._build_plan(p, *key)
+            sids, dids = (rids, lids) if op == "READ" else (lids, rids)
+            slot = seq = None
+            if plan.groups is not None:  # fast path: one H2D + one launch per group
+                slot, seq = self._take_slot(n)
+                h = slot.host
+                h[0:2 * n:2] = sids
+                h[1:2 * n:2] = dids
+                t1 = time.perf_counter_ns()
+                ops, stream = self._ops, self._stream_handle
+                rec = stream if self._driver else self._stream
+                ops.ensure_context()  # this thread may not have used CUDA yet
+                if slot.ev_start is not None:
+                    ops.record(slot.ev_start, rec)
+                if self._driver:
+                    ops.h2d(slot.dev_ptr, slot.host_ptr, 8 * n, stream)
+                else:
+                    with self._torch.cuda.stream(self._stream):
+                        slot.dev_view[:2 * n].copy_(slot.host_view[:2 * n], non_blocking=True)
+                for g in plan.groups:
+                    g.launch(n, slot.dev_ptr, slot.dev_view, stream)
+                ops.record(slot.ev, rec)
+                slot.inflight = True
             else:
-                src = (self.regions, [v.data_ptr() for v in self._views], self._views,
-                       lreg, lids, local_slice)
-                dst = (p.info.regions, p.bases, p.views, rreg, rids, remote_slice)
-            nbytes = 0
-            stream_ctx = torch.cuda.stream(self._stream) if self._stream is not None \
-                else _nullctx()
-            t1 = time.perf_counter_ns()
-            with stream_ctx:
-                nbytes = self._launch(p, op, layer_list, src, dst)
-                event = None
+                t1 = time.perf_counter_ns()
+                self._copy_torch(plan, sids, dids)
                 if self._stream is not None:
-                    event = torch.cuda.Event()
-                    event.record(self._stream)
+                    slot, seq = self._take_slot(0)
+                    rec = self._stream_handle if self._driver else self._stream
+                    if slot.ev_start is not None:  # device time of this path: not timed
+                        self._ops.record(slot.ev_start, rec)
+                    self._ops.record(slot.ev, rec)
+                    slot.inflight = True
             t2 = time.perf_counter_ns()
         stats = TransferStats(
             transfer_id=new_transfer_id(), request_id=request_id, peer=peer, op=op,
-            backend=self.backend + ("-triton" if self.use_triton else "-torch"),
-            bytes=nbytes, descriptors=int(lreg.size * lids.size), num_blocks=int(lids.size),
-            num_layers=len({self.regions[i].layer for i in lreg}),
-            prepare_us=(t1 - t0) / 1e3, post_us=(t2 - t1) / 1e3)
-        h = TransferHandle(stats=stats, native=event, t_submit_ns=t0, notif=as_bytes(notif))
-        if event is None:
+            backend=self.backend + ("-triton" if plan.groups is not None else "-torch"),
+            bytes=plan.bytes_per_block * n, descriptors=plan.nregions * n, num_blocks=n,
+            num_layers=plan.nlayers, prepare_us=(t1 - t0) / 1e3, post_us=(t2 - t1) / 1e3)
+        h = TransferHandle(stats=stats, native=(slot, seq) if slot is not None else None,
+                           t_submit_ns=t0, notif=as_bytes(notif))
+        if slot is None:
             self._complete(h)
         return h
 
-    def _launch(self, p: _MappedPeer, op: str, layer_key: Any, src: tuple, dst: tuple) -> int:
+    # ------------------------------------------------------------ plans (cached per peer)
+    def _build_plan(self, p: _MappedPeer, op: str, layer_key: Any,
+                    local_slice: tuple[int, int] | None,
+                    remote_slice: tuple[int, int] | None) -> "_Plan":
         torch = self._torch
-        s_regs, s_bases, s_views, s_idx, s_ids, s_sl = src
-        d_regs, d_bases, d_views, d_idx, d_ids, d_sl = dst
-        nbytes = 0
-        if not self.use_triton:
-            sid = torch.from_numpy(s_ids).to(self.device)
-            did = torch.from_numpy(d_ids).to(self.device)
-            for si, di in zip(s_idx, d_idx):
-                sv, dv = _slice(s_views[si], s_sl), _slice(d_views[di], d_sl)
-                if sv.shape[1] != dv.shape[1]:
-                    raise TransferError(f"block sizes differ: {sv.shape[1]} vs {dv.shape[1]}")
-                dv.index_copy_(0, did, sv.index_select(0, sid))
-                nbytes += sv.shape[1] * s_ids.size
-            return nbytes
-        from .ipc_kernels import copy_blocks_triton
-        # group layers of equal geometry: one launch per group
-        key = (op, layer_key, s_sl, d_sl)
-        groups = p.tables.get(key)
-        if groups is None:
-            groups = self._build_tables(s_regs, s_bases, s_idx, s_sl, d_regs, d_bases, d_idx,
-                                        d_sl)
-            p.tables[key] = groups
-        ids = torch.from_numpy(np.stack([s_ids, d_ids]).astype(np.int32)).to(
-            self.device, non_blocking=True)
-        for g in groups:
-            copy_blocks_triton(g["src_tab"], g["dst_tab"], ids[0], ids[1], g["src_stride"],
-                               g["dst_stride"], g["src_off"], g["dst_off"], g["nwords"],
-                               g["aligned16"], self.chunk_words)
-            nbytes += g["nwords"] * 8 * g["nlayers"] * s_ids.size
-        return nbytes
-
-    def _build_tables(self, s_regs, s_bases, s_idx, s_sl, d_regs, d_bases, d_idx, d_sl):
-        torch = self._torch
-        groups: dict[tuple, dict] = {}
+        lreg = region_indices(self.regions, layer_key)
+        rreg = region_indices(p.info.regions, layer_key)
+        if lreg.size != rreg.size:
+            raise TransferError(f"peer {p.info.name!r} has {rreg.size} regions for these "
+                                f"layers, we have {lreg.size}")
+        local = (self.regions, [v.data_ptr() for v in self._views], self._views, lreg,
+                 local_slice)
+        remote = (p.info.regions, p.bases, p.views, rreg, remote_slice)
+        src, dst = (remote, local) if op == "READ" else (local, remote)
+        s_regs, s_bases, s_views, s_idx, s_sl = src
+        d_regs, d_bases, d_views, d_idx, d_sl = dst
+        pairs, sv, dv, per_block = [], [], [], 0
         for si, di in zip(s_idx, d_idx):
             sr, dr = s_regs[si], d_regs[di]
             soff, slen = s_sl if s_sl else (0, sr.block_len)
             doff, dlen = d_sl if d_sl else (0, dr.block_len)
             if slen != dlen:
                 raise TransferError(f"block sizes differ: {slen} vs {dlen} bytes")
-            vals = (s_bases[si], d_bases[di], sr.block_stride, dr.block_stride, soff, doff, slen)
-            if any(v % 8 for v in vals):
-                raise TransferError("IPC kernel needs 8-byte aligned blocks; use_triton=False")
-            aligned16 = all(v % 16 == 0 for v in vals)
-            k = (sr.block_stride, dr.block_stride, soff, doff, slen)
-            g = groups.setdefault(k, {"src": [], "dst": [], "aligned16": True})
-            g["src"].append(s_bases[si])
-            g["dst"].append(d_bases[di])
-            g["aligned16"] &= aligned16
-        out = []
-        for (ss, ds, so, do, ln), g in groups.items():
-            out.append({
-                "src_tab": torch.tensor(g["src"], dtype=torch.int64, device=self.device),
-                "dst_tab": torch.tensor(g["dst"], dtype=torch.int64, device=self.device),
-                "src_stride": ss // 8, "dst_stride": ds // 8, "src_off": so // 8,
-                "dst_off": do // 8, "nwords": ln // 8, "nlayers": len(g["src"]),
-                "aligned16": g["aligned16"],
-            })
-        return out
+            pairs.append((s_bases[si], d_bases[di], sr.block_stride, dr.block_stride, soff,
+                          doff, slen))
+            sv.append(_slice(s_views[si], s_sl))
+            dv.append(_slice(d_views[di], d_sl))
+            per_block += slen
+        groups = None
+        specs = plan_groups(pairs)
+        if self.use_triton and self.device.type == "cuda" and specs is not None:
+            from .ipc_kernels import GatherLauncher
+            groups = []
+            slot, _ = self._take_slot(1)
+            for g in specs:
+                st = torch.tensor(g["src"], dtype=torch.int64, device=self.device)
+                dt = torch.tensor(g["dst"], dtype=torch.int64, device=self.device)
+                gl = GatherLauncher(st, dt, g["src_stride"], g["dst_stride"], g["src_off"],
+                                    g["dst_off"], g["nwords"], g["aligned16"],
+                                    self.chunk_words, self.num_warps)
+                gl.compile(slot.dev_view)
+                groups.append(gl)
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        plan = _Plan(groups=groups, src_views=sv, dst_views=dv, bytes_per_block=per_block,
+                     nregions=len(pairs),
+                     nlayers=len({self.regions[i].layer for i in lreg}))
+        if len(p.plans) > 256:
+            p.plans.clear()
+        p.plans[(op, layer_key, local_slice, remote_slice)] = plan
+        return plan
 
+    def _copy_torch(self, plan: "_Plan", sids: np.ndarray, dids: np.ndarray) -> None:
+        torch = self._torch
+        ctx = torch.cuda.stream(self._stream) if self._stream is not None else _nullctx()
+        with ctx:
+            sid = torch.from_numpy(sids).to(self.device)
+            did = torch.from_numpy(dids).to(self.device)
+            for sv, dv in zip(plan.src_views, plan.dst_views):
+                dv.index_copy_(0, did, sv.index_select(0, sid))
+
+    # ------------------------------------------------------------ id staging slots
+    def _init_device_path(self) -> None:
+        from .ipc_cuda import DriverOps, make_ops
+        torch = self._torch
+        self._stream = torch.cuda.Stream(device=self.device)
+        self._stream_handle = int(self._stream.cuda_stream)
+        self._ops = make_ops(self.device)
+        self._driver = isinstance(self._ops, DriverOps)
+        self._alloc_slots(256)
+
+    def _alloc_slots(self, cap: int) -> None:
+        torch = self._torch
+        for s in self._slots:  # growing: everything staged so far must be consumed
+            if s.inflight:
+                self._ops.synchronize(s.ev)
+            s.inflight = False
+        words = 2 * cap
+        host = torch.empty(_NSLOTS * words, dtype=torch.int32, pin_memory=True)
+        dev = torch.empty(_NSLOTS * words, dtype=torch.int32, device=self.device)
+        host_np = host.numpy()
+        old = self._slots
+        self._slots = []
+        for i in range(_NSLOTS):
+            o = i * words
+            hv, dvw = host[o:o + words], dev[o:o + words]
+            ev = old[i].ev if old else self._ops.new_event(self.time_device)
+            evs = old[i].ev_start if old else (
+                self._ops.new_event(True) if self.time_device else None)
+            seq = old[i].seq if old else 0
+            self._slots.append(_Slot(host=host_np[o:o + words], host_view=hv,
+                                     host_ptr=hv.data_ptr(), dev_view=dvw,
+                                     dev_ptr=dvw.data_ptr(), ev=ev, ev_start=evs, seq=seq))
+        self._slot_buffers = (host, dev)
+        self._slot_cap = cap
+
+    def _take_slot(self, n: int) -> tuple["_Slot", int]:
+        if n > self._slot_cap:
+            self._alloc_slots(_next_pow2(n))
+        i = self._next_slot
+        self._next_slot = (i + 1) % _NSLOTS
+        s = self._slots[i]
+        if s.inflight:  # staged ids of an older transfer may still be read by its H2D
+            if not self._ops.query(s.ev):
+                self._ops.synchronize(s.ev)
+            s.inflight = False
+        s.seq += 1
+        return s, s.seq
+
+    # ------------------------------------------------------------ completion
     def poll(self, handle: TransferHandle) -> bool:
         if handle.done:
             if handle.stats.state == "ERR":
                 raise TransferFailedError(handle.stats.error)
             return True
-        try:
-            ready = handle.native.query()
-        except Exception as e:  # CUDA error surfaced by the event
-            handle.stats.state, handle.stats.error, handle.done = "ERR", str(e), True
-            self._publish(handle.stats)
-            raise TransferFailedError(f"IPC copy with {handle.stats.peer!r} failed: {e}") from e
-        if not ready:
-            return False
+        slot, seq = handle.native
+        if slot.seq == seq:  # else the slot was reused: this transfer completed before
+            try:
+                ready = self._ops.query(slot.ev)
+            except Exception as e:  # CUDA error surfaced by the event
+                handle.stats.state, handle.stats.error, handle.done = "ERR", str(e), True
+                self._publish(handle.stats)
+                raise TransferFailedError(
+                    f"IPC copy with {handle.stats.peer!r} failed: {e}") from e
+            if not ready:
+                return False
+            if slot.ev_start is not None and slot.seq == seq:
+                try:
+                    handle.extra = {"device_us": 1e3 * self._ops.elapsed_ms(slot.ev_start,
+                                                                            slot.ev)}
+                except Exception:
+                    pass
         self._complete(handle)
         return True
+
+    def wait(self, handle: TransferHandle, timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
+             ) -> TransferStats:
+        """Spin on the completion event (copies take µs to ms), then back off."""
+        t_end = time.perf_counter() + timeout_s
+        t_spin = time.perf_counter() + 0.005
+        while not self.poll(handle):
+            now = time.perf_counter()
+            if now > t_end:
+                self._on_timeout(handle)
+                raise TransferTimeoutError(
+                    f"transfer {handle.stats.transfer_id} ({handle.stats.op} "
+                    f"{handle.stats.bytes} B, peer {handle.stats.peer!r}, request "
+                    f"{handle.request_id!r}) not done after {timeout_s:.3f} s")
+            if now > t_spin:
+                time.sleep(0.00005)
+        return handle.stats
 
     def _complete(self, h: TransferHandle) -> None:
         h.stats.transfer_us = (time.perf_counter_ns() - h.t_submit_ns) / 1e3
