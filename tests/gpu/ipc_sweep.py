@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from transfer.ipc_kernels import GatherLauncher
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from transfer.ipc_kernels import GatherLauncher  # noqa: E402
 
 L, BL = 32, 64 * 1024
 W = BL // 8
@@ -85,7 +88,8 @@ def main() -> None:
             nbytes = L * n * BL
             rows.append({"variant": f"{ch}x{nw}", "blocks": n, "bytes": nbytes,
                          "device_us": t, "gbps": nbytes / (t * 1e3), "launch_us": h_us,
-                         "exact": ok, "fast_launch": g._compiled is not None and g._fast})
+                         "exact": ok, "fast_launch": g._compiled is not None and g._fast,
+                         "raw_launch": g._raw is not None})
     print(f"{'variant':<10}{'blocks':>7}{'MiB':>7}{'dev us':>9}{'GB/s':>8}{'launch us':>10}"
           f"{'exact':>7}")
     for r in rows:
