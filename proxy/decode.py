@@ -356,7 +356,7 @@ class DecodeRole:
                                                           sock_connect=cfg.connect_timeout_s)) as r:
                         raw = await r.read()
                         status, ctype, perr = r.status, r.content_type, r.headers.get(PD_ERROR_HEADER)
-                except aiohttp.ClientConnectorError:
+                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                     # nothing was sent: safe to try another peer
                     m.peer_errors.labels(str(ep), "connect").inc()
                     self.peers.mark_down(ep)
@@ -451,17 +451,27 @@ class DecodeRole:
             t_send = time.perf_counter()
             try:
                 sent = True
-                resp = await sc.upstreams.get(cfg.vllm_url).post(
-                    url, data=data, headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s,
-                                                  sock_read=cfg.decode_timeout_s))
-            except aiohttp.ClientConnectorError:
+                for attempt in (0, 1):
+                    try:
+                        resp = await sc.upstreams.get(cfg.vllm_url).post(
+                            url, data=data, headers=headers,
+                            timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s,
+                                                          sock_read=cfg.decode_timeout_s))
+                        break
+                    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                        # nothing sent yet: one more try is safe (the KV is still waiting)
+                        if attempt:
+                            raise
+                        m.upstream_errors.labels("connect_retry").inc()
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                 sent = False
                 m.upstream_errors.labels("connect").inc()
                 raise RequestError(502, "local vLLM is unreachable", "upstream_unavailable",
                                    headers=out_headers) from None
-            except asyncio.TimeoutError:
+            except asyncio.TimeoutError as e:
                 m.upstream_errors.labels("timeout").inc()
+                log.warning("decode leg timed out", extra={"request_id": rid, "error": type(e).__name__,
+                                                           "after_s": round(time.perf_counter() - t_send, 3)})
                 raise RequestError(504, "local vLLM did not answer in time", "upstream_timeout",
                                    headers=out_headers) from None
             except aiohttp.ClientError as e:

@@ -216,7 +216,7 @@ class PrefillRole:
                     payload = await r.read()
                     status, ctype = r.status, r.content_type
                 t_done = time.perf_counter()
-            except aiohttp.ClientConnectorError:
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                 m.upstream_errors.labels("connect").inc()
                 raise RequestError(502, "prefill vLLM is unreachable", "upstream_unavailable") from None
             except asyncio.TimeoutError:

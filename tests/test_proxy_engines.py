@@ -55,10 +55,11 @@ async def start_pair(prefill_engine, decode_engine, **decode_kw) -> tuple[Sideca
     p_port, d_port = free_port(), free_port()
     pre = Sidecar(SidecarConfig(role="prefill", host="127.0.0.1", port=p_port, vllm_url=prefill_engine.url,
                                 auth_token=TOKEN, allowed_peers=[Endpoint("127.0.0.1", d_port)],
-                                log_format="text"))
+                                connect_timeout_s=10, log_format="text"))
     await pre.start()
     kw = dict(role="decode", host="127.0.0.1", port=d_port, vllm_url=decode_engine.url,
-              targets=[Endpoint("127.0.0.1", p_port)], auth_token=TOKEN, peer_stats_interval_s=0.5)
+              targets=[Endpoint("127.0.0.1", p_port)], auth_token=TOKEN, peer_stats_interval_s=0.5,
+              connect_timeout_s=10)
     kw.update(decode_kw)
     dec = Sidecar(SidecarConfig(**kw))
     try:
@@ -364,7 +365,8 @@ async def test_drain_on_sigterm_loses_nothing(stock_pair, tmp_path):
     await pre.start()
     env = dict(os.environ, PREFILL_MODE="false", KV_TRANSFER_TARGET=f"127.0.0.1:{p_port}",
                PDSIDECAR_VLLM_URL=decode_engine.url, PDSIDECAR_PORT=str(d_port), PDSIDECAR_HOST="127.0.0.1",
-               PDSIDECAR_AUTH_TOKEN=TOKEN, PDSIDECAR_DRAIN_GRACE="60", PYTHONPATH=str(REPO))
+               PDSIDECAR_AUTH_TOKEN=TOKEN, PDSIDECAR_DRAIN_GRACE="60", PDSIDECAR_CONNECT_TIMEOUT="10",
+               PYTHONPATH=str(REPO))
     log = open(tmp_path / "decode-sidecar.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "pdsidecar.sidecar"], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{d_port}"

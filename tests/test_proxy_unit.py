@@ -1,0 +1,497 @@
+"""Sidecar edge cases against fake upstreams (fast, no engines): leg bodies, streaming
+without buffering, retries, timeouts, fallback policy, auth, pending-KV bookkeeping,
+drain, limits, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from pdsidecar.config import Endpoint, SidecarConfig
+from pdsidecar.engines import free_port
+from proxy import auth
+from proxy.server import Sidecar
+
+TOKEN = "unit-test-token-0123456789"
+
+
+class FakeVllm:
+    """Mimics vLLM's OpenAI server enough for the sidecar: prefill legs answer with
+    kv_transfer_params, decode legs stream SSE."""
+
+    def __init__(self, *, chunks: int = 3, delay: float = 0.0, prefill_status: int = 200,
+                 prefill_delay: float = 0.0, no_kv: bool = False, decode_kv: dict | None = None):
+        self.requests: list[tuple[str, dict, dict]] = []
+        self.chunks, self.delay = chunks, delay
+        self.prefill_status, self.prefill_delay, self.no_kv = prefill_status, prefill_delay, no_kv
+        self.decode_kv = decode_kv
+        self.gate: asyncio.Event | None = None
+        self.cancelled: list[str] = []
+        self.runner = None
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> "FakeVllm":
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.gen)
+        app.router.add_post("/v1/chat/completions", self.gen)
+        app.router.add_get("/health", self.ok)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/tokenize", self.tokenize)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    async def ok(self, request):
+        return web.Response(text="")
+
+    async def models(self, request):
+        return web.json_response({"data": [{"id": "m"}]})
+
+    async def tokenize(self, request):
+        body = await request.json()
+        text = body.get("prompt") or json.dumps(body.get("messages"))
+        return web.json_response({"count": len(text.split())})
+
+    async def gen(self, request: web.Request):
+        body = await request.json()
+        self.requests.append((request.path, body, request.headers.copy()))
+        kv = body.get("kv_transfer_params") or {}
+        chat = request.path.endswith("chat/completions")
+        try:
+            if kv.get("do_remote_decode"):
+                await asyncio.sleep(self.prefill_delay)
+                if self.prefill_status != 200:
+                    return web.json_response({"error": {"message": "boom", "type": "x", "code": self.prefill_status}},
+                                             status=self.prefill_status)
+                out = {"id": "p", "choices": [{"index": 0, "text": "x"}], "usage": {"prompt_tokens": 7},
+                       "kv_transfer_params": None if self.no_kv else
+                       {"do_remote_prefill": True, "remote_block_ids": [[1, 2, 3]], "remote_request_id": "abc",
+                        "remote_host": "10.0.0.1", "remote_port": 5600}}
+                if body.get("return_token_ids"):
+                    if chat:
+                        out["prompt_token_ids"] = [5, 6, 7]
+                    else:
+                        out["choices"][0]["prompt_token_ids"] = [5, 6, 7]
+                return web.json_response(out)
+            if not body.get("stream"):
+                return web.json_response({"id": "d", "choices": [{"index": 0, "text": "hello"}],
+                                          "usage": {"prompt_tokens": 7, "completion_tokens": 1},
+                                          "kv_transfer_params": self.decode_kv})
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for i in range(self.chunks):
+                if i == 1 and self.gate is not None:
+                    await self.gate.wait()
+                await resp.write(f'data: {{"choices":[{{"index":0,"text":"t{i}"}}]}}\n\n'.encode())
+                await asyncio.sleep(self.delay)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        except asyncio.CancelledError:
+            self.cancelled.append("prefill" if kv.get("do_remote_decode") else "decode")
+            raise
+
+
+def cfg(role: str, **kw) -> SidecarConfig:
+    base = dict(role=role, host="127.0.0.1", port=free_port(), auth_token=TOKEN, peer_stats_interval_s=0,
+                connect_timeout_s=5, log_format="text")
+    base.update(kw)
+    return SidecarConfig(**base)
+
+
+class Stack:
+    def __init__(self, p_vllm: FakeVllm, d_vllm: FakeVllm, pre: Sidecar, dec: Sidecar):
+        self.p_vllm, self.d_vllm, self.pre, self.dec = p_vllm, d_vllm, pre, dec
+
+    async def stop(self):
+        for x in (self.dec, self.pre):
+            await x.stop()
+        for v in (self.p_vllm, self.d_vllm):
+            await v.stop()
+
+
+async def stack(p_kw=None, d_kw=None, pre_kw=None, dec_kw=None) -> Stack:
+    p_vllm = await FakeVllm(**(p_kw or {})).start()
+    d_vllm = await FakeVllm(**(d_kw or {})).start()
+    d_port = free_port()
+    pre = await Sidecar(cfg("prefill", vllm_url=p_vllm.url, allowed_peers=[Endpoint("127.0.0.1", d_port)],
+                            **(pre_kw or {}))).start()
+    dkw = dict(port=d_port, vllm_url=d_vllm.url, targets=[Endpoint("127.0.0.1", pre.port)])
+    dkw.update(dec_kw or {})
+    dec = await Sidecar(cfg("decode", **dkw)).start()
+    return Stack(p_vllm, d_vllm, pre, dec)
+
+
+@pytest.fixture
+async def st():
+    s = await stack()
+    yield s
+    await s.stop()
+
+
+def val(sc: Sidecar, name: str, **labels) -> float:
+    return sc.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+async def post(url: str, body, headers=None, **kw):
+    async with aiohttp.ClientSession() as s:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        async with s.post(url, data=data, headers={"content-type": "application/json", **(headers or {})}, **kw) as r:
+            return r.status, r.headers.copy(), await r.read()
+
+
+# --------------------------------------------------------------------------- #
+
+
+async def test_leg_bodies_and_headers(st):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi there"}], "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": 50, "min_tokens": 5,
+            "kv_transfer_params": {"remote_host": "evil"}}
+    status, headers, data = await post(st.dec.url + "/v1/chat/completions", body,
+                                       {"x-request-id": "client-rid", "x-prefiller-host-port": f"127.0.0.1:{st.pre.port}",
+                                        "authorization": "Bearer k", "x-secret-other": "no"})
+    assert status == 200 and headers["x-pd-path"] == "disagg" and headers["x-request-id"] == "client-rid"
+    assert b"t0" in data and b"[DONE]" in data
+    (_, pb, ph), = st.p_vllm.requests
+    assert pb["stream"] is False and "stream_options" not in pb
+    assert pb["max_tokens"] == pb["max_completion_tokens"] == pb["min_tokens"] == 1
+    assert pb["kv_transfer_params"] == {"do_remote_decode": True} and pb["return_token_ids"] is True
+    assert ph["x-request-id"] != "client-rid" and ph["authorization"] == "Bearer k"
+    assert "x-prefiller-host-port" not in {k.lower() for k in ph} and "x-secret-other" not in ph
+    (_, db, dh), = st.d_vllm.requests
+    assert db["stream"] is True and db["stream_options"] == {"include_usage": True}
+    assert db["max_tokens"] == 50 and db["min_tokens"] == 5
+    assert db["kv_transfer_params"]["remote_block_ids"] == [[1, 2, 3]]  # verbatim
+    assert db["kv_transfer_params"]["remote_host"] == "10.0.0.1"  # never the client's
+    assert db["kv_transfer_params"]["prompt_token_ids"] == [5, 6, 7]  # vLLM's chat reuse key
+    assert dh["x-request-id"] == "client-rid"
+    assert "x-pd-peer" not in dh and "x-pd-signature" not in dh
+
+    st.p_vllm.requests.clear(), st.d_vllm.requests.clear()
+    status, _, _ = await post(st.dec.url + "/v1/completions", {"model": "m", "prompt": "a b c", "max_tokens": 3})
+    assert status == 200
+    (_, pb, _), = st.p_vllm.requests
+    assert "max_completion_tokens" not in pb
+    (_, db, _), = st.d_vllm.requests
+    assert db["prompt"] == [5, 6, 7] and db["max_tokens"] == 3
+    # echo: text prompt kept
+    st.d_vllm.requests.clear()
+    await post(st.dec.url + "/v1/completions", {"model": "m", "prompt": "a b c", "echo": True})
+    assert st.d_vllm.requests[0][1]["prompt"] == "a b c"
+    await asyncio.sleep(0.1)
+    assert not st.pre.role.pending.items  # pickups reported
+
+
+async def test_sse_not_buffered():
+    s = await stack()
+    s.d_vllm.gate = asyncio.Event()
+    try:
+        async with aiohttp.ClientSession() as c:
+            async with c.post(s.dec.url + "/v1/completions", json={"model": "m", "prompt": "x", "stream": True}) as r:
+                first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
+                assert b"t0" in first  # arrived while the upstream still holds chunk 2
+                s.d_vllm.gate.set()
+                rest = await r.read()
+                assert b"t1" in rest and b"[DONE]" in rest
+    finally:
+        await s.stop()
+
+
+async def test_client_disconnect_during_prefill_aborts_upstream():
+    s = await stack(p_kw={"prefill_delay": 30})
+    try:
+        async with aiohttp.ClientSession() as c:
+            with pytest.raises(asyncio.TimeoutError):
+                await c.post(s.dec.url + "/v1/completions", json={"model": "m", "prompt": "x"},
+                             timeout=aiohttp.ClientTimeout(total=0.5))
+        for _ in range(50):
+            if s.p_vllm.cancelled:
+                break
+            await asyncio.sleep(0.1)
+        assert s.p_vllm.cancelled == ["prefill"]  # the prefill engine saw the disconnect
+        assert s.dec.in_flight == 0 and s.pre.in_flight == 0
+        assert not s.d_vllm.requests
+        assert val(s.dec, "pd_client_disconnects_total", stage="prefill") == 1
+    finally:
+        await s.stop()
+
+
+async def test_client_disconnect_mid_stream_aborts_decode():
+    s = await stack(d_kw={"chunks": 100, "delay": 0.05})
+    try:
+        async with aiohttp.ClientSession() as c:
+            async with c.post(s.dec.url + "/v1/completions", json={"model": "m", "prompt": "x", "stream": True}) as r:
+                await r.content.readuntil(b"\n\n")
+                r.close()
+        for _ in range(50):
+            if s.d_vllm.cancelled:
+                break
+            await asyncio.sleep(0.1)
+        assert s.d_vllm.cancelled == ["decode"]
+        await asyncio.sleep(0.1)
+        assert not s.pre.role.pending.items and s.dec.in_flight == 0
+    finally:
+        await s.stop()
+
+
+async def test_retry_on_connect_error_only():
+    s = await stack()
+    dead = Endpoint("127.0.0.1", free_port())
+    try:
+        s.dec.role.peers.targets.insert(0, dead)
+        await s.dec.role.peers.refresh()
+        for _ in range(4):
+            status, h, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
+            assert status == 200 and h["x-pd-path"] == "disagg"
+        assert val(s.dec, "pd_peer_errors_total", peer=str(dead), reason="connect") >= 1
+        # a peer that failed to connect is avoided for a while
+        assert val(s.dec, "pd_peer_errors_total", peer=str(dead), reason="connect") <= 2
+    finally:
+        await s.stop()
+
+
+async def test_prefill_timeout_fallback_and_fail_policy():
+    s = await stack(p_kw={"prefill_delay": 5}, dec_kw={"prefill_timeout_s": 0.3, "connect_timeout_s": 0.3})
+    try:
+        status, h, data = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
+        assert status == 200 and h["x-pd-path"] == "fallback"
+        assert val(s.dec, "pd_fallbacks_total", reason="timeout") == 1
+        assert "kv_transfer_params" not in s.d_vllm.requests[-1][1]
+        assert len(s.p_vllm.requests) == 1  # never retried after the leg was sent
+        s.dec.cfg.fallback = "fail"
+        status, h, data = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
+        assert status == 504 and json.loads(data)["error"]["code"] == "prefill_timeout"
+    finally:
+        await s.stop()
+
+
+@pytest.mark.parametrize("p_kw,path,status,reason", [
+    ({"prefill_status": 500}, "fallback", 200, "http_5xx"),
+    ({"no_kv": True}, "fallback", 200, "protocol"),
+    ({"prefill_status": 400}, "error", 400, None),  # the client's fault: passed on, no fallback
+])
+async def test_prefill_failures(p_kw, path, status, reason):
+    s = await stack(p_kw=p_kw)
+    try:
+        st_, h, data = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
+        assert st_ == status and h["x-pd-path"] == path
+        if reason:
+            assert val(s.dec, "pd_fallbacks_total", reason=reason) == 1
+        else:
+            assert json.loads(data)["error"]["message"] == "boom"
+            assert not s.d_vllm.requests
+    finally:
+        await s.stop()
+
+
+async def test_prefill_auth(st):
+    url = st.pre.url + "/v1/completions"
+    body = {"model": "m", "prompt": "x", "kv_transfer_params": {"do_remote_decode": True}}
+    me = f"127.0.0.1:{st.dec.port}"
+
+    def signed(peer=me, token=TOKEN, rid="r1", path="/v1/completions", now=None):
+        return {"x-request-id": rid, **auth.sign(token, peer, rid, path, now=now)}
+
+    cases = [
+        (signed(), 200, None),
+        ({"x-request-id": "r1"}, 401, "missing"),
+        (signed(token="another-token-0123456789"), 401, "bad_signature"),
+        (signed(now=time.time() - 3600), 401, "stale"),
+        ({**signed(), "x-request-id": "r2"}, 401, "bad_signature"),  # signature bound to the request id
+        (signed(peer=f"127.0.0.1:{st.dec.port + 1}"), 403, "peer_not_allowed"),  # same host, other port
+        (signed(peer=f"[::1]:{st.dec.port}"), 403, "peer_not_allowed"),
+    ]
+    for headers, status, reason in cases:
+        s, h, data = await post(url, body, headers)
+        assert s == status, (headers, data)
+        if reason:
+            assert json.loads(data)["error"]["code"] == reason and h["x-pd-error"] == reason
+            assert val(st.pre, "pd_auth_failures_total", reason=reason) >= 1
+    # allowlisted host:port but the connection comes from another address
+    st.pre.role.allow.entries.append(Endpoint("10.1.2.3", 8000))
+    s, _, data = await post(url, body, signed(peer="10.1.2.3:8000"))
+    assert s == 403 and json.loads(data)["error"]["code"] == "source_mismatch"
+
+
+async def test_pending_kv_release_stats_and_expiry(st):
+    # a leg handed out by another (allowlisted) peer stays pending; only that peer can release it
+    me = f"127.0.0.1:{st.dec.port}"
+    rid = "leg-1"
+    s, _, _ = await post(st.pre.url + "/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 1,
+                                                          "kv_transfer_params": {"do_remote_decode": True}},
+                         {"x-request-id": rid, **auth.sign(TOKEN, me, rid, "/v1/completions")})
+    assert s == 200
+    async with aiohttp.ClientSession() as c:
+        async with c.get(st.pre.url + "/pd/v1/stats") as r:
+            stats = await r.json()
+    assert stats["role"] == "prefill" and stats["pending"]["requests"] == 1
+    assert stats["peers"][me] == {"requests": 1, "tokens": 7, "blocks": 3, "bytes": 0,
+                                  "oldest_age_s": stats["peers"][me]["oldest_age_s"]}
+    async with aiohttp.ClientSession() as c:
+        async with c.get(st.pre.url + "/metrics") as r:
+            text = await r.text()
+    assert f'pd_pending_kv_blocks{{peer="{me}"}} 3.0' in text
+    # release needs the signature
+    s, _, _ = await post(st.pre.url + "/pd/v1/release", {"releases": [{"id": rid, "status": "picked_up"}]},
+                         {"x-request-id": "b1"})
+    assert s == 401 and st.pre.role.pending.items
+    s, _, data = await post(st.pre.url + "/pd/v1/release", {"releases": [{"id": rid, "status": "picked_up"}]},
+                            {"x-request-id": "b1", **auth.sign(TOKEN, me, "b1", "/pd/v1/release")})
+    assert s == 200 and json.loads(data) == {"released": 1} and not st.pre.role.pending.items
+    # expiry
+    from proxy.prefill import Pending
+    st.pre.role.pending.add("old", Pending(me, 1, 1, 0, time.monotonic() - 1000))
+    assert st.pre.role.pending.expire(st.pre.cfg.kv_ttl_s) == 1
+
+
+async def test_decode_stats_and_peer_selection():
+    s = await stack()
+    try:
+        other = Endpoint("127.0.0.2", 1)
+        s.dec.role.peers.targets.append(other)
+        await s.dec.role.peers.refresh()
+        s.dec.role.peers.peers[other].outstanding_tokens = 10 ** 6  # heavily loaded: never picked
+        for _ in range(5):
+            status, h, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
+            assert h["x-pd-path"] == "disagg"
+        async with aiohttp.ClientSession() as c:
+            async with c.get(s.dec.url + "/pd/v1/stats") as r:
+                stats = await r.json()
+        assert stats["role"] == "decode" and set(stats["peers"]) == {f"127.0.0.1:{s.pre.port}", "127.0.0.2:1"}
+        # the peer's own stats inform the choice
+        await s.dec.role._poll_stats(Endpoint("127.0.0.1", s.pre.port))
+        assert s.dec.role.peers.peers[Endpoint("127.0.0.1", s.pre.port)].last_stats > 0
+    finally:
+        await s.stop()
+
+
+async def test_drain_finishes_in_flight_and_refuses_new():
+    s = await stack(d_kw={"chunks": 10, "delay": 0.1}, dec_kw={"drain_grace_s": 10})
+    try:
+        async with aiohttp.ClientSession() as c:
+            async def long():
+                async with c.post(s.dec.url + "/v1/completions", json={"model": "m", "prompt": "x", "stream": True}) as r:
+                    return r.status, await r.read()
+            t = asyncio.create_task(long())
+            while s.dec.in_flight == 0:
+                await asyncio.sleep(0.01)
+            d = asyncio.create_task(s.dec.drain())
+            await asyncio.sleep(0.05)
+            async with c.get(s.dec.url + "/ready") as r:
+                assert r.status == 503
+            async with c.post(s.dec.url + "/v1/completions", json={"model": "m", "prompt": "x"}) as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "1"
+                assert (await r.json())["error"]["code"] == "draining"
+            status, data = await t
+            assert status == 200 and data.count(b"data: ") == 11
+            assert await d is True
+    finally:
+        await s.stop()
+
+
+async def test_limits_and_errors():
+    s = await stack(dec_kw={"max_body_bytes": 1024, "max_header_bytes": 2048, "max_in_flight": 1},
+                    d_kw={"chunks": 5, "delay": 0.1})
+    try:
+        status, _, data = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x" * 5000})
+        assert status == 413 and json.loads(data)["error"]["code"] == "body_too_large"
+        status, _, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"}, {"x-big": "y" * 4000})
+        assert 400 <= status < 500
+        status, _, data = await post(s.dec.url + "/v1/nope", {"model": "m"})
+        assert status == 404 and json.loads(data)["error"]
+        async with aiohttp.ClientSession() as c:
+            async with c.get(s.dec.url + "/v1/completions") as r:
+                assert r.status == 405 and (await r.json())["error"]
+            async with c.post(s.dec.url + "/v1/completions", json={"model": "m", "prompt": "x", "stream": True}) as r1:
+                status, h, data = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
+                assert status == 503 and json.loads(data)["error"]["code"] == "overloaded"
+                await r1.read()
+            async with c.get(s.dec.url + "/v1/models") as r:
+                assert (await r.json())["data"][0]["id"] == "m"
+            async with c.get(s.dec.url + "/health") as r:
+                assert r.status == 200
+    finally:
+        await s.stop()
+
+
+async def test_local_vllm_down_is_502_not_hang():
+    s = await stack(dec_kw={"vllm_url": f"http://127.0.0.1:{free_port()}"})
+    try:
+        status, h, data = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
+        assert status == 502 and json.loads(data)["error"]["code"] == "upstream_unavailable"
+        async with aiohttp.ClientSession() as c:
+            async with c.get(s.dec.url + "/ready") as r:
+                assert r.status == 503
+        await asyncio.sleep(0.1)
+        assert not s.pre.role.pending.items
+    finally:
+        await s.stop()
+
+
+async def test_transfer_metrics_and_metrics_port():
+    mport = free_port()
+    s = await stack(d_kw={"decode_kv": {"pd_transfer": {"bytes": 2_000_000, "seconds": 0.001}}},
+                    dec_kw={"metrics_port": mport})
+    try:
+        await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
+        assert val(s.dec, "pd_kv_transfer_bytes_sum") == 2_000_000
+        assert val(s.dec, "pd_kv_transfer_seconds_sum") == 0.001
+        assert val(s.dec, "pd_kv_transfer_bytes_per_second_count") == 1
+        async with aiohttp.ClientSession() as c:
+            async with c.get(f"http://127.0.0.1:{mport}/metrics") as r:
+                text = await r.text()
+        assert 'pd_requests_total{api="completions",path="disagg",role="decode"} 1.0' in text
+        assert "pd_ttft_seconds_bucket" in text and "pd_sidecar_overhead_seconds" in text
+    finally:
+        await s.stop()
+
+
+async def test_conditional_estimators():
+    s = await stack(dec_kw={"local_threshold_tokens": 10})
+    try:
+        _, h, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "short"})
+        assert h["x-pd-path"] == "local"
+        _, h, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "word " * 100})
+        assert h["x-pd-path"] == "disagg"
+        _, h, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "word " * 100, "n": 2})
+        assert h["x-pd-path"] == "local"
+        assert val(s.dec, "pd_local_decisions_total", reason="unsupported") == 1
+        # the router's header overrides the sidecar's own threshold
+        _, h, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "short"},
+                             {"x-prefiller-host-port": f"127.0.0.1:{s.pre.port}"})
+        assert h["x-pd-path"] == "disagg"
+        s.dec.cfg.token_estimator = "tokenize"
+        _, h, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "a " * 20})
+        assert h["x-pd-path"] == "disagg"
+        _, h, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "a b c"})
+        assert h["x-pd-path"] == "local"
+    finally:
+        await s.stop()
+
+
+async def test_push_mode_hook():
+    s = await stack(dec_kw={"transfer_mode": "push"}, p_kw={"prefill_delay": 0.3})
+    try:
+        status, h, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
+        assert status == 200 and h["x-pd-path"] == "disagg"
+        (_, db, _), = s.d_vllm.requests
+        kv = db["kv_transfer_params"]
+        assert kv["transfer_mode"] == "push" and kv["do_remote_prefill"] is True
+        await asyncio.sleep(0.5)
+        (_, pb, _), = s.p_vllm.requests
+        assert pb["kv_transfer_params"]["remote_request_id"] == kv["remote_request_id"]
+    finally:
+        await s.stop()
