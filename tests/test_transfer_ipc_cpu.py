@@ -108,3 +108,17 @@ def test_many_transfers_cpu_fallback_bytes_and_stats(engines):
         st = a.transfer("READ", "ipc-b", l, r, layers=range(3))
         assert st.bytes == 3 * 5 * 64 * 2 and st.num_blocks == 5 and st.num_layers == 3
         assert all(torch.equal(ka[n][l], kb[n][r]) for n in ka)
+
+
+def test_check_block_ids_large_arrays_numpy_path():
+    import numpy as np
+
+    from transfer.ipc import check_block_ids
+    ids = np.random.default_rng(0).permutation(1000)[:300]
+    assert check_block_ids(ids, 1000) is ids
+    dup = ids.copy()
+    dup[-1] = dup[0]
+    with pytest.raises(BlockIdError, match="duplicate"):
+        check_block_ids(dup, 1000)
+    with pytest.raises(BlockIdError, match="out of range"):
+        check_block_ids(ids, 999 if ids.max() == 999 else int(ids.max()))

@@ -107,7 +107,7 @@ def check_block_ids(block_ids: Any, num_blocks: int, what: str = "block ids") ->
     a = block_ids if isinstance(block_ids, np.ndarray) else np.asarray(block_ids)
     if a.ndim != 1 or a.dtype.kind not in "iu" or a.size == 0:
         return validate_block_ids(block_ids, num_blocks, what)
-    if a.size <= 512:  # small lists: plain Python beats numpy's per-call overhead
+    if a.size <= 64:  # small lists: plain Python beats numpy's per-call overhead
         v = a.tolist()
         if min(v) < 0 or max(v) >= num_blocks or len(set(v)) != len(v):
             return validate_block_ids(a, num_blocks, what)
