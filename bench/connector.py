@@ -51,12 +51,14 @@ def metric_sum(url: str, name: str) -> float:
 
 
 def run_pair(model: str, kv_cfg: dict, stock: bool, prompts: list[list[int]], warm: int,
-             log_dir: str) -> dict[str, Any]:
+             log_dir: str) -> dict[str, list[float]]:
+    """Raw samples (seconds) for one engine pair; first ``warm`` prompts discarded."""
     p, d = start_engines(pd_pair_configs(model, kv_cfg, stock=stock, log_dir=log_dir))
     try:
-        agg, pre, dec, xfer = [], [], [], []
+        out: dict[str, list[float]] = {"aggregated": [], "prefill_leg": [], "decode_leg": [],
+                                       "transfer": []}
         for i, toks in enumerate(prompts):
-            # aggregated reference: the same prompt shifted by one token (fresh, uncached)
+            # aggregated reference: the same length, first token changed (fresh, uncached)
             ref = [toks[1]] + toks[1:]
             t0 = time.perf_counter()
             post(p.url, {"model": model, "prompt": ref, "max_tokens": 1, "temperature": 0})
@@ -68,25 +70,24 @@ def run_pair(model: str, kv_cfg: dict, stock: bool, prompts: list[list[int]], wa
                               "kv_transfer_params": r1["kv_transfer_params"]})
             t3 = time.perf_counter()
             if i >= warm:
-                agg.append(t1 - t0)
-                pre.append(t2 - t1)
-                dec.append(t3 - t2)
+                out["aggregated"].append(t1 - t0)
+                out["prefill_leg"].append(t2 - t1)
+                out["decode_leg"].append(t3 - t2)
                 pt = (r2.get("kv_transfer_params") or {}).get("pd_transfer") or {}
                 if pt.get("ms") is not None:
-                    xfer.append(pt["ms"] / 1e3)
-        out = {"aggregated_ms": 1e3 * statistics.median(agg),
-               "prefill_leg_ms": 1e3 * statistics.median(pre),
-               "decode_leg_ms": 1e3 * statistics.median(dec)}
-        if xfer:
-            out["transfer_ms"] = 1e3 * statistics.median(xfer)
-        else:  # stock: from its histogram
+                    out["transfer"].append(pt["ms"] / 1e3)
+        if not out["transfer"]:  # stock: mean from its histogram
             s = metric_sum(d.url, "vllm:nixl_xfer_time_seconds_sum")
             c = metric_sum(d.url, "vllm:nixl_xfer_time_seconds_count")
-            out["transfer_ms"] = 1e3 * s / c if c else None
+            out["transfer"] = [s / c] if c else []
         return out
     finally:
         p.stop()
         d.stop()
+
+
+def summarize(samples: dict[str, list[float]]) -> dict[str, float | None]:
+    return {f"{k}_ms": (1e3 * statistics.median(v) if v else None) for k, v in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=["llama", "mixtral"])
     ap.add_argument("-n", type=int, default=10)
     ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=1502)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "pdsidecar" / "models"))
@@ -105,16 +107,24 @@ def main(argv: list[str] | None = None) -> int:
         model = str(ensure_model(m, Path(a.cache) / f"tiny-{m}"))
         vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
         rng = random.Random(a.seed)
-        prompts = [[rng.randrange(10, vocab - 1) for _ in range(a.tokens)]
-                   for _ in range(a.n + a.warm)]
-        res = {}
-        for name, cfg, stock in (("stock", stock_nixl_config(), True),
-                                 ("ours", ours_config(), False)):
-            res[name] = run_pair(model, cfg, stock, prompts, a.warm, a.log_dir)
-            print(m, name, json.dumps({k: round(v, 3) if v else v for k, v in res[name].items()}),
-                  flush=True)
+        samples: dict[str, dict[str, list[float]]] = {"stock": {}, "ours": {}}
+        # interleaved rounds (stock, ours, stock, ours, ...): other jobs on this
+        # machine drift over minutes; alternating keeps the comparison fair
+        for rnd in range(a.rounds):
+            prompts = [[rng.randrange(10, vocab - 1) for _ in range(a.tokens)]
+                       for _ in range(a.n + a.warm)]
+            for name, cfg, stock in (("stock", stock_nixl_config(), True),
+                                     ("ours", ours_config(), False)):
+                got = run_pair(model, cfg, stock, prompts, a.warm, a.log_dir)
+                for k, v in got.items():
+                    samples[name].setdefault(k, []).extend(v)
+                print(m, f"round {rnd}", name, json.dumps(
+                    {k: round(v, 3) if v else v for k, v in summarize(got).items()}), flush=True)
+        res: dict[str, Any] = {n: summarize(samples[n]) for n in samples}
         res["ratio"] = {k: res["ours"][k] / res["stock"][k]
                         for k in ("prefill_leg_ms", "decode_leg_ms", "aggregated_ms")}
+        for n in ("stock", "ours"):
+            print(m, n, json.dumps({k: round(v, 3) if v else v for k, v in res[n].items()}))
         print(m, "ratio ours/stock", json.dumps({k: round(v, 3) for k, v in res["ratio"].items()}),
               flush=True)
         results[m] = res

@@ -1,0 +1,82 @@
+"""PdConnector with parallel engines on CPU: DP=2 rank addressing and P TP=2 -> D TP=1.
+
+Slow (each pair starts 3 engine cores on 2 cores); run under the engine lock::
+
+    flock /tmp/pdsidecar-engines.lock python -m pytest tests/test_connector_parallel.py -q
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pdsidecar.engines import EngineConfig
+
+from test_connector_engines import aggregated, decode, make_prompts, ours_config, prefill  # noqa: E402
+
+pytestmark = pytest.mark.engines
+
+
+def pair(engine_pool, llama_dir, name, p_args, p_bind, d_args=(), d_bind="1"):
+    cfg = ours_config()
+    return engine_pool.get(name, lambda: [
+        EngineConfig(model=llama_dir, name=f"{name}-prefill", kv_transfer_config=cfg,
+                     cpu_bind=p_bind, extra_args=list(p_args), log_dir=engine_pool.log_dir),
+        EngineConfig(model=llama_dir, name=f"{name}-decode", kv_transfer_config=cfg,
+                     cpu_bind=d_bind, extra_args=list(d_args), log_dir=engine_pool.log_dir),
+    ])
+
+
+def test_dp2_prefill_names_its_rank(engine_pool, llama_dir):
+    """Each DP rank is its own engine core/KV cache: the prefill response names the rank
+    (remote_dp_rank, its own control port and engine id) and decode reads exactly there."""
+    eng = pair(engine_pool, llama_dir, "ours-dp2", ["--data-parallel-size", "2"], "0|1")
+    try:
+        prompts = make_prompts(llama_dir, seed=11)[4:16]
+        ref = [aggregated(eng[0], p) for p in prompts]
+        params: dict[int, dict] = {}
+
+        def one(i):
+            params[i] = prefill(eng, prompts[i])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        ranks = {p["remote_dp_rank"] for p in params.values()}
+        by_rank = {p["remote_dp_rank"]: (p["remote_port"], p["remote_engine_id"])
+                   for p in params.values()}
+        for r, (port, eid) in by_rank.items():
+            assert eid.endswith(f"_dp{r}"), eid
+        assert len({port for port, _ in by_rank.values()}) == len(by_rank)
+        for i, p in enumerate(prompts):
+            status, r = decode(eng, p, params[i])
+            assert status == 200, r
+            assert r["kv_transfer_params"]["pd_transfer"]["error"] == ""
+            assert r["choices"][0]["text"] == ref[i]
+        if len(ranks) < 2:
+            pytest.skip(f"load balancer used only DP rank(s) {ranks}; addressing of one rank ok")
+    finally:
+        engine_pool.drop("ours-dp2")
+
+
+def test_prefill_tp2_decode_tp1(engine_pool, llama_dir):
+    eng = pair(engine_pool, llama_dir, "ours-tp2", ["--tensor-parallel-size", "2"], "0|1")
+    try:
+        prompts = make_prompts(llama_dir, seed=12)[6:12]
+        # TP changes reduction order: accept the greedy output of either engine alone
+        ref_p = [aggregated(eng[0], p) for p in prompts]
+        ref_d = [aggregated(eng[1], p) for p in prompts]
+        for i, p in enumerate(prompts):
+            params = prefill(eng, p)
+            assert params["tp_size"] == 2
+            status, r = decode(eng, p, params)
+            assert status == 200, r
+            pt = r["kv_transfer_params"]["pd_transfer"]
+            assert pt["error"] == "", pt
+            assert pt["bytes"] > 0
+            assert r["choices"][0]["text"] in (ref_p[i], ref_d[i])
+    finally:
+        engine_pool.drop("ours-tp2")
