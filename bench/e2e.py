@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import platform
@@ -374,6 +375,7 @@ def sidecar_delta(before: dict | None, after: dict | None) -> dict[str, Any] | N
 
 
 def kv_figures(url: str | None) -> dict[str, float] | None:
+    """KV bytes/seconds/transfers totals on the decode engine's /metrics (None when unreadable)."""
     if not url:
         return None
     from pdsidecar.local import read_kv_figures
@@ -382,7 +384,27 @@ def kv_figures(url: str | None) -> dict[str, float] | None:
         k = read_kv_figures(url)
     except (urllib.error.URLError, OSError, ValueError):
         return None
-    return {"bytes": k.bytes, "seconds": k.seconds, "transfers": k.transfers}
+    out = {"bytes": k.bytes, "seconds": k.seconds, "transfers": k.transfers}
+    if k.transfers and not k.bytes:
+        # PdConnector exports its byte count as a counter (pd_connector_bytes_transferred_total),
+        # which read_kv_figures does not read (yet): take it from there.
+        snap = scrape(url)
+        out["bytes"] = _series(snap, "pd_connector_bytes_transferred_total")
+    return out
+
+
+async def settled_kv(url: str | None, tries: int = 20) -> dict[str, float] | None:
+    """KV figures once two reads 50 ms apart agree (the engine publishes stats with a lag)."""
+    prev = await asyncio.to_thread(kv_figures, url)
+    for _ in range(tries):
+        if prev is None:
+            return None
+        await asyncio.sleep(0.05)
+        cur = await asyncio.to_thread(kv_figures, url)
+        if cur == prev:
+            return cur
+        prev = cur
+    return prev
 
 
 def kv_sub(a: dict | None, b: dict | None) -> dict[str, float] | None:
@@ -447,7 +469,9 @@ async def send(client: Any, model: str, spec: RequestSpec, timeout: float) -> di
             model=model, prompt=spec.prompt, max_tokens=spec.max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, timeout=timeout)
         rec["path"] = raw.headers.get("x-pd-path")
-        stream = await raw.parse()
+        stream = raw.parse()
+        if inspect.isawaitable(stream):
+            stream = await stream
         async for chunk in stream:
             now = time.perf_counter()
             if getattr(chunk, "usage", None):
@@ -479,7 +503,7 @@ async def send(client: Any, model: str, spec: RequestSpec, timeout: float) -> di
 
 async def _with_kv(client, target: Target, spec: RequestSpec, timeout: float) -> dict[str, Any]:
     """A request sent alone, with the decode engine's KV figures read around it."""
-    before = await asyncio.to_thread(kv_figures, target.engine_kv_url)
+    before = await settled_kv(target.engine_kv_url)
     rec = await send(client, target.model, spec, timeout)
     if target.engine_kv_url and rec.get("error") is None:
         after = None
@@ -495,7 +519,7 @@ async def _with_kv(client, target: Target, spec: RequestSpec, timeout: float) ->
     return rec
 
 
-async def run_load(target: Target, plan: Plan, label: str) -> tuple[list[dict[str, Any]], float]:
+async def run_load(target: Target, plan: Plan, label: str) -> tuple[list[dict[str, Any]], float, tuple]:
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=target.url + "/v1", api_key="pdbench", max_retries=0,
@@ -506,9 +530,12 @@ async def run_load(target: Target, plan: Plan, label: str) -> tuple[list[dict[st
             # fresh prompts (never measured again), a short one and a long one
             spec = sweep_request(wl.vocab, -1 - i, 512 if i % 2 else 64, 8, plan.seed + 99)
             await send(client, target.model, spec, plan.request_timeout)
+        # metrics baseline after the warm-up, once the engine's stats have caught up
+        kv0 = await settled_kv(target.engine_kv_url)
+        snap0 = (await asyncio.to_thread(scrape, target.sidecar_url), kv0)
         records: list[dict[str, Any]] = []
         if plan.num_requests == 0:
-            return records, 0.0
+            return records, 0.0, snap0
         prog = Progress(label, plan.num_requests, plan.progress, plan.duration)
         t0 = time.perf_counter()
         sequential = plan.concurrency == 1
@@ -547,7 +574,7 @@ async def run_load(target: Target, plan: Plan, label: str) -> tuple[list[dict[st
         wall = time.perf_counter() - t0
         prog.close()
         records.sort(key=lambda r: r["index"])
-        return records, wall
+        return records, wall, snap0
     finally:
         await client.close()
 
@@ -673,9 +700,9 @@ def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
     c.update(label=target.label, connector=target.connector, url=target.url, cores=target.cores, logs=target.logs,
              startup_s=time.perf_counter() - t_start)
     try:
-        sc0, kv0 = scrape(target.sidecar_url), kv_figures(target.engine_kv_url)
-        records, wall = asyncio.run(run_load(target, plan, name))
-        sc1, kv1 = scrape(target.sidecar_url), kv_figures(target.engine_kv_url)
+        records, wall, (sc0, kv0) = asyncio.run(run_load(target, plan, name))
+        kv1 = asyncio.run(settled_kv(target.engine_kv_url))
+        sc1 = scrape(target.sidecar_url)
         sweep = asyncio.run(run_sweep(target, plan, name)) if plan.sweep_tokens else None
     finally:
         target.stop()

@@ -63,7 +63,7 @@ def write_plots(result: dict[str, Any], out_dir: str) -> list[str]:
     ax.set_ylabel("TTFT (ms)")
     ax.set_title(f"TTFT vs prompt length — {title}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend(ax)
     files.append(_save(fig, d / "ttft_vs_prompt.png", plt))
 
     # 2. transfer GB/s vs KV bytes (per request where measured alone; else the run's mean)
@@ -107,10 +107,15 @@ def write_plots(result: dict[str, Any], out_dir: str) -> list[str]:
     for ax in axes:
         ax.set_ylabel("fraction of requests / tokens")
         ax.grid(alpha=0.3)
-        ax.legend()
+        _legend(ax)
     fig.suptitle(f"CDFs — {title}", fontsize=9)
     files.append(_save(fig, d / "cdf_ttft_itl.png", plt))
     return files
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
 
 
 def _save(fig, path: Path, plt) -> str:

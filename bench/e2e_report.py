@@ -121,13 +121,14 @@ def kv_summary(kv_delta: dict[str, float] | None, sidecar: dict[str, Any] | None
         b, s, t = kv_delta["bytes"], kv_delta["seconds"], kv_delta["transfers"]
         out.update(source="decode engine /metrics", bytes_total=b, seconds_total=s, transfers=t,
                    bytes_per_request=b / n_ok if n_ok else None,
-                   seconds_per_transfer=s / t, gbps=(b / s / 1e9) if s > 0 else None)
+                   seconds_per_request=s / n_ok if n_ok else None,
+                   seconds_per_transfer=s / t, gbps=(b / s / 1e9) if s > 0 and b > 0 else None)
     if sidecar:
         leg = sidecar.get("decode_leg_disagg")
         if leg and leg.get("count"):
             mean_leg = leg["sum"] / leg["count"]
             out["decode_leg_mean_s"] = mean_leg
-            xfer = out.get("seconds_per_transfer")
+            xfer = out.get("seconds_per_request")
             if xfer is None and sidecar.get("kv_seconds", {}).get("count"):
                 xfer = sidecar["kv_seconds"]["sum"] / sidecar["kv_seconds"]["count"]
                 out["source"] = out["source"] or "sidecar /metrics"
@@ -193,7 +194,7 @@ def format_tables(result: dict[str, Any]) -> str:
         k = c.get("kv", {})
         kv_rows.append([name, c.get("connector", "-"),
                         _num(k.get("bytes_per_request") and k["bytes_per_request"] / 1e6, "{:.3f}"),
-                        _ms(k.get("seconds_per_transfer"), 3), _num(k.get("gbps"), "{:.2f}"),
+                        _ms(k.get("seconds_per_request"), 3), _num(k.get("gbps"), "{:.2f}"),
                         _ms(k.get("prefill_leg_mean_s")), _ms(k.get("decode_leg_mean_s")),
                         _ms(k.get("decode_leg_not_transfer_s")), _ms(k.get("sidecar_overhead_mean_s"), 2),
                         " ".join(f"{p}={n}" for p, n in sorted(c["summary"].get("paths", {}).items()))])
