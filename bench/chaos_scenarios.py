@@ -121,11 +121,12 @@ class StackOptions:
     connect_timeout_s: float = 1.0
     prefill_timeout_s: float = 10.0
     decode_timeout_s: float = 30.0
-    total_timeout_s: float = 60.0
+    total_timeout_s: float = 30.0
     drain_grace_s: float = 30.0
     kv_ttl_s: float = 8.0
     kv_lease_s: int = 8  # stock NixlConnector: prefill frees unread KV after this (kv_lease_duration)
-    client_slack_s: float = 15.0
+    client_slack_s: float = 10.0
+    server_keepalive_s: float = 20.0
     log_level: str = "info"
 
     @property
@@ -179,7 +180,8 @@ class ChaosStack:
         return ["--host", "127.0.0.1", "--auth-token", self.token, "--log-level", o.log_level,
                 "--log-format", "json", "--connect-timeout", str(o.connect_timeout_s),
                 "--prefill-timeout", str(o.prefill_timeout_s), "--decode-timeout", str(o.decode_timeout_s),
-                "--total-timeout", str(o.total_timeout_s), "--drain-grace", str(o.drain_grace_s)]
+                "--total-timeout", str(o.total_timeout_s), "--drain-grace", str(o.drain_grace_s),
+                "--server-keepalive", str(o.server_keepalive_s)]
 
     def _logdir(self, role: str) -> Path:
         self._incarnation += 1
@@ -852,27 +854,33 @@ def raw_request(port: int, method: str, path: str, headers: list[tuple[str, str]
     return RawResponse(status, hdrs, rest, "answered", time.monotonic() - t0)
 
 
-def ssrf_header_values(allowed_port: int, probe_port: int, probe6_port: int | None) -> list[str]:
-    """x-prefiller-host-port values that must NOT make the decode sidecar connect anywhere
-    but its configured prefill peer (allowed_port); probes listen on 127.0.0.1/::1."""
-    q = probe_port
-    vals = [
-        f"127.0.0.2:{allowed_port}",  # other host, allowed port
-        f"127.0.0.1:{q}",  # allowed host, other port
-        f"[::ffff:127.0.0.1]:{q}",  # IPv4-mapped IPv6, other port
-        f"2130706433:{q}", f"0177.0.0.1:{q}", f"0x7f.0.0.1:{q}", f"0x7f000001:{q}", f"127.1:{q}",
-        f"017700000001:{q}", f"127.0.0.1.:{q}",
-        f"a@127.0.0.1:{q}", f"127.0.0.1:{allowed_port}@127.0.0.1:{q}", f"user:pw@127.0.0.1:{allowed_port}",
-        f"http://127.0.0.1:{q}", f"http://127.0.0.1:{allowed_port}", f"127.0.0.1:{q}/x",
-        f"127.0.0.1:{allowed_port}/../x", f"127.0.0.1:{allowed_port}?x=1", f"127.0.0.1:{allowed_port}#x",
-        f"localhost:{q}", f"localhost:{allowed_port}", f"127.0.0.1:0{allowed_port}",
-        f"127.0.0.1:{allowed_port + 65536}", f"127.0.0.1:-{allowed_port}", f"127.0.0.1:{allowed_port}:{q}",
-        f"127.0.0.1 :{allowed_port}", f"127.0.0.1:{q},127.0.0.1:{allowed_port}", f"127.0.0.1%00:{q}",
-        f"[127.0.0.1]:{q}", "127.0.0.1:*", f"0.0.0.0:{q}", f"[::]:{q}", f"[fe80::1%lo]:{q}",
-    ]
-    if probe6_port is not None:
-        vals += [f"[::1]:{probe6_port}", f"[0:0:0:0:0:0:0:1]:{probe6_port}", f"[::1]:{allowed_port}"]
-    return vals
+SSRF_TEMPLATES = (
+    "127.0.0.2:{p}",  # other host, allowed port
+    "127.0.0.1:{q}",  # allowed host, other port
+    "[::ffff:127.0.0.1]:{q}",  # IPv4-mapped IPv6, other port
+    "2130706433:{q}", "0177.0.0.1:{q}", "0x7f.0.0.1:{q}", "0x7f000001:{q}", "127.1:{q}",
+    "017700000001:{q}", "127.0.0.1.:{q}",
+    "a@127.0.0.1:{q}", "127.0.0.1:{p}@127.0.0.1:{q}", "user:pw@127.0.0.1:{p}",
+    "http://127.0.0.1:{q}", "http://127.0.0.1:{p}", "127.0.0.1:{q}/x",
+    "127.0.0.1:{p}/../x", "127.0.0.1:{p}?x=1", "127.0.0.1:{p}#x",
+    "localhost:{q}", "localhost:{p}", "127.0.0.1:0{p}",
+    "127.0.0.1:{p_wrap}", "127.0.0.1:-{p}", "127.0.0.1:{p}:{q}",
+    "127.0.0.1 :{p}", "127.0.0.1:{q},127.0.0.1:{p}", "127.0.0.1%00:{q}",
+    "[127.0.0.1]:{q}", "127.0.0.1:*", "0.0.0.0:{q}", "[::]:{q}", "[fe80::1%lo]:{q}",
+    "[::1]:{q6}", "[0:0:0:0:0:0:0:1]:{q6}", "[::1]:{p}",
+)
+
+
+def ssrf_header_values(allowed_port: int, probe_port: int, probe6_port: int | None) -> list[tuple[str, str]]:
+    """(template, value) of x-prefiller-host-port values that must NOT make the decode
+    sidecar connect anywhere but its configured prefill peer ({p}); probes ({q}, {q6})
+    listen on 127.0.0.1 / ::1."""
+    out = []
+    for t in SSRF_TEMPLATES:
+        if "{q6}" in t and probe6_port is None:
+            continue
+        out.append((t, t.format(p=allowed_port, q=probe_port, q6=probe6_port, p_wrap=allowed_port + 65536)))
+    return out
 
 
 def _ipv6_loopback_ok() -> bool:
@@ -906,7 +914,7 @@ def hostile_cases(decode_port: int, prefill_port: int, allowed_prefill_port: int
         out = []
         det = Detector("127.0.0.1")
         det6 = Detector("::1") if _ipv6_loopback_ok() else None
-        for v in ssrf_header_values(allowed_prefill_port, det.port, det6.port if det6 else None):
+        for tmpl, v in ssrf_header_values(allowed_prefill_port, det.port, det6.port if det6 else None):
             def check(v=v):
                 before = len(det.hits) + (len(det6.hits) if det6 else 0)
                 try:
@@ -921,7 +929,7 @@ def hostile_cases(decode_port: int, prefill_port: int, allowed_prefill_port: int
                 if r.status == 200 and v in (f"[::ffff:127.0.0.1]:{allowed_prefill_port}",):
                     return True, "canonical form of the allowed peer"
                 return expect_4xx(r)
-            out.append((f"ssrf {v}", check))
+            out.append((f"ssrf {tmpl}", check))
         out.append(("ssrf probes closed", lambda: (det.close(), det6 and det6.close(), (True, "closed"))[-1]))
         return out
 
@@ -1036,16 +1044,18 @@ def slowloris(port: int, n: int, bound_s: float, body: bool) -> tuple[int, int, 
         socks.append(s)
     t0 = time.monotonic()
     open_ = set(range(n))
+    answers: list[bytes] = []
     last = 0.0
     while open_ and time.monotonic() - t0 < bound_s:
         for i in list(open_):
             try:
                 b = socks[i].recv(65536)
-                if not b:
+                if not b or b.startswith(b"HTTP/1.1 4") or b.startswith(b"HTTP/1.1 5"):
+                    # closed, or answered with an error (408/413/504...): the request is over
+                    answers.append(b[:12])
                     open_.discard(i)
                     last = time.monotonic() - t0
                     continue
-                # an answer (408/504/...) counts as closed when the server then closes
             except BlockingIOError:
                 pass
             except OSError:
@@ -1054,6 +1064,7 @@ def slowloris(port: int, n: int, bound_s: float, body: bool) -> tuple[int, int, 
         time.sleep(0.2)
     for s in socks:
         s.close()
+    slowloris.last_answers = answers  # type: ignore[attr-defined]
     return n - len(open_), len(open_), last
 
 
@@ -1078,7 +1089,9 @@ async def scn_hostile(stack: ChaosStack, prof: Profile) -> Result:
                           f"127.0.0.1:{stack.d_port}")
     fails = Counter()
     # slow clients hold connections while everything else runs
-    loris_bound = stack.opts.client_bound_s
+    # half-sent headers are bounded by the server keep-alive (--server-keepalive), slow
+    # bodies by the total timeout
+    loris_bound = max(stack.opts.client_bound_s, stack.opts.server_keepalive_s + 10)
     loris = asyncio.ensure_future(asyncio.gather(
         asyncio.to_thread(slowloris, stack.d_port, 8, loris_bound, False),
         asyncio.to_thread(slowloris, stack.d_port, 8, loris_bound, True)))
