@@ -42,7 +42,7 @@ def ours_pair(engine_pool, llama_dir):
 @pytest.fixture
 def ours_fail_pair(engine_pool, llama_dir):
     return engine_pool.get("ours-llama-fail", lambda: pd_pair_configs(
-        llama_dir, ours_config("fail"), log_dir=engine_pool.log_dir))
+        llama_dir, ours_config("fail", kv_lease_s=6), log_dir=engine_pool.log_dir))
 
 
 @pytest.fixture
@@ -72,6 +72,14 @@ def metric(engine, name: str) -> float:
     text = urllib.request.urlopen(engine.url + "/metrics", timeout=10).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def failures(engine, reason: str) -> float:
+    """Value of pd_connector_failures_total{reason=...}."""
+    text = urllib.request.urlopen(engine.url + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("pd_connector_failures_total{")
+               and f'reason="{reason}"' in line)
 
 
 def wait_metric(engine, name: str, want: float, timeout: float = 60.0) -> float:
@@ -261,19 +269,32 @@ def test_kill_prefill_then_decode_recomputes(ours_pair, engine_pool, llama_dir):
 
 
 def test_fail_policy_gives_clean_error(ours_fail_pair, engine_pool, llama_dir):
-    prompt = make_prompts(llama_dir, seed=6)[9]
-    params = prefill(ours_fail_pair, prompt)
-    bad = dict(params, remote_engine_id="impostor")
+    """Pair with kv_load_failure_policy=fail and a 6 s lease."""
+    prompts = make_prompts(llama_dir, seed=6)
+    prompt = prompts[9]
+    bad = dict(prefill(ours_fail_pair, prompt), remote_engine_id="impostor")
     status, r = decode(ours_fail_pair, prompt, bad)
     assert status >= 400 or r["choices"][0]["finish_reason"] == "error", r
-    # the engine survives and serves the real params
-    status, r = decode(ours_fail_pair, prompt, params)
+    # the engine survives and serves real params
+    status, r = decode(ours_fail_pair, prompt, prefill(ours_fail_pair, prompt))
     assert status == 200, r
+    assert r["kv_transfer_params"]["pd_transfer"]["error"] == ""
+    # unread prefill blocks expire: freed on the prefill side, counted, and a late
+    # decode gets a clean error instead of reading reused blocks
+    late = prefill(ours_fail_pair, prompts[11])
+    assert wait_metric(ours_fail_pair[0], "pd_connector_requests_pending_pickup", 0) == 0
+    assert metric(ours_fail_pair[0], "pd_connector_expired_requests_total") >= 1
+    assert metric(ours_fail_pair[0], "pd_connector_expired_blocks_total") >= len(
+        late["remote_block_ids"][0])
+    status, r = decode(ours_fail_pair, prompts[11], late)
+    assert status >= 400 or r["choices"][0]["finish_reason"] == "error", r
+    assert failures(ours_fail_pair[1], "expired") >= 1
+    assert failures(ours_fail_pair[1], "unknown_engine") >= 1
     # prefill engine gone -> clean error, decode engine stays up
-    params = prefill(ours_fail_pair, make_prompts(llama_dir, seed=6)[10])
+    params = prefill(ours_fail_pair, prompts[10])
     ours_fail_pair[0].kill(signal.SIGKILL)
     try:
-        status, r = decode(ours_fail_pair, make_prompts(llama_dir, seed=6)[10], params)
+        status, r = decode(ours_fail_pair, prompts[10], params)
         assert status >= 400 or r["choices"][0]["finish_reason"] == "error", r
         assert ours_fail_pair[1].alive()
         status, r = post(ours_fail_pair[1], {"prompt": [5, 6, 7], "max_tokens": 2})

@@ -32,7 +32,7 @@ from .connector_stats import PdConnectorStats
 if TYPE_CHECKING:
     from vllm.v1.request import Request
 
-log = logging.getLogger("pdsidecar.connector")
+log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
 
 _FINISHED_OK = ("FINISHED_LENGTH_CAPPED", "FINISHED_STOPPED")
 

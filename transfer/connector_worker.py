@@ -27,7 +27,7 @@ from .connector_meta import (R_BLOCK_RANGE, R_EXPIRED, R_MISMATCH,
                              RemoteSource)
 from .connector_stats import PdConnectorStats
 
-log = logging.getLogger("pdsidecar.connector")
+log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
 
 
 @dataclass
