@@ -48,13 +48,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def format_table(results: list[Result]) -> str:
-    rows = [("scenario", "requests", "completed", "errors by kind", "hung", "leaked KV blocks", "result")]
+    rows = [("scenario", "requests", "completed (not disagg)", "errors by kind", "hung", "leaked KV blocks (+pending)",
+             "result")]
     for r in results:
         errs = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "0"
         leak = "-" if r.leaked_blocks is None else str(r.leaked_blocks)
         if r.pending_left:
             leak += f" (+{r.pending_left} pending)"
-        rows.append((r.scenario, str(r.requests), str(r.completed), errs, str(r.hung), leak, r.result))
+        done = str(r.completed)
+        via = {k: v for k, v in r.paths.items() if k not in ("disagg", "-")}
+        if via:
+            done += " (" + ", ".join(f"{k} {v}" for k, v in via.items()) + ")"
+        rows.append((r.scenario, str(r.requests), done, errs, str(r.hung), leak, r.result))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -693,18 +693,29 @@ async def scn_decode_sidecar_restart(stack: ChaosStack, prof: Profile) -> Result
     """SIGKILL the decode sidecar under load and start it again: in-flight requests see a
     dropped connection, requests in the gap connection refused, later ones succeed;
     nothing hangs and nothing stays held."""
+    info: dict[str, float] = {}
 
     async def fault(p: Progress):
         await p.reached(0.3 * prof.fault_n)
         stack.decode.proc.kill()
         await _to_thread(stack.decode.proc.wait, 10)
         await _to_thread(stack.start_decode_sidecar)
+        info["up"] = time.monotonic()
 
-    res, outs, _ = await _fault_scenario(stack, prof, "decode_sidecar_restart", 16, fault,
-                                         allowed=("refused", "reset"))
-    late = [o for o in outs[-max(3, prof.fault_n // 5):] if o.kind != "ok"]
-    if late:
-        res.fail(f"{len(late)} of the last requests failed after the restart")
+    reqs = make_requests(prof.fault_n, stack.model, 16, prof.max_tokens)
+    t0 = time.monotonic()
+    # paced, so that requests keep coming while the sidecar is down and after it is back
+    outs = await run_load(stack.decode_url, reqs, prof.fault_c, stack.opts.client_bound_s, fault, pace_s=0.5)
+    res = summarize("decode_sidecar_restart", outs, allowed=("refused", "reset"))
+    res.seconds = round(time.monotonic() - t0, 1)
+    up = info.get("up", float("inf"))
+    after = [o for o in outs if o.t_start > up]
+    bad = [o for o in after if o.kind != "ok"]
+    res.notes.append(f"{len(after)} requests after the restart, {len(bad)} failed")
+    if bad:
+        res.fail(f"{len(bad)} request(s) failed after the restart: {Counter(o.kind for o in bad)}")
+    if not after:
+        res.notes.append("no request was sent after the restart")
     add_leaks(res, stack)
     return res
 
@@ -891,6 +902,13 @@ def _ipv6_loopback_ok() -> bool:
         return True
     except OSError:
         return False
+
+
+# hostile cases that fail because of known bugs in the sidecar (docs/reliability.md)
+KNOWN_BUGS = {
+    "prefill: replayed signed leg": "B1",
+    "decode: deeply nested JSON": "B2",
+}
 
 
 def hostile_cases(decode_port: int, prefill_port: int, allowed_prefill_port: int, token: str, model: str,
@@ -1101,8 +1119,9 @@ async def scn_hostile(stack: ChaosStack, prof: Profile) -> Result:
         if ok:
             res.completed += 1
         else:
-            fails[name.split(" ")[0] + " " + name.split(" ")[1].rstrip(":")] += 1
-            res.notes.append(f"{name}: {detail}")
+            bug = KNOWN_BUGS.get(name)
+            fails[f"{bug} {name.split(': ')[-1]}" if bug else name] += 1
+            res.notes.append(f"{name}: {detail}" + (f" (known bug {bug})" if bug else ""))
     # the sidecar must keep serving normal requests while slow clients hold sockets
     reqs = make_requests(6, stack.model, 31, prof.max_tokens)
     outs = await run_load(stack.decode_url, reqs, 3, stack.opts.client_bound_s)
