@@ -247,3 +247,32 @@ def test_worker_meta_aggregate_over_tp_ranks():
                             "backend": "nixl", "error": ""}})
     m = a.aggregate(b).results["r"]
     assert m["bytes"] == 20 and m["ms"] == 0.5 and m["ranks"] == 2
+
+
+def test_control_port_is_exclusive_per_host():
+    """Two engines given the same control_port must not share it (gRPC SO_REUSEPORT)."""
+    from transfer.connector_control import start_control_server
+    a = start_control_server("127.0.0.1", 0)
+    try:
+        b = start_control_server("127.0.0.1", a.port)
+        try:
+            assert b.port != a.port and b.port > 0
+        finally:
+            b.stop()
+    finally:
+        a.stop()
+
+
+def test_release_over_control_plane_round_trip():
+    s = PdConnectorScheduler(PdConfig.from_extra({}, env={}), engine_id="eng-p", block_size=BS,
+                             tp_size=1, dp_rank=0)
+    try:
+        s.request_finished(fake_request("p1", 20, {"do_remote_decode": True},
+                                        "FINISHED_STOPPED"), [1, 2])
+        from transfer.connector_control import send_release
+        send_release("127.0.0.1", s.port, "eng-d", "eng-p", "p1", 5.0)
+        assert s.build_connector_meta(None).release == {"p1"}
+        with pytest.raises(Exception):  # wrong receiver: rejected, not silently applied
+            send_release("127.0.0.1", s.port, "eng-d", "eng-other", "p1", 5.0)
+    finally:
+        s.shutdown()

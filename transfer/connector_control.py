@@ -43,3 +43,43 @@ def send_release(host: str, port: int, sender: str, receiver: str, request_id: s
     except Exception:
         drop_client(host, port)
         raise
+
+
+def start_control_server(host: str, port: int, **kw: Any) -> Any:
+    """Start ``transfer.control.ControlServer`` on ``host:port`` with an *exclusive* bind.
+
+    gRPC binds with SO_REUSEPORT by default, so two engines on one host given the
+    same ``control_port`` would both "bind" and share connections (a decode
+    handshake could land on the decode engine itself). Adapter: the server is
+    rebuilt with ``grpc.so_reuseport=0`` (``ControlServer`` takes no gRPC options
+    yet). If the port is taken, fall back to an ephemeral port (it is advertised
+    in the params) and log it. Returns the started server (``.port`` = bound port).
+    """
+    import logging
+    from concurrent import futures
+
+    import grpc
+
+    from . import control as ctl
+
+    def make(p: int) -> Any:
+        addr = f"[{host}]:{p}" if ":" in host else f"{host}:{p}"
+        srv = ctl.ControlServer(addr, **kw)
+        srv._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="pd-control"),
+            options=[("grpc.so_reuseport", 0)])
+        ctl.pb_grpc.add_KVTransferControlServicer_to_server(ctl._Servicer(srv), srv._server)
+        return srv
+
+    srv = make(port)
+    try:
+        srv.start()
+    except Exception:
+        if port == 0:
+            raise
+        logging.getLogger("vllm.pdsidecar.connector").warning(
+            "PdConnector: control port %d on %s is in use (another engine on this host?); "
+            "using an ephemeral port instead", port, host)
+        srv = make(0)
+        srv.start()
+    return srv

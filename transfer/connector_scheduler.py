@@ -62,11 +62,10 @@ class PdConnectorScheduler:
 
     # ------------------------------------------------------------ control plane
     def _start_server(self) -> None:
-        from .control import ControlServer  # the transfer layer's gRPC control plane
+        from .connector_control import start_control_server
         port = self.cfg.control_port + self.dp_rank if self.cfg.control_port else 0
-        addr = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
-        self._server = ControlServer(addr, on_notify=self._on_notify)
-        self.port = self._server.start()
+        self._server = start_control_server(self.host, port, on_notify=self._on_notify)
+        self.port = self._server.port
         log.info("PdConnector %s control plane on %s:%d", self.engine_id, self.host, self.port)
 
     def _on_notify(self, sender: str, receiver: str, message: bytes) -> None:
