@@ -58,7 +58,8 @@ def parse_request(api: str, raw: bytes) -> dict[str, Any]:
                                "invalid_type", param="prompt")
     # Never forward a client's own kv_transfer_params: they name remote hosts the
     # connector would connect to (SSRF through the KV transport).
-    body.pop("kv_transfer_params", None)
+    if body.pop("kv_transfer_params", None) is not None:
+        body["__modified__"] = True
     return body
 
 

@@ -212,7 +212,7 @@ class DecodeRole:
         sc.admit()
         t0 = time.perf_counter()
         rid = request_id(request)
-        state = {"path": "error", "status": 0, "peer": None}
+        state: dict[str, Any] = {"path": "error", "status": 0, "peer": None}
         try:
             timeout = getattr(asyncio, "timeout", None)
             if timeout is not None:
@@ -244,6 +244,8 @@ class DecodeRole:
         sc, cfg, m = self.sc, self.sc.cfg, self.sc.metrics
         raw = await request.read()
         body = parse_request(api, raw)
+        # served locally with the body untouched: forward the client's bytes as they are
+        state["raw"] = None if body.pop("__modified__", False) else raw
 
         forced: Endpoint | None = None
         hdr = request.headers.get(PREFILLER_HEADER)
@@ -300,7 +302,8 @@ class DecodeRole:
         dbody = decode_body(api, body, pre.kv_params, pre.ids)
         if pre.ids is not None:
             m.token_reuse.labels(api).inc()
-        return await self._decode_leg(request, api, dbody, rid, t0, state, pre)
+        return await self._decode_leg(request, api, dbody, rid, t0, state, pre,
+                                      retry_body=body if cfg.fallback == "fallback" else None)
 
     async def _estimate(self, api: str, body: dict, request: web.Request) -> int:
         cfg = self.sc.cfg
@@ -436,12 +439,12 @@ class DecodeRole:
 
     # ------------------------------------------------------------- decode leg
     async def _decode_leg(self, request: web.Request, api: str, body: dict, rid: str, t0: float, state: dict,
-                          pre: PrefillResult | None) -> web.StreamResponse:
+                          pre: PrefillResult | None, retry_body: dict | None = None) -> web.StreamResponse:
         sc, cfg, m = self.sc, self.sc.cfg, self.sc.metrics
         path = state["path"]
         url = cfg.vllm_url + API_PATHS[api]
         stream = bool(body.get("stream"))
-        data = json.dumps(body).encode()
+        data = state.get("raw") if pre is None and path != "disagg" and state.get("raw") else json.dumps(body).encode()
         headers = forward_headers(request, rid)
         out_headers = {PATH_HEADER: path, "x-request-id": rid}
         sent = False
@@ -490,6 +493,19 @@ class DecodeRole:
                     m.upstream_errors.labels("disconnect").inc()
                     raise RequestError(502, "local vLLM dropped the connection", "upstream_error",
                                        headers=out_headers) from None
+                if resp.status >= 500 and pre is not None and retry_body is not None:
+                    # the decode engine failed before any output (e.g. the KV load failed and
+                    # the connector's policy is "fail"): nothing reached the client, so
+                    # recompute locally once, without kv_transfer_params
+                    reported = True
+                    self._picked_up(pre, "released")
+                    m.fallbacks.labels("kv_load").inc()
+                    log.warning("decode leg failed before output; recomputing locally",
+                                extra={"request_id": rid, "status": resp.status})
+                    resp.release()
+                    resp = None
+                    state["path"] = "fallback"
+                    return await self._decode_leg(request, api, retry_body, rid, t0, state, None)
                 t_first = time.perf_counter()
                 self._observe_first(path, t0, t_send, t_first, pre)
                 reported = True

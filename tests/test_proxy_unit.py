@@ -25,11 +25,13 @@ class FakeVllm:
     kv_transfer_params, decode legs stream SSE."""
 
     def __init__(self, *, chunks: int = 3, delay: float = 0.0, prefill_status: int = 200,
-                 prefill_delay: float = 0.0, no_kv: bool = False, decode_kv: dict | None = None):
+                 prefill_delay: float = 0.0, no_kv: bool = False, decode_kv: dict | None = None,
+                 kv_load_fails: bool = False):
         self.requests: list[tuple[str, dict, dict]] = []
         self.chunks, self.delay = chunks, delay
         self.prefill_status, self.prefill_delay, self.no_kv = prefill_status, prefill_delay, no_kv
         self.decode_kv = decode_kv
+        self.kv_load_fails = kv_load_fails
         self.gate: asyncio.Event | None = None
         self.cancelled: list[str] = []
         self.runner = None
@@ -86,6 +88,9 @@ class FakeVllm:
                     else:
                         out["choices"][0]["prompt_token_ids"] = [5, 6, 7]
                 return web.json_response(out)
+            if kv.get("do_remote_prefill") and self.kv_load_fails:
+                return web.json_response({"error": {"message": "KV load failed", "type": "x", "code": 500}},
+                                         status=500)
             if not body.get("stream"):
                 return web.json_response({"id": "d", "choices": [{"index": 0, "text": "hello"}],
                                           "usage": {"prompt_tokens": 7, "completion_tokens": 1},
@@ -493,5 +498,22 @@ async def test_push_mode_hook():
         await asyncio.sleep(0.5)
         (_, pb, _), = s.p_vllm.requests
         assert pb["kv_transfer_params"]["remote_request_id"] == kv["remote_request_id"]
+    finally:
+        await s.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_decode_leg_kv_load_failure_recomputes_locally(stream):
+    s = await stack(d_kw={"kv_load_fails": True})
+    try:
+        status, h, data = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x", "stream": stream})
+        assert status == 200 and h["x-pd-path"] == "fallback"
+        assert val(s.dec, "pd_fallbacks_total", reason="kv_load") == 1
+        assert "kv_transfer_params" not in s.d_vllm.requests[-1][1] and len(s.d_vllm.requests) == 2
+        await asyncio.sleep(0.1)
+        assert not s.pre.role.pending.items and s.dec.in_flight == 0
+        s.dec.cfg.fallback = "fail"
+        status, h, data = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x", "stream": stream})
+        assert status == 500 and json.loads(data)["error"]["message"] == "KV load failed"
     finally:
         await s.stop()

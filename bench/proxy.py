@@ -1,0 +1,348 @@
+"""`pdbench proxy`: latency the sidecar adds, at 1, 16 and 64 concurrent streams.
+
+Each level sends the same number of streaming requests straight to the upstream and
+through the sidecar, interleaved in one run (each worker alternates), and reports
+time-to-first-byte and whole-request percentiles for both plus the difference.
+
+Upstreams:
+  --upstream fake   a fast fake vLLM (aiohttp, uvloop, own process) that answers prefill
+                    legs with kv_transfer_params and streams SSE chunks: isolates the
+                    sidecar's own cost.
+  --upstream vllm   real vLLM engines (tiny model on CPU; `--model DIR`): the local path
+                    (decode sidecar -> vLLM) vs vLLM directly, and the P/D path vs the
+                    same two legs done by the client itself.
+Paths (--path): local (decode sidecar -> upstream) and disagg (decode sidecar -> prefill
+sidecar -> upstream prefill; then upstream decode), each against its direct baseline.
+
+Run as `pdbench proxy ...` or `python -m bench.proxy ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "bench-proxy-token-0123456789"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("proxy", help="latency added by the sidecar (p50/p99 at 1/16/64 streams)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_args(p)
+    return p
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concurrency", default="1,16,64", help="comma list of concurrent streams")
+    p.add_argument("--requests", type=int, default=400, help="requests per level and target")
+    p.add_argument("--warmup", type=int, default=50, help="untimed requests per level and target")
+    p.add_argument("--chunks", type=int, default=8, help="SSE chunks per fake response")
+    p.add_argument("--chunk-delay-ms", type=float, default=0.0, help="fake upstream: delay between chunks")
+    p.add_argument("--path", choices=["local", "disagg", "both"], default="both")
+    p.add_argument("--upstream", choices=["fake", "vllm"], default="fake")
+    p.add_argument("--model", default=None, help="model folder for --upstream vllm (default: tiny Llama cache)")
+    p.add_argument("--max-tokens", type=int, default=8, help="--upstream vllm: tokens per request")
+    p.add_argument("--log-level", default="info", help="sidecars' log level (info logs one JSON line per request)")
+    p.add_argument("--json", default=None, help="also write results to this JSON file")
+
+
+# --------------------------------------------------------------------------- fake vLLM
+
+
+def _cpu_plan() -> dict[str, set[int]] | None:
+    """Own cores for upstreams, each sidecar and the client when the machine has >= 6."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return None
+    if len(cpus) < 6:
+        return None
+    return {"fake-prefill": {cpus[0]}, "fake-decode": {cpus[1]}, "prefill": {cpus[2]}, "decode": {cpus[3]},
+            "local": {cpus[4]}, "client": set(cpus[5:])}
+
+
+def _pin(name: str) -> None:
+    plan = _cpu_plan()
+    if plan is not None:
+        os.sched_setaffinity(0, plan[name])
+
+
+def _serve_fake(port: int, chunks: int, delay_s: float, pin: str | None = None) -> None:
+    from aiohttp import web
+
+    if pin:
+        _pin(pin)
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    chunk_bodies = [f'data: {{"id":"cmpl-x","object":"text_completion","choices":[{{"index":0,"text":"t{i}",'
+                    f'"finish_reason":null}}]}}\n\n'.encode() for i in range(chunks)]
+    prefill = json.dumps({"id": "cmpl-p", "object": "text_completion", "choices": [{"index": 0, "text": "x"}],
+                          "usage": {"prompt_tokens": 64, "completion_tokens": 1, "total_tokens": 65},
+                          "kv_transfer_params": {"do_remote_prefill": True, "remote_block_ids": [[1, 2, 3, 4]],
+                                                 "remote_engine_id": "e", "remote_request_id": "r",
+                                                 "remote_host": "127.0.0.1", "remote_port": 5600}}).encode()
+
+    async def gen(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
+            return web.Response(body=prefill, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for c in chunk_bodies:
+            await resp.write(c)
+            if delay_s:
+                await asyncio.sleep(delay_s)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def health(request):
+        return web.Response(text="")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", gen)
+    app.router.add_get("/health", health)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, handle_signals=True)
+
+
+def _wait_http(url: str, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready")
+
+
+def _start_sidecar(role: str, port: int, vllm_url: str, extra: list[str], log_level: str,
+                   pin: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pdsidecar.sidecar", "--role", role, "--host", "127.0.0.1", "--port", str(port),
+           "--vllm-url", vllm_url, "--auth-token", TOKEN, "--log-level", log_level, "--peer-stats-interval", "0",
+           *extra]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, preexec_fn=(lambda: _pin(pin)) if pin else None)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))
+    return xs[k]
+
+
+async def _one_stream(session, url: str, body: bytes) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status}: {(await r.read())[:200]!r}")
+        first = None
+        async for _ in r.content.iter_any():
+            if first is None:
+                first = time.perf_counter()
+    return first - t0, time.perf_counter() - t0
+
+
+async def _direct_disagg(session, prefill_url: str, decode_url: str, body: dict) -> tuple[float, float]:
+    """The minimum a P/D client must do itself: prefill leg, then decode leg."""
+    t0 = time.perf_counter()
+    pb = dict(body, stream=False, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+    async with session.post(prefill_url, json=pb) as r:
+        kv = (await r.json())["kv_transfer_params"]
+    db = dict(body, kv_transfer_params=kv)
+    async with session.post(decode_url, json=db) as r:
+        first = None
+        async for _ in r.content.iter_any():
+            if first is None:
+                first = time.perf_counter()
+    return first - t0, time.perf_counter() - t0
+
+
+async def _level(conc: int, n: int, warmup: int, targets: dict, make_body) -> dict:
+    import aiohttp
+
+    results: dict[str, dict[str, list[float]]] = {k: {"ttfb": [], "total": []} for k in targets}
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        async def run(total: int, record: bool) -> None:
+            counter = iter(range(total * len(targets)))
+
+            async def worker(w: int) -> None:
+                names = list(targets)
+                for i in counter:
+                    name = names[i % len(names)]
+                    ttfb, tot = await targets[name](s, make_body(i))
+                    if record:
+                        results[name]["ttfb"].append(ttfb)
+                        results[name]["total"].append(tot)
+
+            await asyncio.gather(*(worker(w) for w in range(conc)))
+
+        await run(warmup, False)
+        await run(n, True)
+    out = {}
+    for name, r in results.items():
+        out[name] = {f"{m}_{q}_ms": round(_pct(r[m], q) * 1000, 3) for m in ("ttfb", "total") for q in (50, 99)}
+        out[name]["n"] = len(r["ttfb"])
+    return out
+
+
+def _sidecar_overhead(url: str) -> dict:
+    """p50 of pd_sidecar_overhead_seconds from the sidecar's own histogram (bucket bound)."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith('pd_sidecar_overhead_seconds_bucket{') and 'role="decode"' in line:
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return {}
+    total = buckets[-1][1]
+    res = {}
+    for q in (50, 99):
+        for le, c in buckets:
+            if c >= total * q / 100:
+                res[f"overhead_p{q}_le_ms"] = le * 1000
+                break
+    return res
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdsidecar.engines import free_port
+
+    levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+    paths = ["local", "disagg"] if args.path == "both" else [args.path]
+    procs: list = []
+    engines = []
+    results: dict = {"upstream": args.upstream, "levels": levels, "requests": args.requests, "paths": {}}
+    try:
+        if args.upstream == "fake":
+            ctx = mp.get_context("spawn")
+            p_port, d_port = free_port(), free_port()
+            for port, pin in ((p_port, "fake-prefill"), (d_port, "fake-decode")):
+                pr = ctx.Process(target=_serve_fake, args=(port, args.chunks, args.chunk_delay_ms / 1000, pin),
+                                 daemon=True)
+                pr.start()
+                procs.append(pr)
+            prefill_vllm, decode_vllm = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{d_port}"
+            model = "fake"
+        else:
+            from pdsidecar.engines import pd_pair_configs, start_engines, stock_nixl_config
+            from pdsidecar.models import ensure_model
+
+            model = args.model or str(ensure_model("llama", Path.home() / ".cache" / "pdsidecar" / "models" / "tiny-llama"))
+            engines = start_engines(pd_pair_configs(model, stock_nixl_config(), stock=True))
+            prefill_vllm, decode_vllm = engines[0].url, engines[1].url
+        for u in (prefill_vllm, decode_vllm):
+            _wait_http(u + "/health")
+
+        ps_port, ds_port = free_port(), free_port()
+        sc_pre = _start_sidecar("prefill", ps_port, prefill_vllm,
+                                ["--allowed-peers", f"127.0.0.1:{ds_port}"], args.log_level, "prefill")
+        procs.append(sc_pre)
+        extra = ["--kv-transfer-target", f"127.0.0.1:{ps_port}"]
+        sc_dec = _start_sidecar("decode", ds_port, decode_vllm, extra, args.log_level, "decode")
+        procs.append(sc_dec)
+        sc_local_port = free_port()
+        sc_local = _start_sidecar("decode", sc_local_port, decode_vllm, [], args.log_level, "local")  # no peers: local path
+        procs.append(sc_local)
+        for port in (ps_port, ds_port, sc_local_port):
+            _wait_http(f"http://127.0.0.1:{port}/ready")
+
+        if args.upstream == "fake":
+            _pin("client")
+        results["cpus"] = os.cpu_count()
+        results["pinned"] = _cpu_plan() is not None and args.upstream == "fake"
+        words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega cache block token".split()
+
+        def make_body(i: int) -> dict:
+            # distinct prompts (no prefix-cache shortcuts on real engines)
+            prompt = " ".join(words[(i * 7 + k * 3) % len(words)] for k in range(48)) + f" {i}"
+            b = {"model": model, "prompt": prompt, "stream": True, "max_tokens": args.max_tokens, "temperature": 0}
+            if args.upstream == "vllm":
+                b["ignore_eos"] = True
+            return b
+
+        def streamer(url):
+            async def f(s, body):
+                return await _one_stream(s, url, json.dumps(body).encode())
+            return f
+
+        async def direct_pd(s, body):
+            return await _direct_disagg(s, prefill_vllm + "/v1/completions", decode_vllm + "/v1/completions", body)
+
+        for path in paths:
+            if path == "local":
+                targets = {"direct": streamer(decode_vllm + "/v1/completions"),
+                           "sidecar": streamer(f"http://127.0.0.1:{sc_local_port}/v1/completions")}
+                sc_url = f"http://127.0.0.1:{sc_local_port}"
+            else:
+                targets = {"direct": direct_pd, "sidecar": streamer(f"http://127.0.0.1:{ds_port}/v1/completions")}
+                sc_url = f"http://127.0.0.1:{ds_port}"
+            per_level = {}
+            for conc in levels:
+                r = asyncio.run(_level(conc, args.requests, args.warmup, targets, make_body))
+                added = {k.replace("_ms", "_added_ms"): round(r["sidecar"][k] - r["direct"][k], 3)
+                         for k in r["direct"] if k.endswith("_ms")}
+                per_level[conc] = {**r, "added": added}
+                print(f"[{args.upstream}/{path}] c={conc:<3} direct ttfb p50 {r['direct']['ttfb_50_ms']:.3f} "
+                      f"p99 {r['direct']['ttfb_99_ms']:.3f} | sidecar p50 {r['sidecar']['ttfb_50_ms']:.3f} "
+                      f"p99 {r['sidecar']['ttfb_99_ms']:.3f} | added p50 {added['ttfb_50_added_ms']:+.3f} "
+                      f"p99 {added['ttfb_99_added_ms']:+.3f} ms (n={r['sidecar']['n']})", flush=True)
+            per_level["sidecar_histogram"] = _sidecar_overhead(sc_url)
+            print(f"[{args.upstream}/{path}] sidecar's own pd_sidecar_overhead_seconds: "
+                  f"{per_level['sidecar_histogram']}", flush=True)
+            results["paths"][path] = per_level
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
+    finally:
+        for pr in procs:
+            if isinstance(pr, subprocess.Popen):
+                if pr.poll() is None:
+                    os.killpg(pr.pid, signal.SIGTERM)
+                    try:
+                        pr.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(pr.pid, signal.SIGKILL)
+                        pr.wait()
+            else:
+                pr.terminate()
+                pr.join(5)
+        for e in engines:
+            e.stop()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.proxy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
