@@ -80,6 +80,11 @@ def transfer_stats(kv: Any) -> tuple[float | None, float | None]:
         return None, None
     b = t.get("bytes", t.get("kv_bytes"))
     s = t.get("seconds", t.get("transfer_s"))
+    ms = t.get("ms")
+    if s is None and isinstance(ms, (int, float)) and not isinstance(ms, bool):
+        s = ms / 1000.0  # PdConnector reports {"bytes", "ms", "blocks", "backend", ...}
+    if t.get("error"):
+        return None, None
     b = float(b) if isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 0 else None
     s = float(s) if isinstance(s, (int, float)) and not isinstance(s, bool) and s >= 0 else None
     return b, s

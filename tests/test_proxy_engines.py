@@ -166,7 +166,7 @@ def engines(request):
 
 @pytest.mark.parametrize("api", ["completions", "chat"])
 @pytest.mark.parametrize("stream", [False, True], ids=["nostream", "stream"])
-async def test_identical_to_aggregated(engines, api, stream):
+async def test_identical_to_aggregated(engines, api, stream, request):
     prefill_engine, decode_engine = engines
     model = decode_engine.model_name
     agg = client(prefill_engine.url)
@@ -187,6 +187,10 @@ async def test_identical_to_aggregated(engines, api, stream):
         assert metric(dec, "pd_prefill_leg_seconds_count") == 3
         # token ids handed to the decode leg (completions: prompt ids; chat: vLLM's reuse key)
         assert metric(dec, "pd_token_id_reuse_total", api=api) == 3
+        if request.node.callspec.params["engines"] == "ours" and not stream:
+            # our connector reports per-request transfer size/time in the decode response
+            assert metric(dec, "pd_kv_transfer_bytes_count") == 3
+            assert metric(dec, "pd_kv_transfer_bytes_sum") > 0
         # every handed-out KV was reported picked up
         await wait_for(lambda: not pre.role.pending.items, 10, "pickup reports")
         assert metric(pre, "pd_kv_released_total", status="picked_up") == 3

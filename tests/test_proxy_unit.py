@@ -448,7 +448,8 @@ async def test_local_vllm_down_is_502_not_hang():
 
 async def test_transfer_metrics_and_metrics_port():
     mport = free_port()
-    s = await stack(d_kw={"decode_kv": {"pd_transfer": {"bytes": 2_000_000, "seconds": 0.001}}},
+    s = await stack(d_kw={"decode_kv": {"pd_transfer": {"bytes": 2_000_000, "ms": 1.0, "blocks": 4,
+                                                        "backend": "nixl", "error": ""}}},
                     dec_kw={"metrics_port": mport})
     try:
         await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
