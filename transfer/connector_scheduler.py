@@ -165,6 +165,10 @@ class PdConnectorScheduler:
         if isinstance(wm, PdWorkerMeta):
             for rid, r in wm.results.items():
                 self._results[rid] = r
+            # results of requests aborted while their READ was in flight are never
+            # popped by request_finished: keep the map bounded (oldest first)
+            while len(self._results) > 4096:
+                self._results.pop(next(iter(self._results)))
         for rid in connector_output.finished_recving or ():
             if self._recv_blocks.pop(rid, None) is not None:
                 self._gauges_dirty = True
