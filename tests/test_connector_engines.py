@@ -146,6 +146,8 @@ def check_identical(pair, model_dir, seed):
         assert pt["bytes"] > 0 and pt["descriptors"] > 0 and pt["backend"] == "nixl"
         if pt["blocks"] < nblocks:
             partial_pulls += 1
+        else:  # the prefill side's size hint equals what the decode side read
+            assert pt["bytes"] == params["pd_kv_bytes"]
     # shared prefixes and repeats hit the decode prefix cache: only missing blocks pulled
     assert partial_pulls >= 4
     assert wait_metric(pair[0], "pd_connector_blocks_pending_pickup", 0) == 0

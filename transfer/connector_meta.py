@@ -260,6 +260,7 @@ def merge_result(a: dict | None, b: dict) -> dict:
         "descriptors": a.get("descriptors", 0) + b.get("descriptors", 0),
         "blocks": max(a.get("blocks", 0), b.get("blocks", 0)),
         "ms": max(a.get("ms", 0.0), b.get("ms", 0.0)),
+        "seconds": max(a.get("seconds", 0.0), b.get("seconds", 0.0)),
         "backend": a.get("backend") or b.get("backend"),
         "error": a.get("error") or b.get("error", ""),
         "ranks": a.get("ranks", 1) + b.get("ranks", 1),

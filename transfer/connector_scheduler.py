@@ -56,6 +56,7 @@ class PdConnectorScheduler:
         self._server = None
         self._bg: ThreadPoolExecutor | None = None
         self.port = 0
+        self.block_bytes = 0
         self.host = cfg.control_host
         if start_server:
             self._start_server()
@@ -82,6 +83,8 @@ class PdConnectorScheduler:
 
     def set_workers_metadata(self, descs: dict[int, Any]) -> None:
         """Workers' ``transfer.control.RankDescriptor`` by TP rank, served by Handshake."""
+        # bytes of one block over all layers and TP ranks (reported as pd_kv_bytes)
+        self.block_bytes = sum(r.block_len for d in descs.values() for r in d.peer.regions)
         for d in descs.values():
             d.dp_rank = self.dp_rank
             if self._server is not None:
@@ -230,6 +233,7 @@ class PdConnectorScheduler:
             "pd_control_addr": f"{self.host}:{self.port}",
             "remote_dp_rank": self.dp_rank,
             "remote_block_size": self.block_size,
+            "pd_kv_bytes": len(ids) * self.block_bytes,
         }
 
     def note_expired_or_freed(self, rid: str) -> None:

@@ -4,6 +4,7 @@ Prometheus names (prefix ``pd_connector_``):
   pd_connector_bytes_transferred_total   counter   KV bytes read/written by this engine
   pd_connector_transfers_total           counter   completed transfers (one per request per rank)
   pd_connector_transfer_seconds          histogram submit -> completion per transfer
+  pd_connector_transfer_bytes            histogram bytes per transfer
   pd_connector_transfer_gbps             histogram throughput per transfer (GB/s)
   pd_connector_failures_total{reason}    counter   failed loads by reason
   pd_connector_expired_blocks_total      counter   prefill blocks freed unread (lease expired)
@@ -119,6 +120,10 @@ class PdPromMetrics(KVConnectorPromMetrics):
             documentation="PdConnector KV transfer time (submit to completion).",
             buckets=[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                      0.25, 0.5, 1.0, 5.0], labelnames=labelnames), pe)
+        self.xfer_bytes = per_engine(H(
+            name="pd_connector_transfer_bytes",
+            documentation="PdConnector KV bytes per transfer.",
+            buckets=[2 ** (10 + i) for i in range(1, 25, 2)], labelnames=labelnames), pe)
         self.gbps = per_engine(H(
             name="pd_connector_transfer_gbps",
             documentation="PdConnector KV transfer throughput per transfer (GB/s).",
@@ -160,6 +165,7 @@ class PdPromMetrics(KVConnectorPromMetrics):
         xs, bs = d.get("xfer_s", []), d.get("bytes", [])
         for s, b in zip(xs, bs):
             self.xfer_s[engine_idx].observe(s)
+            self.xfer_bytes[engine_idx].observe(b)
             if s > 0:
                 self.gbps[engine_idx].observe(b / s / 1e9)
         if bs:

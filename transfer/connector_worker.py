@@ -293,7 +293,8 @@ class PdConnectorWorker:
                 self._done_recv.add(rid)
                 self._results[rid] = {"bytes": infl.nbytes, "descriptors": infl.descs,
                                       "blocks": len(infl.job.local_ids),
-                                      "ms": round(secs * 1e3, 4), "backend": "nixl",
+                                      "ms": round(secs * 1e3, 4), "seconds": secs,
+                                      "backend": self.engine.backend,
                                       "error": ""}
             elif now - infl.t0 > self.cfg.transfer_timeout_s or \
                     (src.expiry is not None and time.time() > src.expiry):
