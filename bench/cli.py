@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
             mod = importlib.import_module(f"bench.{name}")
         except ImportError:
             continue
+        if not hasattr(mod, "add_parser"):
+            continue
         sp = mod.add_parser(sub)
         sp.set_defaults(func=mod.run)
     return p
