@@ -19,7 +19,8 @@ pytestmark = pytest.mark.engines
 
 
 def pair(engine_pool, llama_dir, name, p_args, p_bind, d_args=(), d_bind="1"):
-    cfg = ours_config()
+    # 3 engine cores on 2 busy CPUs: generous lease/timeout so starvation is not a failure
+    cfg = ours_config(kv_lease_s=300, transfer_timeout_s=120, handshake_timeout_s=30)
     return engine_pool.get(name, lambda: [
         EngineConfig(model=llama_dir, name=f"{name}-prefill", kv_transfer_config=cfg,
                      cpu_bind=p_bind, extra_args=list(p_args), log_dir=engine_pool.log_dir),
