@@ -121,8 +121,8 @@ def metric(sc: Sidecar, name: str, **labels) -> float:
     return v or 0.0
 
 
-def engine_metric(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+def _engine_metric(url: str, name: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=60).read().decode()
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
@@ -130,10 +130,22 @@ def engine_metric(url: str, name: str) -> float:
     return total
 
 
+async def engine_metric(url: str, name: str) -> float:
+    """Sum of an engine metric's samples (off the event loop: the sidecars under test share it)."""
+    return await asyncio.to_thread(_engine_metric, url, name)
+
+
+async def _is_zero(url: str, name: str) -> bool:
+    return await engine_metric(url, name) == 0
+
+
 async def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if await pred() if asyncio.iscoroutinefunction(pred) else pred():
+        v = pred()
+        if asyncio.iscoroutine(v):
+            v = await v
+        if v:
             return
         await asyncio.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
@@ -313,7 +325,7 @@ async def test_bad_input_real_engines(stock_pair):
                                   headers={"content-type": "application/json", **headers}) as r:
                     assert r.status == status
                     assert (await r.json())["error"]["code"]
-        assert engine_metric(prefill_engine.url, "vllm:num_requests_running") == 0
+        assert await engine_metric(prefill_engine.url, "vllm:num_requests_running") == 0
 
 
 async def test_disconnect_mid_stream_frees_kv(stock_pair):
@@ -330,12 +342,12 @@ async def test_disconnect_mid_stream_frees_kv(stock_pair):
                     n += 1
                     if n >= 3:
                         break
-                assert engine_metric(decode_engine.url, "vllm:num_requests_running") >= 1
+                assert await engine_metric(decode_engine.url, "vllm:num_requests_running") >= 1
                 r.close()
         # the decode engine aborts, the prefill engine holds nothing, the prefill sidecar's pending KV is closed
-        await wait_for(lambda: engine_metric(decode_engine.url, "vllm:num_requests_running") == 0, 30, "decode abort")
-        await wait_for(lambda: engine_metric(decode_engine.url, "vllm:kv_cache_usage_perc") == 0, 30, "decode KV free")
-        await wait_for(lambda: engine_metric(prefill_engine.url, "vllm:kv_cache_usage_perc") == 0, 30,
+        await wait_for(lambda: _is_zero(decode_engine.url, "vllm:num_requests_running"), 30, "decode abort")
+        await wait_for(lambda: _is_zero(decode_engine.url, "vllm:kv_cache_usage_perc"), 30, "decode KV free")
+        await wait_for(lambda: _is_zero(prefill_engine.url, "vllm:kv_cache_usage_perc"), 30,
                        "prefill KV free")
         await wait_for(lambda: not pre.role.pending.items, 10, "pending KV released")
         await wait_for(lambda: dec.in_flight == 0, 10, "decode sidecar idle")
@@ -352,9 +364,9 @@ async def test_disconnect_during_prefill_aborts_it(stock_pair):
             with contextlib.suppress(asyncio.TimeoutError):
                 await s.post(dec.url + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=0.05))
         await wait_for(lambda: dec.in_flight == 0 and pre.in_flight == 0, 30, "both sidecars idle")
-        await wait_for(lambda: engine_metric(prefill_engine.url, "vllm:num_requests_running") == 0, 30,
+        await wait_for(lambda: _is_zero(prefill_engine.url, "vllm:num_requests_running"), 30,
                        "prefill engine idle")
-        await wait_for(lambda: engine_metric(prefill_engine.url, "vllm:kv_cache_usage_perc") == 0, 30,
+        await wait_for(lambda: _is_zero(prefill_engine.url, "vllm:kv_cache_usage_perc"), 30,
                        "prefill KV free")
         assert metric(dec, "pd_requests_total", role="decode", api="completions", path="disagg") == 0
 
@@ -392,8 +404,10 @@ async def test_drain_on_sigterm_loses_nothing(stock_pair, tmp_path):
                 return (await completion_text(c, model, p, True, extra_body={"ignore_eos": True}))[0]
 
             tasks = [asyncio.create_task(one(p)) for p in prompts]
-            await wait_for(lambda: engine_metric(decode_engine.url, "vllm:num_requests_running")
-                           + engine_metric(decode_engine.url, "vllm:num_requests_waiting") >= 1, 30, "requests running")
+            async def started():
+                return (await engine_metric(decode_engine.url, "vllm:num_requests_running")
+                        + await engine_metric(decode_engine.url, "vllm:num_requests_waiting")) >= 1
+            await wait_for(started, 60, "requests running")
             proc.send_signal(signal.SIGTERM)
 
             async def not_ready():
