@@ -97,6 +97,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     o.add_argument("--json", default=None, metavar="FILE", help="write every number and request to FILE")
     o.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots to DIR (matplotlib)")
     o.add_argument("--title", default=None, help="plot title suffix (default: machine and model)")
+    o.add_argument("--report", default=None, metavar="FILE",
+                   help="no engines: re-print the tables (and --plot) from a saved --json FILE")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     o.add_argument("--strict", action="store_true", help="exit 1 when any configuration is unavailable")
     return p
@@ -617,11 +619,17 @@ def sweep_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
             p["gbps_median"] = statistics.median(r["kv_bytes"] / r["kv_seconds"] / 1e9 for r in kv)
         points.append(p)
     kv = [r for r in ok if r.get("kv_seconds")]
+    kvp = [p for p in points if "kv_seconds_median" in p]
+    # fits over the per-length medians (robust to a preempted request on a shared machine);
+    # the fits over every single request are kept as *_raw
     return {
         "points": points,
-        "fit_ttft": linfit([r["prompt_tokens"] for r in ok], [r["ttft_s"] for r in ok]),
-        "fit_transfer": linfit([r["prompt_tokens"] for r in kv], [r["kv_seconds"] for r in kv]),
-        "fit_units": "slope in seconds per prompt token (x1e6 = ms per 1k tokens), intercept in seconds",
+        "fit_ttft": linfit([p["tokens"] for p in points], [p["ttft_s_median"] for p in points]),
+        "fit_transfer": linfit([p["tokens"] for p in kvp], [p["kv_seconds_median"] for p in kvp]),
+        "fit_ttft_raw": linfit([r["prompt_tokens"] for r in ok], [r["ttft_s"] for r in ok]),
+        "fit_transfer_raw": linfit([r["prompt_tokens"] for r in kv], [r["kv_seconds"] for r in kv]),
+        "fit_units": "fits over per-length medians; slope in seconds per prompt token (x1e6 = ms per 1k tokens), "
+                     "intercept in seconds",
         "requests": recs,
     }
 
@@ -808,6 +816,8 @@ def run(args: argparse.Namespace) -> int:
     """Entry point for ``pdbench e2e``; returns the exit status."""
     from bench.e2e_report import format_tables
 
+    if args.report:
+        return report_only(args)
     try:
         plan = make_plan(args)
         result = execute(plan)
@@ -832,6 +842,30 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if plan.strict and len(ok) < len(result["configs"]):
         return 1
+    return 0
+
+
+def report_only(args: argparse.Namespace) -> int:
+    from bench.e2e_report import format_tables
+
+    try:
+        result = json.loads(Path(args.report).read_text())
+        cfgs = result["configs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"{PROG}: error: cannot read report {args.report}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 2
+    for c in cfgs.values():
+        if c.get("sweep"):
+            c["sweep"] = sweep_summary(c["sweep"]["requests"])
+    result["greedy_match"] = greedy_match(result)
+    print(format_tables(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if args.plot:
+        from bench.e2e_plots import write_plots
+
+        for f in write_plots(result, args.plot):
+            print(f"plot: {f}")
     return 0
 
 

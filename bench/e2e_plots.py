@@ -84,6 +84,9 @@ def write_plots(result: dict[str, Any], out_dir: str) -> list[str]:
             ax.scatter([p[0] / 1e6 for p in pts], [p[1] for p in pts], s=18, marker=marker, alpha=0.7,
                        label=name, color=COLORS.get(name))
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("KV bytes per request (MB, log)")
     ax.set_ylabel("transfer GB/s")
     ax.set_title(f"KV transfer throughput vs size — {title}", fontsize=9)
