@@ -208,3 +208,21 @@ def test_short_real_run_json_complete_and_greedy_outputs_match(llama_dir, tmp_pa
     assert g["matched"] == g["compared"], g["mismatches"]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "cdf_ttft_itl.png", "transfer_gbps_vs_bytes.png", "ttft_vs_prompt.png"]
+
+
+def test_report_from_saved_json(tmp_path):
+    bad = e2e("--report", str(tmp_path / "missing.json"))
+    assert bad.returncode == 2 and "cannot read report" in bad.stderr and "Traceback" not in bad.stderr
+    rec = {"index": 0, "cls": "sweep", "prompt_tokens": 128, "sweep_tokens": 128, "max_tokens": 4, "error": None,
+           "ttft_s": 0.02, "e2e_s": 0.05, "itl_s": [0.01] * 3, "output_tokens": 4, "tpot_s": 0.01, "text": "a",
+           "kv_bytes": 1e6, "kv_seconds": 1e-4}
+    rec2 = dict(rec, index=1, prompt_tokens=1024, sweep_tokens=1024, ttft_s=0.09, kv_bytes=8e6, kv_seconds=5e-4)
+    res = {"meta": {"title": "t"}, "configs": {"pd-stock": {
+        "status": "ok", "connector": "x", "requests": [dict(rec, cls="short")],
+        "summary": __import__("bench.e2e_report", fromlist=["summarize"]).summarize([dict(rec, cls="short")], 1.0),
+        "sweep": {"requests": [rec, rec2]}}}}
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(res))
+    r = e2e("--report", str(f))
+    assert r.returncode == 0, r.stderr
+    assert "Prompt-length sweep" in r.stdout and "pd-stock" in r.stdout
