@@ -81,7 +81,7 @@ class KvFigures:
 
 # (bytes-sum, seconds-sum, seconds-count) sample names per connector family.
 _KV_SERIES = (
-    ("pd_connector_transfer_bytes_sum", "pd_connector_transfer_seconds_sum", "pd_connector_transfer_seconds_count"),
+    ("pd_connector_bytes_transferred_total", "pd_connector_transfer_seconds_sum", "pd_connector_transfer_seconds_count"),
     ("vllm:nixl_bytes_transferred_sum", "vllm:nixl_xfer_time_seconds_sum", "vllm:nixl_xfer_time_seconds_count"),
 )
 
