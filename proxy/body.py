@@ -16,6 +16,14 @@ API_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 _INT_FIELDS = ("max_tokens", "max_completion_tokens", "min_tokens", "n", "best_of")
 
 
+def loads_or_none(raw: bytes | str) -> Any:
+    """json.loads for upstream payloads: None instead of raising on bad or too-deep JSON."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError, TypeError):
+        return None
+
+
 def _is_int(v: Any) -> bool:
     return type(v) is int
 
@@ -24,7 +32,9 @@ def parse_request(api: str, raw: bytes) -> dict[str, Any]:
     """Parse and sanity-check a client body; RequestError(400) when it is not usable."""
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply", "invalid_json") from None
+    except (ValueError, UnicodeDecodeError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RequestError(400, f"request body is not valid JSON: {e.__class__.__name__}", "invalid_json") from None
     if not isinstance(body, dict):
         raise RequestError(400, "request body must be a JSON object", "invalid_body")

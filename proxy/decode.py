@@ -28,6 +28,7 @@ from .body import (
     API_PATHS,
     decode_body,
     estimate_tokens,
+    loads_or_none,
     parse_request,
     prefill_body,
     prompt_ids_from_prefill,
@@ -176,7 +177,7 @@ class DecodeRole:
                     ep.url() + "/pd/v1/stats",
                     timeout=aiohttp.ClientTimeout(total=1.0, sock_connect=self.sc.cfg.connect_timeout_s)) as r:
                 data = await r.json(content_type=None) if r.status == 200 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RecursionError):
             data = None
         if not isinstance(data, dict):
             self.sc.metrics.peer_errors.labels(str(ep), "stats").inc()
@@ -229,6 +230,9 @@ class DecodeRole:
         except RequestError as e:
             state["status"] = e.status
             return e.response()
+        except RecursionError:  # a body json.loads accepted but too deep to re-encode
+            state["status"] = 400
+            return error_response(400, "request body is nested too deeply", "invalid_json")
         except asyncio.TimeoutError:
             state["status"] = 504
             sc.metrics.upstream_errors.labels("total_timeout").inc()
@@ -330,7 +334,7 @@ class DecodeRole:
                             return data["count"]
                     elif r.status == 404:
                         self._tokenize_ok = False
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RecursionError, AttributeError):
                 pass
         return estimate_tokens(api, body, cfg.chars_per_token)
 
@@ -380,10 +384,7 @@ class DecodeRole:
                     raise PrefillFailed("disconnect", f"prefill peer {ep} dropped the connection ({type(e).__name__})") from None
                 secs = time.perf_counter() - t
                 if status == 200:
-                    try:
-                        obj = json.loads(raw)
-                    except ValueError:
-                        obj = None
+                    obj = loads_or_none(raw)
                     kv = obj.get("kv_transfer_params") if isinstance(obj, dict) else None
                     if not isinstance(kv, dict) or not kv:
                         m.peer_errors.labels(str(ep), "protocol").inc()
@@ -578,7 +579,7 @@ class DecodeRole:
             return
         try:
             kv = json.loads(payload).get("kv_transfer_params")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return
         b, s = transfer_stats(kv)
         m = self.sc.metrics

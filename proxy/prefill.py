@@ -21,7 +21,7 @@ from aiohttp import web
 from pdsidecar.config import Endpoint, parse_endpoint
 
 from . import auth
-from .body import API_PATHS
+from .body import API_PATHS, loads_or_none
 from .errors import RequestError
 from .peers import Allowlist
 from .server import PD_ERROR_HEADER, forward_headers
@@ -244,10 +244,7 @@ class PrefillRole:
                                            "duration_ms": round(dt * 1000, 3)})
 
     def _track(self, rid: str, peer: str, payload: bytes) -> None:
-        try:
-            obj = json.loads(payload)
-        except ValueError:
-            return
+        obj = loads_or_none(payload)
         if not isinstance(obj, dict):
             return
         kv = obj.get("kv_transfer_params")
@@ -265,7 +262,7 @@ class PrefillRole:
             data = json.loads(await request.read())
             items = data["releases"]
             assert isinstance(items, list)
-        except (ValueError, KeyError, TypeError, AssertionError):
+        except (ValueError, KeyError, TypeError, AssertionError, RecursionError):
             raise RequestError(400, "body must be {\"releases\": [{\"id\", \"status\"}]}", "invalid_body") from None
         n = 0
         for it in items[:10000]:

@@ -320,7 +320,6 @@ def test_non_utf8_auth_headers_are_4xx(stack):
 
 KNOWN_BUGS = {
     "prefill: replayed signed leg": "B1 replayed prefill legs are accepted",
-    "decode: deeply nested JSON": "B2 deeply nested JSON body answers 500",
 }
 
 

@@ -518,3 +518,16 @@ async def test_decode_leg_kv_load_failure_recomputes_locally(stream):
         assert status == 500 and json.loads(data)["error"]["message"] == "KV load failed"
     finally:
         await s.stop()
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"m","prompt":' + b"[" * 100000 + b"]" * 100000 + b"}",  # RecursionError (B2)
+    b'{"model":"m","prompt":"\xff\xfe"}',  # UnicodeDecodeError
+    b'{"model":',  # ValueError
+])
+def test_parse_request_bad_json_is_400(raw):
+    from proxy.body import parse_request
+    from proxy.errors import RequestError
+    with pytest.raises(RequestError) as ei:
+        parse_request("completions", raw)
+    assert ei.value.status == 400 and ei.value.code == "invalid_json"
