@@ -120,7 +120,7 @@ class ReleaseReporter:
         try:
             async with sc.upstreams.get(peer.url()).post(
                     peer.url() + path, data=json.dumps({"releases": items}), headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=5, sock_connect=sc.cfg.connect_timeout_s)) as r:
+                    allow_redirects=False, timeout=aiohttp.ClientTimeout(total=5, sock_connect=sc.cfg.connect_timeout_s)) as r:
                 await r.read()
                 if r.status != 200:
                     sc.metrics.peer_errors.labels(str(peer), "release").inc()
@@ -175,7 +175,7 @@ class DecodeRole:
         try:
             async with self.sc.upstreams.get(ep.url()).get(
                     ep.url() + "/pd/v1/stats",
-                    timeout=aiohttp.ClientTimeout(total=1.0, sock_connect=self.sc.cfg.connect_timeout_s)) as r:
+                    allow_redirects=False, timeout=aiohttp.ClientTimeout(total=1.0, sock_connect=self.sc.cfg.connect_timeout_s)) as r:
                 data = await r.json(content_type=None) if r.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RecursionError):
             data = None
@@ -327,7 +327,7 @@ class DecodeRole:
             try:
                 async with self.sc.upstreams.get(cfg.vllm_url).post(
                         cfg.vllm_url + "/tokenize", json=payload,
-                        timeout=aiohttp.ClientTimeout(total=2, sock_connect=cfg.connect_timeout_s)) as r:
+                        allow_redirects=False, timeout=aiohttp.ClientTimeout(total=2, sock_connect=cfg.connect_timeout_s)) as r:
                     if r.status == 200:
                         data = await r.json()
                         if isinstance(data.get("count"), int):
@@ -364,7 +364,7 @@ class DecodeRole:
                 try:
                     async with sc.upstreams.get(ep.url()).post(
                             ep.url() + path, data=data, headers=headers,
-                            timeout=aiohttp.ClientTimeout(total=cfg.prefill_timeout_s,
+                            allow_redirects=False, timeout=aiohttp.ClientTimeout(total=cfg.prefill_timeout_s,
                                                           sock_connect=cfg.connect_timeout_s)) as r:
                         raw = await r.read()
                         status, ctype, perr = r.status, r.content_type, r.headers.get(PD_ERROR_HEADER)
@@ -397,6 +397,11 @@ class DecodeRole:
                     handed_out = True
                     st.outstanding_tokens += tokens - est  # true size now
                     return PrefillResult(ep, prid, kv, ids, secs, tokens)
+                if 300 <= status < 400:
+                    # never followed (allow_redirects=False): a redirect from a peer is a
+                    # protocol error, not a place to send the prompt to
+                    m.peer_errors.labels(str(ep), "redirect").inc()
+                    raise PrefillFailed("redirect", f"prefill peer {ep} answered a redirect ({status})")
                 if perr is not None:
                     # the prefill sidecar refused before forwarding: nothing allocated
                     m.peer_errors.labels(str(ep), "peer_rejected").inc()
@@ -436,7 +441,7 @@ class DecodeRole:
                     cfg.vllm_url + API_PATHS[api], data=json.dumps(rb).encode(),
                     headers={"content-type": "application/json", "x-request-id": pre.request_id + "-release",
                              **{k: v for k, v in forward_headers(request, "").items() if k == "authorization"}},
-                    timeout=aiohttp.ClientTimeout(total=cfg.prefill_timeout_s, sock_connect=cfg.connect_timeout_s)) as r:
+                    allow_redirects=False, timeout=aiohttp.ClientTimeout(total=cfg.prefill_timeout_s, sock_connect=cfg.connect_timeout_s)) as r:
                 await r.read()
         except (aiohttp.ClientError, asyncio.TimeoutError):
             self.sc.metrics.upstream_errors.labels("release").inc()
@@ -464,6 +469,7 @@ class DecodeRole:
                     try:
                         resp = await sc.upstreams.get(cfg.vllm_url).post(
                             url, data=data, headers=headers,
+                            allow_redirects=False,
                             timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s,
                                                           sock_read=cfg.decode_timeout_s))
                         break
@@ -488,6 +494,11 @@ class DecodeRole:
                 raise RequestError(502, f"local vLLM dropped the connection ({type(e).__name__})",
                                    "upstream_error", headers=out_headers) from None
 
+            if 300 <= resp.status < 400:
+                # redirects are never followed; the local vLLM does not send them
+                m.upstream_errors.labels("redirect").inc()
+                raise RequestError(502, f"local vLLM answered a redirect ({resp.status})", "upstream_error",
+                                   headers=out_headers)
             is_sse = resp.status == 200 and stream and resp.content_type == "text/event-stream"
             if not is_sse:
                 try:
@@ -617,7 +628,7 @@ class DecodeRole:
                 headers.update(auth.sign(self.sc.cfg.auth_token, str(self.identity), push_rid, path))
                 async with self.sc.upstreams.get(ep.url()).post(
                         ep.url() + path, data=json.dumps(pb).encode(), headers=headers,
-                        timeout=aiohttp.ClientTimeout(total=self.sc.cfg.prefill_timeout_s)) as r:
+                        allow_redirects=False, timeout=aiohttp.ClientTimeout(total=self.sc.cfg.prefill_timeout_s)) as r:
                     await r.read()
                     if r.status != 200:
                         self.sc.metrics.peer_errors.labels(str(ep), "http_5xx" if r.status >= 500 else "http_4xx").inc()

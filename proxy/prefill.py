@@ -211,7 +211,7 @@ class PrefillRole:
                 t_send = time.perf_counter()
                 async with sc.upstreams.get(cfg.vllm_url).post(
                         cfg.vllm_url + API_PATHS[api], data=raw, headers=headers,
-                        timeout=aiohttp.ClientTimeout(total=cfg.prefill_timeout_s,
+                        allow_redirects=False, timeout=aiohttp.ClientTimeout(total=cfg.prefill_timeout_s,
                                                       sock_connect=cfg.connect_timeout_s)) as r:
                     payload = await r.read()
                     status, ctype = r.status, r.content_type
@@ -226,6 +226,10 @@ class PrefillRole:
                 m.upstream_errors.labels("disconnect").inc()
                 raise RequestError(502, f"prefill vLLM dropped the connection ({type(e).__name__})",
                                    "upstream_error") from None
+            if 300 <= status < 400:
+                # redirects are never followed (allow_redirects=False) nor passed on
+                m.upstream_errors.labels("redirect").inc()
+                raise RequestError(502, f"prefill vLLM answered a redirect ({status})", "upstream_error")
             if status == 200:
                 path = "disagg"
                 self._track(rid, str(peer), payload)

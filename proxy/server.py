@@ -170,7 +170,7 @@ class Sidecar:
             return ok
         try:
             async with self.upstreams.get(self.cfg.vllm_url).get(
-                    self.cfg.vllm_url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    self.cfg.vllm_url + "/health", allow_redirects=False, timeout=aiohttp.ClientTimeout(total=2)) as r:
                 ok = r.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
             ok = False
@@ -192,9 +192,12 @@ class Sidecar:
         try:
             async with self.upstreams.get(self.cfg.vllm_url).get(
                     self.cfg.vllm_url + "/v1/models", headers=forward_headers(request, request_id(request)),
-                    timeout=aiohttp.ClientTimeout(total=self.cfg.prefill_timeout_s,
+                    allow_redirects=False, timeout=aiohttp.ClientTimeout(total=self.cfg.prefill_timeout_s,
                                                   sock_connect=self.cfg.connect_timeout_s)) as r:
                 body = await r.read()
+                if 300 <= r.status < 400:  # never followed, never passed on
+                    self.metrics.upstream_errors.labels("redirect").inc()
+                    return error_response(502, f"local vLLM answered a redirect ({r.status})", "upstream_error")
                 return web.Response(status=r.status, body=body,
                                     content_type=r.content_type or "application/json")
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:

@@ -349,11 +349,10 @@ def test_hostile_case(stack, name, request):
     assert ok, detail
 
 
-@pytest.mark.xfail(strict=False, reason="B3 the decode sidecar follows HTTP redirects from a prefill peer "
-                                        "(SSRF): see docs/reliability.md")
 def test_prefill_peer_redirect_not_followed(tmp_path):
     """A prefill peer (or its vLLM) answering 307/302 must not make the decode sidecar
-    connect to the Location it names."""
+    connect to the Location it names (B3): the peer's 3xx is a peer error (local fallback),
+    a 3xx from the local vLLM is a 502."""
     token = secrets.token_hex(16)
     peer, fd = FakeVllm("peer"), FakeVllm("decode")
     d_port = free_port()
@@ -369,6 +368,13 @@ def test_prefill_peer_redirect_not_followed(tmp_path):
             time.sleep(0.3)
             assert_clean(r)
             assert not det.hits, f"decode sidecar followed the redirect to {peer.redirect_to} ({len(det.hits)}x)"
+            assert r.status == 200 and r.headers.get("x-pd-path") == "fallback", (r.status, r.headers)
+            fd.redirect_to = f"http://127.0.0.1:{det.port}"  # now the local vLLM redirects too
+            r = post(d_port, "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode())
+            time.sleep(0.3)
+            assert_clean(r)
+            assert not det.hits, f"decode sidecar followed the local vLLM's redirect ({len(det.hits)}x)"
+            assert r.status == 502, r.status
         finally:
             d.stop()
             peer.close()
