@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .errors import TransferTimeoutError
+from .errors import TransferTimeoutError, UnknownPeerError
 from .layout import Region
 
 DEFAULT_WAIT_TIMEOUT_S = float(os.environ.get("PDSIDECAR_TRANSFER_TIMEOUT_S", "30"))
@@ -237,6 +237,44 @@ class TransferEngine(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PeerTableEngine(TransferEngine):
+    """A backend keeping its peers in ``self._peers`` and moving blocks via ``_submit``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._peers: dict[str, Any] = {}
+
+    def peers(self) -> list[str]:
+        return list(self._peers)
+
+    def _peer(self, name: str) -> Any:
+        try:
+            return self._peers[name]
+        except KeyError:
+            raise UnknownPeerError(name, list(self._peers)) from None
+
+    def read_blocks(self, peer: str, local_block_ids: Any, remote_block_ids: Any, *,
+                    layers: Iterable[int] | None = None, notif: bytes | str | None = None,
+                    request_id: str = "", local_slice: tuple[int, int] | None = None,
+                    remote_slice: tuple[int, int] | None = None) -> TransferHandle:
+        return self._submit("READ", peer, local_block_ids, remote_block_ids, layers,
+                            notif, request_id, local_slice, remote_slice)
+
+    def write_blocks(self, peer: str, local_block_ids: Any, remote_block_ids: Any, *,
+                     layers: Iterable[int] | None = None, notif: bytes | str | None = None,
+                     request_id: str = "", local_slice: tuple[int, int] | None = None,
+                     remote_slice: tuple[int, int] | None = None) -> TransferHandle:
+        return self._submit("WRITE", peer, local_block_ids, remote_block_ids, layers,
+                            notif, request_id, local_slice, remote_slice)
+
+    @abstractmethod
+    def _submit(self, op: str, peer: str, local_ids: Any, remote_ids: Any,
+                layers: Iterable[int] | None, notif: bytes | str | None, request_id: str,
+                local_slice: tuple[int, int] | None,
+                remote_slice: tuple[int, int] | None) -> TransferHandle:
+        """Validate, post and return the handle of one READ or WRITE."""
 
 
 def as_bytes(msg: bytes | str | None) -> bytes:

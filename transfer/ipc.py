@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .engine import (DEFAULT_WAIT_TIMEOUT_S, PeerInfo, TransferEngine, TransferHandle,
+from .engine import (DEFAULT_WAIT_TIMEOUT_S, PeerInfo, PeerTableEngine, TransferHandle,
                      TransferStats, as_bytes, new_transfer_id)
 from .errors import (BackendUnavailableError, BlockIdError, TransferError,
                      TransferFailedError, TransferTimeoutError, UnknownPeerError,
@@ -144,7 +144,7 @@ def plan_groups(pairs: Sequence[tuple[int, int, int, int, int, int, int]]) -> li
             for (ss, ds, so, do, ln), g in groups.items()]
 
 
-class IpcTransferEngine(TransferEngine):
+class IpcTransferEngine(PeerTableEngine):
     """:class:`TransferEngine` for two CUDA processes on one host (or one process)."""
 
     backend = "ipc"
@@ -161,7 +161,6 @@ class IpcTransferEngine(TransferEngine):
         self.time_device = time_device  # record start events: handle.extra["device_us"]
         self._storages: list[_Storage] = []
         self._views: list[Any] = []
-        self._peers: dict[str, _MappedPeer] = {}
         self._inbox: dict[str, list[bytes]] = defaultdict(list)
         self._inbox_lock = threading.Lock()
         self._stream: Any = None
@@ -288,30 +287,7 @@ class IpcTransferEngine(TransferEngine):
             if self._peers.pop(name, None) is None:
                 raise UnknownPeerError(name, list(self._peers))
 
-    def peers(self) -> list[str]:
-        return list(self._peers)
-
-    def _peer(self, name: str) -> _MappedPeer:
-        try:
-            return self._peers[name]
-        except KeyError:
-            raise UnknownPeerError(name, list(self._peers)) from None
-
     # ------------------------------------------------------------ transfers
-    def read_blocks(self, peer: str, local_block_ids: Any, remote_block_ids: Any, *,
-                    layers: Iterable[int] | None = None, notif: bytes | str | None = None,
-                    request_id: str = "", local_slice: tuple[int, int] | None = None,
-                    remote_slice: tuple[int, int] | None = None) -> TransferHandle:
-        return self._submit("READ", peer, local_block_ids, remote_block_ids, layers, notif,
-                            request_id, local_slice, remote_slice)
-
-    def write_blocks(self, peer: str, local_block_ids: Any, remote_block_ids: Any, *,
-                     layers: Iterable[int] | None = None, notif: bytes | str | None = None,
-                     request_id: str = "", local_slice: tuple[int, int] | None = None,
-                     remote_slice: tuple[int, int] | None = None) -> TransferHandle:
-        return self._submit("WRITE", peer, local_block_ids, remote_block_ids, layers, notif,
-                            request_id, local_slice, remote_slice)
-
     def _submit(self, op: str, peer: str, local_ids: Any, remote_ids: Any,
                 layers: Iterable[int] | None, notif: bytes | str | None, request_id: str,
                 local_slice: tuple[int, int] | None,

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .engine import (PeerInfo, TransferEngine, TransferHandle, TransferStats, as_bytes,
+from .engine import (PeerInfo, PeerTableEngine, TransferHandle, TransferStats, as_bytes,
                      new_transfer_id)
 from .errors import (BackendUnavailableError, BlockIdError, TransferError,
                      TransferFailedError, UnknownPeerError, UnregisteredMemoryError)
@@ -46,7 +46,7 @@ class _Peer:
     sliced: dict  # (offset, length) -> (dlist, first_desc)
 
 
-class NixlTransferEngine(TransferEngine):
+class NixlTransferEngine(PeerTableEngine):
     """:class:`TransferEngine` on one NIXL agent with the UCX backend."""
 
     backend = "nixl"
@@ -71,7 +71,6 @@ class NixlTransferEngine(TransferEngine):
         self._local_dlist: Any = None
         self._local_first = np.zeros(0, dtype=np.int64)
         self._local_sliced: dict = {}
-        self._peers: dict[str, _Peer] = {}
         self._inflight: dict[int, TransferHandle] = {}
         self._stale: list[Any] = []  # xfer handles NIXL could not release yet
         self._ranges: list[tuple[int, int, int]] = []
@@ -170,30 +169,7 @@ class NixlTransferEngine(TransferEngine):
             except Exception:
                 pass
 
-    def peers(self) -> list[str]:
-        return list(self._peers)
-
-    def _peer(self, name: str) -> _Peer:
-        try:
-            return self._peers[name]
-        except KeyError:
-            raise UnknownPeerError(name, list(self._peers)) from None
-
     # ------------------------------------------------------------ transfers
-    def read_blocks(self, peer: str, local_block_ids: Any, remote_block_ids: Any, *,
-                    layers: Iterable[int] | None = None, notif: bytes | str | None = None,
-                    request_id: str = "", local_slice: tuple[int, int] | None = None,
-                    remote_slice: tuple[int, int] | None = None) -> TransferHandle:
-        return self._submit("READ", peer, local_block_ids, remote_block_ids, layers,
-                            notif, request_id, local_slice, remote_slice)
-
-    def write_blocks(self, peer: str, local_block_ids: Any, remote_block_ids: Any, *,
-                     layers: Iterable[int] | None = None, notif: bytes | str | None = None,
-                     request_id: str = "", local_slice: tuple[int, int] | None = None,
-                     remote_slice: tuple[int, int] | None = None) -> TransferHandle:
-        return self._submit("WRITE", peer, local_block_ids, remote_block_ids, layers,
-                            notif, request_id, local_slice, remote_slice)
-
     def _local_side(self, sl: tuple[int, int] | None) -> tuple[Any, np.ndarray]:
         if sl is None:
             return self._local_dlist, self._local_first
