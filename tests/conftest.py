@@ -43,3 +43,16 @@ def stock_pair(engine_pool, llama_dir):
         "stock-llama",
         lambda: pd_pair_configs(llama_dir, stock_nixl_config(), stock=True, log_dir=engine_pool.log_dir),
     )
+
+
+@pytest.fixture(scope="session")
+def vllm_parse():
+    """vLLM's own `serve` argument parser (skips where vLLM is not installed)."""
+    from pdsidecar import k8s_validate
+
+    pytest.importorskip("vllm", reason="vllm not installed")
+    try:
+        k8s_validate._vllm_parser()
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"vllm argument parser not importable: {e}")
+    return k8s_validate.parse_vllm_args

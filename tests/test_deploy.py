@@ -129,16 +129,6 @@ def test_lws_shape_and_injection_fixpoint(rendered, overlay):
         assert prof.replicas * prof.size * 2 == 256  # seed: 256 GPUs for Pattern 5
 
 
-@pytest.fixture(scope="module")
-def vllm_parse():
-    pytest.importorskip("vllm", reason="vllm not installed")
-    try:
-        kv._vllm_parser()
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"vllm argument parser not importable: {e}")
-    return kv.parse_vllm_args
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rendered_vllm_args_parse(rendered, vllm_parse, overlay):
     prof = PROFILES[overlay]
