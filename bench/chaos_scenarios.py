@@ -958,8 +958,8 @@ def hostile_cases(decode_port: int, prefill_port: int, allowed_prefill_port: int
         return raw_request(prefill_port, "POST", path,
                            [("Content-Type", "application/json"), ("x-request-id", rid), *headers], body)
 
-    def signed(rid: str, path="/v1/completions", peer=decode_identity, now=None, tok=token):
-        return list(auth.sign(tok, peer, rid, path, now=now).items())
+    def signed(rid: str, path="/v1/completions", peer=decode_identity, now=None, tok=token, body=body_c):
+        return list(auth.sign(tok, peer, rid, path, body, now=now).items())  # signs the body it is sent with
 
     cases += [
         ("prefill: no auth headers", lambda: expect_4xx(prefill_leg([]), (401,))),

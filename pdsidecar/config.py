@@ -277,6 +277,8 @@ OPTIONS: list[Option] = [
            "prefill: require the socket peer address to match the claimed peer host (off behind a mesh proxy)"),
     Option("allow_unauthenticated", "--allow-unauthenticated", ("PDSIDECAR_ALLOW_UNAUTHENTICATED",), False, _bool,
            "prefill: accept prefill legs without token and allowlist (development only)", is_bool_flag=True),
+    Option("replay_cache_size", "--replay-cache-size", ("PDSIDECAR_REPLAY_CACHE_SIZE",), 200_000, _pos_int,
+           "prefill: signed-request nonces remembered (~240 s each) to refuse replays; 503 when full"),
     Option("connect_timeout_s", "--connect-timeout", ("PDSIDECAR_CONNECT_TIMEOUT",), 2.0, _pos_float,
            "seconds to open an upstream connection"),
     Option("prefill_timeout_s", "--prefill-timeout", ("PDSIDECAR_PREFILL_TIMEOUT",), 60.0, _pos_float,
@@ -285,6 +287,8 @@ OPTIONS: list[Option] = [
            "seconds of silence allowed on the decode leg (between chunks)"),
     Option("total_timeout_s", "--total-timeout", ("PDSIDECAR_TOTAL_TIMEOUT",), 1800.0, _pos_float,
            "seconds for a whole request"),
+    Option("client_body_timeout_s", "--client-body-timeout", ("PDSIDECAR_CLIENT_BODY_TIMEOUT",), 30.0, _pos_float,
+           "seconds to receive a request body once its headers are in (408 after)"),
     Option("drain_grace_s", "--drain-grace", ("PDSIDECAR_DRAIN_GRACE",), 30.0, _nonneg_float,
            "seconds to finish in-flight requests after SIGTERM"),
     Option("max_body_bytes", "--max-body-bytes", ("PDSIDECAR_MAX_BODY_BYTES",), 16 * 1024 * 1024, _pos_int,
@@ -344,10 +348,12 @@ class SidecarConfig:
     advertise: Endpoint | None = None
     peer_source_check: bool = True
     allow_unauthenticated: bool = False
+    replay_cache_size: int = 200_000
     connect_timeout_s: float = 2.0
     prefill_timeout_s: float = 60.0
     decode_timeout_s: float = 600.0
     total_timeout_s: float = 1800.0
+    client_body_timeout_s: float = 30.0
     drain_grace_s: float = 30.0
     max_body_bytes: int = 16 * 1024 * 1024
     max_header_bytes: int = 16 * 1024

@@ -115,11 +115,12 @@ class ReleaseReporter:
         sc = self.role.sc
         batch_id = uuid.uuid4().hex
         path = "/pd/v1/release"
+        data = json.dumps({"releases": items}).encode()
         headers = {"content-type": "application/json", "x-request-id": batch_id,
-                   **auth.sign(sc.cfg.auth_token, str(self.role.identity), batch_id, path)}
+                   **auth.sign(sc.cfg.auth_token, str(self.role.identity), batch_id, path, data)}
         try:
             async with sc.upstreams.get(peer.url()).post(
-                    peer.url() + path, data=json.dumps({"releases": items}), headers=headers,
+                    peer.url() + path, data=data, headers=headers,
                     allow_redirects=False, timeout=aiohttp.ClientTimeout(total=5, sock_connect=sc.cfg.connect_timeout_s)) as r:
                 await r.read()
                 if r.status != 200:
@@ -251,7 +252,7 @@ class DecodeRole:
 
     async def _serve(self, request: web.Request, api: str, rid: str, t0: float, state: dict) -> web.StreamResponse:
         sc, cfg, m = self.sc, self.sc.cfg, self.sc.metrics
-        raw = await request.read()
+        raw = await sc.read_body(request)
         body = parse_request(api, raw)
         # served locally with the body untouched: forward the client's bytes as they are
         state["raw"] = None if body.pop("__modified__", False) else raw
@@ -353,7 +354,7 @@ class DecodeRole:
             tried.add(ep)
             prid = "pd-" + uuid.uuid4().hex
             headers = forward_headers(request, prid)
-            headers.update(auth.sign(cfg.auth_token, str(self.identity), prid, path))
+            headers.update(auth.sign(cfg.auth_token, str(self.identity), prid, path, data))
             st = self.peers.state(ep)
             st.outstanding += 1
             st.outstanding_tokens += est
@@ -625,9 +626,10 @@ class DecodeRole:
                                             "remote_request_id": push_rid}
                 path = API_PATHS[api]
                 headers = forward_headers(request, push_rid)
-                headers.update(auth.sign(self.sc.cfg.auth_token, str(self.identity), push_rid, path))
+                data = json.dumps(pb).encode()
+                headers.update(auth.sign(self.sc.cfg.auth_token, str(self.identity), push_rid, path, data))
                 async with self.sc.upstreams.get(ep.url()).post(
-                        ep.url() + path, data=json.dumps(pb).encode(), headers=headers,
+                        ep.url() + path, data=data, headers=headers,
                         allow_redirects=False, timeout=aiohttp.ClientTimeout(total=self.sc.cfg.prefill_timeout_s)) as r:
                     await r.read()
                     if r.status != 200:

@@ -38,8 +38,9 @@ class RequestError(Exception):
     """Raised inside handlers; turned into an OpenAI-style error response."""
 
     def __init__(self, status: int, message: str, code: str | None = None, *, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, close: bool = False):
         super().__init__(message)
+        self.close = close
         self.status = status
         self.message = message
         self.code = code
@@ -47,4 +48,7 @@ class RequestError(Exception):
         self.headers = headers
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.code, param=self.param, headers=self.headers)
+        r = error_response(self.status, self.message, self.code, param=self.param, headers=self.headers)
+        if self.close:  # e.g. an unread body is still on the connection
+            r.force_close()
+        return r

@@ -110,6 +110,7 @@ class PrefillRole:
         cfg = sc.cfg
         self.allow = Allowlist(cfg.allowed_peers)
         self.pending = PendingKV()
+        self.nonces = auth.NonceCache(cfg.replay_cache_size)
         self._known_peers: set[str] = set()
         self._bg: list[asyncio.Task] = []
 
@@ -131,6 +132,7 @@ class PrefillRole:
         last_dns = time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, cfg.kv_ttl_s / 4))
+            self.nonces.expire()
             n = self.pending.expire(cfg.kv_ttl_s)
             if n:
                 self.sc.metrics.kv_expired.inc(n)
@@ -159,19 +161,36 @@ class PrefillRole:
         return {"pending": total, "peers": peers}
 
     # --------------------------------------------------------------- auth
+    def _deny(self, request: web.Request, rid: str, status: int, reason: str, message: str) -> RequestError:
+        self.sc.metrics.auth_failures.labels(reason).inc()
+        log.warning("peer rejected", extra={"request_id": rid if auth.printable(rid, 128) else "<invalid>",
+                                            "reason": reason, "remote": request.remote})
+        return RequestError(status, message, reason, headers={PD_ERROR_HEADER: reason})
+
+    _AUTH_MESSAGES = {
+        "missing": "prefill legs need a valid peer signature",
+        "malformed": "peer authentication headers and x-request-id must be printable ASCII "
+                     "(x-pd-timestamp digits, x-pd-nonce 16-128 [A-Za-z0-9_-], x-pd-content-sha256 hex)",
+        "bad_signature": "prefill legs need a valid peer signature",
+        "stale": "peer signature timestamp outside the allowed clock skew",
+    }
+
     def _authenticate(self, request: web.Request, rid: str) -> Endpoint:
-        cfg, m = self.sc.cfg, self.sc.metrics
+        """Check the signed headers (before the body is read); `_check_body` finishes the job."""
+        cfg = self.sc.cfg
 
         def deny(status: int, reason: str, message: str) -> RequestError:
-            m.auth_failures.labels(reason).inc()
-            log.warning("peer rejected", extra={"request_id": rid, "reason": reason, "remote": request.remote})
-            return RequestError(status, message, reason, headers={PD_ERROR_HEADER: reason})
+            return self._deny(request, rid, status, reason, message)
 
         claimed = request.headers.get(auth.PEER_HEADER)
         if cfg.auth_token:
-            why = auth.verify(cfg.auth_token, request.headers, rid, request.path)
+            why = auth.verify(cfg.auth_token, request.headers, rid, request.path, request.method)
             if why is not None:
-                raise deny(401, why, "prefill legs need a valid peer signature")
+                raise deny(401, why, self._AUTH_MESSAGES.get(why, "prefill legs need a valid peer signature"))
+            if self.nonces.seen(auth.NonceCache.key(claimed, request.headers[auth.NONCE_HEADER])):
+                raise deny(401, "replayed", "this signed request was already used (replay refused)")
+        elif claimed is not None and not auth.printable(claimed):
+            raise deny(400, "malformed", "x-pd-peer must be host:port")
         if not claimed:
             if cfg.allow_unauthenticated and not self.allow:
                 return Endpoint(request.remote or "unknown", 0)
@@ -185,6 +204,24 @@ class PrefillRole:
         if cfg.peer_source_check and not self.allow.host_matches_source(peer.host, request.remote):
             raise deny(403, "source_mismatch", "connection source does not match x-pd-peer")
         return peer
+
+    def _check_body(self, request: web.Request, rid: str, raw: bytes) -> None:
+        """After reading the body: it must be the one that was signed, and the nonce must be
+        new (recorded now, so a replay - even a concurrent one - is refused)."""
+        if not self.sc.cfg.auth_token:
+            return
+        if not auth.verify_body(request.headers, raw):
+            raise self._deny(request, rid, 401, "body_mismatch", "request body does not match the signed digest")
+        h = request.headers
+        verdict = self.nonces.check_and_add(auth.NonceCache.key(h[auth.PEER_HEADER], h[auth.NONCE_HEADER]),
+                                            float(h[auth.TS_HEADER]))
+        if verdict == "replay":
+            raise self._deny(request, rid, 401, "replayed", "this signed request was already used (replay refused)")
+        if verdict == "full":
+            self.sc.metrics.rejected.labels("replay_cache_full").inc()
+            log.warning("replay cache full; refusing signed requests", extra={"entries": len(self.nonces)})
+            raise RequestError(503, "too many signed requests in the replay window; retry later", "replay_cache_full",
+                               headers={"Retry-After": "1", PD_ERROR_HEADER: "overloaded"})
 
     # ------------------------------------------------------------ handlers
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -200,12 +237,17 @@ class PrefillRole:
             m.rejected.labels("no_request_id").inc()
             raise RequestError(400, "prefill legs need an x-request-id", "missing_request_id",
                                headers={PD_ERROR_HEADER: "bad_request"})
-        peer = self._authenticate(request, rid)
+        peer = self._authenticate(request, rid)  # 401 first: a bad x-request-id fails the signature
+        if not auth.printable(rid, 128):
+            m.rejected.labels("no_request_id").inc()
+            raise RequestError(400, "x-request-id must be printable ASCII", "invalid_request_id",
+                               headers={PD_ERROR_HEADER: "bad_request"})
         sc.admit()
         t0 = time.perf_counter()
         status, path = 0, "error"
         try:
-            raw = await request.read()
+            raw = await sc.read_body(request)
+            self._check_body(request, rid, raw)
             headers = forward_headers(request, rid)
             try:
                 t_send = time.perf_counter()
@@ -262,8 +304,10 @@ class PrefillRole:
     async def release(self, request: web.Request) -> web.Response:
         rid = request.headers.get("x-request-id", "")
         peer = self._authenticate(request, rid)
+        raw = await self.sc.read_body(request)
+        self._check_body(request, rid, raw)
         try:
-            data = json.loads(await request.read())
+            data = json.loads(raw)
             items = data["releases"]
             assert isinstance(items, list)
         except (ValueError, KeyError, TypeError, AssertionError, RecursionError):

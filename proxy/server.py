@@ -37,11 +37,18 @@ def request_id(request: web.Request) -> str:
     return rid if _RID_RE.match(rid) else uuid.uuid4().hex
 
 
+_HEADER_VALUE_RE = re.compile(r"^[\x20-\x7e\t]*$")
+
+
 def forward_headers(request: web.Request, rid: str) -> dict[str, str]:
+    """Headers for an upstream call; a forwarded value that is not printable ASCII (aiohttp
+    hands bytes >= 0x80 over surrogate-escaped) is the client's error: 400, never a 500."""
     h = {"content-type": "application/json", "x-request-id": rid}
     for name in FORWARD_HEADERS:
         v = request.headers.get(name)
         if v is not None:
+            if not _HEADER_VALUE_RE.match(v):
+                raise RequestError(400, f"header {name} must be printable ASCII", "invalid_header", param=name)
             h[name] = v
     return h
 
@@ -152,6 +159,22 @@ class Sidecar:
         self.metrics.in_flight.labels(self.cfg.role).set(self.in_flight)
         if self.in_flight == 0:
             self._idle.set()
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The client's body, bounded by --max-body-bytes (413) and --client-body-timeout
+        (408 + close), so a slow client cannot hold an in-flight slot for the total timeout."""
+        t = self.cfg.client_body_timeout_s
+        timeout = getattr(asyncio, "timeout", None)  # no extra task (Python >= 3.11)
+        try:
+            if timeout is None:
+                return await asyncio.wait_for(request.read(), t)
+            async with timeout(t):
+                return await request.read()
+        except asyncio.TimeoutError:
+            self.metrics.rejected.labels("client_body_timeout").inc()
+            raise RequestError(408, f"request body not received within {self.cfg.client_body_timeout_s:g} s "
+                                    "(--client-body-timeout)", "client_body_timeout",
+                               headers={"Connection": "close"}, close=True) from None
 
     def spawn(self, coro) -> asyncio.Task:
         t = asyncio.get_running_loop().create_task(coro)

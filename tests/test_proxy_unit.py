@@ -307,28 +307,86 @@ async def test_prefill_auth(st):
     body = {"model": "m", "prompt": "x", "kv_transfer_params": {"do_remote_decode": True}}
     me = f"127.0.0.1:{st.dec.port}"
 
-    def signed(peer=me, token=TOKEN, rid="r1", path="/v1/completions", now=None):
-        return {"x-request-id": rid, **auth.sign(token, peer, rid, path, now=now)}
+    raw = json.dumps(body).encode()
+
+    def signed(peer=me, token=TOKEN, rid="r1", path="/v1/completions", now=None, data=raw):
+        return {"x-request-id": rid, **auth.sign(token, peer, rid, path, data, now=now)}
 
     cases = [
         (signed(), 200, None),
         ({"x-request-id": "r1"}, 401, "missing"),
         (signed(token="another-token-0123456789"), 401, "bad_signature"),
         (signed(now=time.time() - 3600), 401, "stale"),
+        (signed(data=b'{"model":"m","prompt":"other"}'), 401, "body_mismatch"),  # signature bound to the body
+        ({**signed(), auth.NONCE_HEADER: "n" * 32}, 401, "bad_signature"),  # ... and to the nonce
+        ({**signed(), auth.TS_HEADER: "12ab"}, 401, "malformed"),
         ({**signed(), "x-request-id": "r2"}, 401, "bad_signature"),  # signature bound to the request id
         (signed(peer=f"127.0.0.1:{st.dec.port + 1}"), 403, "peer_not_allowed"),  # same host, other port
         (signed(peer=f"[::1]:{st.dec.port}"), 403, "peer_not_allowed"),
     ]
     for headers, status, reason in cases:
-        s, h, data = await post(url, body, headers)
+        s, h, data = await post(url, raw, headers)
         assert s == status, (headers, data)
         if reason:
             assert json.loads(data)["error"]["code"] == reason and h["x-pd-error"] == reason
             assert val(st.pre, "pd_auth_failures_total", reason=reason) >= 1
     # allowlisted host:port but the connection comes from another address
     st.pre.role.allow.entries.append(Endpoint("10.1.2.3", 8000))
-    s, _, data = await post(url, body, signed(peer="10.1.2.3:8000"))
+    s, _, data = await post(url, raw, signed(peer="10.1.2.3:8000"))
     assert s == 403 and json.loads(data)["error"]["code"] == "source_mismatch"
+
+
+async def test_prefill_replay_refused(st):
+    """B1: the same signed headers work once, with exactly the body they were signed for."""
+    url = st.pre.url + "/v1/completions"
+    me = f"127.0.0.1:{st.dec.port}"
+    raw = json.dumps({"model": "m", "prompt": "x", "kv_transfer_params": {"do_remote_decode": True}}).encode()
+    h = {"x-request-id": "rp1", **auth.sign(TOKEN, me, "rp1", "/v1/completions", raw)}
+    s, _, _ = await post(url, raw, h)
+    assert s == 200
+    n = len(st.p_vllm.requests)
+    s, hh, data = await post(url, raw, h)  # same headers, same body
+    assert s == 401 and json.loads(data)["error"]["code"] == "replayed" and hh["x-pd-error"] == "replayed"
+    s, _, data = await post(url, b'{"model":"m","prompt":"evil"}', h)  # same headers, another body
+    assert s == 401 and json.loads(data)["error"]["code"] in ("replayed", "body_mismatch")
+    assert len(st.p_vllm.requests) == n, "a replayed leg reached vLLM"
+    assert val(st.pre, "pd_auth_failures_total", reason="replayed") >= 1
+    # the release endpoint is protected the same way
+    rel = json.dumps({"releases": []}).encode()
+    hr = {"x-request-id": "b9", **auth.sign(TOKEN, me, "b9", "/pd/v1/release", rel)}
+    assert (await post(st.pre.url + "/pd/v1/release", rel, hr))[0] == 200
+    assert (await post(st.pre.url + "/pd/v1/release", rel, hr))[0] == 401
+    # a full replay cache refuses (503, retryable on another peer) rather than grow
+    st.pre.role.nonces.max_entries = len(st.pre.role.nonces)
+    h = {"x-request-id": "rp2", **auth.sign(TOKEN, me, "rp2", "/v1/completions", raw)}
+    s, hh, data = await post(url, raw, h)
+    assert s == 503 and json.loads(data)["error"]["code"] == "replay_cache_full" and hh["x-pd-error"] == "overloaded"
+
+
+def test_nonce_cache_bounded_and_expiring():
+    c = auth.NonceCache(max_entries=3, skew_s=120)
+    now = 1_000_000.0
+    assert c.check_and_add("a", now, now) == "ok"
+    assert c.check_and_add("a", now, now) == "replay"
+    assert c.check_and_add("b", now - 100, now) == "ok"
+    assert c.check_and_add("c", now, now) == "ok"
+    assert c.check_and_add("d", now, now) == "full" and len(c) == 3
+    # "b" (signed 100 s ago) is kept until its timestamp is stale (ts + skew), then evicted
+    assert c.seen("b", now + 20) and not c.seen("b", now + 22)
+    assert c.check_and_add("d", now, now + 22) == "ok"
+    assert c.seen("a", now + 120) and len(c) == 3
+    assert c.expire(now + 200) == 3 and len(c) == 0
+
+
+@pytest.mark.parametrize("hdrs", [
+    {auth.PEER_HEADER: "0", auth.TS_HEADER: "0", auth.NONCE_HEADER: "0", auth.BODY_HEADER: "0",
+     auth.SIG_HEADER: "0", "x-request-id": "\udc80"},
+    {auth.PEER_HEADER: "127.0.0.1:1\udcff", auth.TS_HEADER: "0", auth.NONCE_HEADER: "0", auth.BODY_HEADER: "0",
+     auth.SIG_HEADER: "0", "x-request-id": "r"},
+])
+def test_verify_non_ascii_is_malformed(hdrs):
+    """B4: surrogate-escaped (non-UTF-8) header bytes never reach str.encode()."""
+    assert auth.verify(TOKEN, hdrs, hdrs["x-request-id"], "/v1/completions") == "malformed"
 
 
 async def test_pending_kv_release_stats_and_expiry(st):
@@ -337,7 +395,9 @@ async def test_pending_kv_release_stats_and_expiry(st):
     rid = "leg-1"
     s, _, _ = await post(st.pre.url + "/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 1,
                                                           "kv_transfer_params": {"do_remote_decode": True}},
-                         {"x-request-id": rid, **auth.sign(TOKEN, me, rid, "/v1/completions")})
+                         {"x-request-id": rid, **auth.sign(TOKEN, me, rid, "/v1/completions", json.dumps(
+                             {"model": "m", "prompt": "x", "max_tokens": 1,
+                              "kv_transfer_params": {"do_remote_decode": True}}).encode())})
     assert s == 200
     async with aiohttp.ClientSession() as c:
         async with c.get(st.pre.url + "/pd/v1/stats") as r:
@@ -354,7 +414,8 @@ async def test_pending_kv_release_stats_and_expiry(st):
                          {"x-request-id": "b1"})
     assert s == 401 and st.pre.role.pending.items
     s, _, data = await post(st.pre.url + "/pd/v1/release", {"releases": [{"id": rid, "status": "picked_up"}]},
-                            {"x-request-id": "b1", **auth.sign(TOKEN, me, "b1", "/pd/v1/release")})
+                            {"x-request-id": "b1", **auth.sign(TOKEN, me, "b1", "/pd/v1/release", json.dumps(
+                                {"releases": [{"id": rid, "status": "picked_up"}]}).encode())})
     assert s == 200 and json.loads(data) == {"released": 1} and not st.pre.role.pending.items
     # expiry
     from proxy.prefill import Pending
@@ -531,3 +592,30 @@ def test_parse_request_bad_json_is_400(raw):
     with pytest.raises(RequestError) as ei:
         parse_request("completions", raw)
     assert ei.value.status == 400 and ei.value.code == "invalid_json"
+
+
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+async def test_client_body_timeout_408(role):
+    """A client that sends headers and then stalls its body gets 408 after
+    --client-body-timeout and does not keep its in-flight slot until the total timeout."""
+    s = await stack(pre_kw={"client_body_timeout_s": 0.3}, dec_kw={"client_body_timeout_s": 0.3})
+    sc = s.dec if role == "decode" else s.pre
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+        rid = "slow-1"
+        extra = ""
+        if role == "prefill":
+            full = b'{"model":"m","prompt":"x"}' + b" " * 74
+            extra = "".join(f"{k}: {v}\r\n" for k, v in {"x-request-id": rid, **auth.sign(
+                TOKEN, f"127.0.0.1:{s.dec.port}", rid, "/v1/completions", full)}.items())
+        writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 100\r\n{extra}\r\n".encode() + b'{"model":"m",')
+        await writer.drain()
+        head = await asyncio.wait_for(reader.read(65536), 30)  # bound only: hang detection
+        assert head.startswith(b"HTTP/1.1 408"), head[:200]
+        assert b"client_body_timeout" in head
+        assert sc.in_flight == 0
+        writer.close()
+        assert val(sc, "pd_rejected_requests_total", reason="client_body_timeout") == 1
+    finally:
+        await s.stop()
