@@ -90,8 +90,7 @@ def summarize(samples: dict[str, list[float]]) -> dict[str, float | None]:
     return {f"{k}_ms": (1e3 * statistics.median(v) if v else None) for k, v in samples.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _configure(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--models", nargs="+", default=["llama", "mixtral"])
     ap.add_argument("-n", type=int, default=10)
     ap.add_argument("--warm", type=int, default=3)
@@ -101,7 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "pdsidecar" / "models"))
     ap.add_argument("--log-dir", default="/tmp/pdsidecar-bench-connector")
     ap.add_argument("--json", default="")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``connector`` on the ``pdbench`` sub-command parser."""
+    p = subparsers.add_parser("connector", help="PdConnector vs the stock NixlConnector, per leg",
+                              description=__doc__.splitlines()[0])
+    _configure(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_configure(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv))
+
+
+def run(a: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     for m in a.models:
         model = str(ensure_model(m, Path(a.cache) / f"tiny-{m}"))

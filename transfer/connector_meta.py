@@ -98,7 +98,7 @@ class PdConfig:
             raise ValueError(f"PdConnector: transfer_mode {cfg.transfer_mode!r} not pull/push")
         if cfg.transfer_mode == "push":
             raise ValueError("PdConnector: transfer_mode 'push' is not implemented yet "
-                             "(see bench/README.connector.md); use 'pull'")
+                             "(see docs/connector.md); use 'pull'")
         cfg.kv_lease_s = float(cfg.kv_lease_s)
         if cfg.kv_lease_s <= cfg.lease_guard_s:
             raise ValueError("PdConnector: kv_lease_s must exceed lease_guard_s")
