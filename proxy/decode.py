@@ -451,7 +451,8 @@ class DecodeRole:
 
     # ------------------------------------------------------------- decode leg
     async def _decode_leg(self, request: web.Request, api: str, body: dict, rid: str, t0: float, state: dict,
-                          pre: PrefillResult | None, retry_body: dict | None = None) -> web.StreamResponse:
+                          pre: PrefillResult | None, retry_body: dict | None = None,
+                          connect_retries: int = 1) -> web.StreamResponse:
         sc, cfg, m = self.sc, self.sc.cfg, self.sc.metrics
         path = state["path"]
         url = cfg.vllm_url + API_PATHS[api]
@@ -466,22 +467,42 @@ class DecodeRole:
             t_send = time.perf_counter()
             try:
                 sent = True
-                for attempt in (0, 1):
+                for attempt in range(connect_retries + 1):
                     try:
+                        # a retry gets twice the connect timeout: under heavy CPU load the
+                        # first one can run out before the (loopback) connect completes (O1)
                         resp = await sc.upstreams.get(cfg.vllm_url).post(
                             url, data=data, headers=headers,
                             allow_redirects=False,
-                            timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s,
+                            timeout=aiohttp.ClientTimeout(total=None,
+                                                          sock_connect=cfg.connect_timeout_s * (2 if attempt else 1),
                                                           sock_read=cfg.decode_timeout_s))
                         break
-                    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
                         # nothing sent yet: one more try is safe (the KV is still waiting)
-                        if attempt:
+                        if attempt >= connect_retries:
                             raise
                         m.upstream_errors.labels("connect_retry").inc()
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                        log.warning("cannot connect to the local vLLM; retrying",
+                                    extra={"request_id": rid, "error": type(e).__name__, "pd_path": path,
+                                           "after_s": round(time.perf_counter() - t_send, 3)})
+                        await asyncio.sleep(0.05)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
                 sent = False
                 m.upstream_errors.labels("connect").inc()
+                if pre is not None and retry_body is not None:
+                    # the disaggregated decode leg never reached vLLM: fall back per policy
+                    # (--fallback fallback: recompute locally, one more connect attempt)
+                    reported = True
+                    self._picked_up(pre, "released")
+                    m.fallbacks.labels("decode_connect").inc()
+                    log.warning("cannot connect to the local vLLM for the decode leg; recomputing locally",
+                                extra={"request_id": rid, "error": type(e).__name__,
+                                       "after_s": round(time.perf_counter() - t_send, 3)})
+                    state["path"] = "fallback"
+                    return await self._decode_leg(request, api, retry_body, rid, t0, state, None, connect_retries=0)
+                log.warning("cannot connect to the local vLLM", extra={"request_id": rid, "error": type(e).__name__,
+                                                                      "pd_path": path})
                 raise RequestError(502, "local vLLM is unreachable", "upstream_unavailable",
                                    headers=out_headers) from None
             except asyncio.TimeoutError as e:

@@ -619,3 +619,64 @@ async def test_client_body_timeout_408(role):
         assert val(sc, "pd_rejected_requests_total", reason="client_body_timeout") == 1
     finally:
         await s.stop()
+
+
+class _FlakySession:
+    """Wraps the decode sidecar's pooled session to its local vLLM: the first `fails`
+    POSTs fail to connect (nothing sent), like a connect timeout under CPU starvation (O1)."""
+
+    def __init__(self, inner, fails: int):
+        self.inner, self.fails, self.calls = inner, fails, 0
+
+    @property
+    def closed(self):
+        return self.inner.closed
+
+    def post(self, *a, **kw):
+        self.calls += 1
+        if self.fails > 0:
+            self.fails -= 1
+
+            async def boom():
+                raise aiohttp.ConnectionTimeoutError("Connection timeout to host")
+            return boom()
+        return self.inner.post(*a, **kw)
+
+    def get(self, *a, **kw):
+        return self.inner.get(*a, **kw)
+
+    async def close(self):
+        await self.inner.close()
+
+
+@pytest.mark.parametrize("fails,policy,status,path,kv_sent", [
+    (1, "fallback", 200, "disagg", True),    # retried once, the KV is still used
+    (2, "fallback", 200, "fallback", False),  # retried, then recomputed locally
+    (3, "fallback", 502, "fallback", None),   # the local vLLM stays unreachable
+    (2, "fail", 502, "disagg", None),          # --fallback fail: no recompute
+])
+async def test_decode_leg_connect_retry_and_fallback(fails, policy, status, path, kv_sent):
+    s = await stack(dec_kw={"fallback": policy})
+    try:
+        flaky = _FlakySession(s.dec.upstreams.get(s.d_vllm.url), fails)
+        s.dec.upstreams._sessions[s.d_vllm.url] = flaky
+        st_, h, data = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
+        assert st_ == status and h["x-pd-path"] == path, (st_, h, data)
+        assert val(s.dec, "pd_upstream_errors_total", reason="connect_retry") == 1
+        if status == 502:
+            assert json.loads(data)["error"]["code"] == "upstream_unavailable"
+            assert not s.d_vllm.requests
+        else:
+            (_, db, _), = s.d_vllm.requests
+            assert ("kv_transfer_params" in db) is kv_sent
+        if path == "fallback":
+            assert val(s.dec, "pd_fallbacks_total", reason="decode_connect") == 1
+        # the prefill sidecar hears about the KV either way (picked up or released)
+        for _ in range(100):
+            if not s.pre.role.pending.items:
+                break
+            await asyncio.sleep(0.02)
+        assert not s.pre.role.pending.items and s.dec.in_flight == 0
+        assert s.dec.role.stats()["pending"]["requests"] == 0
+    finally:
+        await s.stop()
