@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("engines") and not item.get_closest_marker("flaky"):
             item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=5))
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 CACHE = Path(os.environ.get("PDSIDECAR_CACHE", Path.home() / ".cache" / "pdsidecar"))
@@ -37,6 +42,9 @@ def mixtral_dir() -> str:
 def engine_pool(tmp_path_factory):
     if not vllm_available():
         pytest.skip("vLLM is not installed")
+    # A SIGTERM (e.g. a CI timeout) becomes KeyboardInterrupt, so pytest still tears the
+    # pool down: engines run in their own sessions and would outlive pytest otherwise.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     pool = EnginePool(max_groups=2)
     pool.log_dir = str(tmp_path_factory.mktemp("engine-logs"))
     yield pool
