@@ -109,38 +109,6 @@ class Answer:
     path: str
 
 
-class DirectHandoff:
-    """The two legs done by this process (used when no sidecar is installed)."""
-
-    def __init__(self, prefill: Engine, decode: Engine, model: str, timeout: float):
-        from openai import OpenAI
-
-        self.model = model
-        self.p = OpenAI(base_url=prefill.url + "/v1", api_key="local", timeout=timeout, max_retries=0)
-        self.d = OpenAI(base_url=decode.url + "/v1", api_key="local", timeout=timeout, max_retries=0)
-        self.url = decode.url
-
-    def _prefill(self, kind: str, **body) -> dict:
-        leg = dict(body, max_tokens=1, stream=False, extra_body={"kv_transfer_params": {"do_remote_decode": True}})
-        r = (self.p.completions if kind == "completion" else self.p.chat.completions).create(**leg)
-        return r.model_extra["kv_transfer_params"]
-
-    def completion(self, prompt: str, max_tokens: int) -> Answer:
-        t0 = time.perf_counter()
-        kv = self._prefill("completion", model=self.model, prompt=prompt)
-        r = self.d.completions.create(model=self.model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                      stream=True, extra_body={"kv_transfer_params": kv})
-        return _collect(r, t0, lambda c: c.choices[0].text if c.choices else "", "disagg (direct)")
-
-    def chat(self, message: str, max_tokens: int) -> Answer:
-        t0 = time.perf_counter()
-        msgs = [{"role": "user", "content": message}]
-        kv = self._prefill("chat", model=self.model, messages=msgs)
-        r = self.d.chat.completions.create(model=self.model, messages=msgs, max_tokens=max_tokens, temperature=0,
-                                           stream=True, extra_body={"kv_transfer_params": kv})
-        return _collect(r, t0, lambda c: (c.choices[0].delta.content or "") if c.choices else "", "disagg (direct)")
-
-
 class SidecarClient:
     """Requests through the decode sidecar, as a user's OpenAI client would send them."""
 
@@ -201,10 +169,6 @@ def _print_answer(label: str, a: Answer, kv: KvFigures, reference: str | None = 
         print("  KV moved: none reported by the decode engine")
 
 
-def _sidecars_available() -> bool:
-    return importlib.util.find_spec("pdsidecar.sidecar") is not None
-
-
 def run_local(args: argparse.Namespace) -> int:
     from pdsidecar.models import ModelError, ensure_model
 
@@ -238,15 +202,11 @@ def run_local(args: argparse.Namespace) -> int:
             e.wait_ready()
         prefill, decode = engines
         print(f"prefill engine {prefill.url}, decode engine {decode.url} (logs: {prefill.log_path.parent})")
-        if _sidecars_available():
-            from pdsidecar.local_sidecars import start_sidecars
+        from pdsidecar.local_sidecars import start_sidecars
 
-            sidecars = start_sidecars(prefill, decode, args)
-            client = SidecarClient(sidecars.decode_url, model, args.request_timeout)
-            print(f"decode sidecar {sidecars.decode_url} (prefill sidecar {sidecars.prefill_url})")
-        else:
-            client = DirectHandoff(prefill, decode, model, args.request_timeout)
-            print("sidecars not installed: doing the handoff in this process")
+        sidecars = start_sidecars(prefill, decode, args)
+        client = SidecarClient(sidecars.decode_url, model, args.request_timeout)
+        print(f"decode sidecar {sidecars.decode_url} (prefill sidecar {sidecars.prefill_url})")
 
         before = read_kv_figures(decode.url)
         a = client.completion(COMPLETION_PROMPT, max_tokens)
