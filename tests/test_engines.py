@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 
@@ -50,6 +49,8 @@ def test_stop_leaves_no_process_behind(llama_dir, engine_pool):
     pgid = e.proc.pid
     assert len(_pids_of_group(pgid)) >= 2  # api server + engine core (+ worker)
     e.stop()
+    # Only live members count: in a container whose PID 1 does not reap, the
+    # engine core's exited children stay zombies (and keep the group id alive)
+    # until that init collects them, which is outside our control.
     assert _pids_of_group(pgid) == []
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pgid, 0)
+    assert e.proc is None
