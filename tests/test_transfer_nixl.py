@@ -1,6 +1,8 @@
 """Real two-process transfers on CPU with real NIXL agents (UCX)."""
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -152,3 +154,21 @@ def test_peer_gone_mid_transfer():
     assert outcomes[-1] != "done-after", outcomes
     eng.remove_peer("doomed")
     eng.close()
+
+
+def test_idle_agent_does_not_busy_poll():
+    """NIXL's Python API busy-polls a core per agent (pthrDelay=0); ours must not."""
+    code = ("import time\n"
+            "from transfer.nixl_engine import NixlTransferEngine\n"
+            "e = NixlTransferEngine('idle-probe')\n"
+            "t0 = time.process_time(); time.sleep(1.5)\n"
+            "print(time.process_time() - t0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cpu_s = float(out.stdout.strip().splitlines()[-1])
+    assert cpu_s < 0.75, f"idle NIXL agent used {cpu_s:.2f} CPU-s in 1.5 s"
+
+
+def test_negative_progress_delay_is_rejected():
+    with pytest.raises(ValueError, match="progress_delay_us"):
+        NixlTransferEngine("bad-delay", progress_delay_us=-1)

@@ -74,6 +74,7 @@ class PdConfig:
     spin_wait_us: float = 3000.0  # worker waits this long for a just-posted READ
     enforce_compat: bool = True
     backends: list[str] = field(default_factory=lambda: ["UCX"])
+    nixl_progress_delay_us: int = 100  # NIXL progress-thread poll delay; 0 busy-polls a core
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None, env: Mapping[str, str] | None = None
@@ -99,6 +100,9 @@ class PdConfig:
         if cfg.transfer_mode == "push":
             raise ValueError("PdConnector: transfer_mode 'push' is not implemented yet "
                              "(see docs/connector.md); use 'pull'")
+        cfg.nixl_progress_delay_us = int(cfg.nixl_progress_delay_us)
+        if cfg.nixl_progress_delay_us < 0:
+            raise ValueError("PdConnector: nixl_progress_delay_us must be >= 0")
         cfg.kv_lease_s = float(cfg.kv_lease_s)
         if cfg.kv_lease_s <= cfg.lease_guard_s:
             raise ValueError("PdConnector: kv_lease_s must exceed lease_guard_s")

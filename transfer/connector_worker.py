@@ -97,7 +97,8 @@ class PdConnectorWorker:
         first = next(iter(kv_caches.values()))
         device = str(getattr(first, "device", "cpu"))
         self.engine = create_engine(self.cfg.protocol, name, device=device,
-                                    backends=tuple(self.cfg.backends))
+                                    backends=tuple(self.cfg.backends),
+                                    progress_delay_us=self.cfg.nixl_progress_delay_us)
         self.regions = self.engine.register_kv_caches(kv_caches)
         c = self.compat
         self.heads_local = heads_per_rank(c["num_kv_heads"], self.tp_size, c.get("is_mla", False))

@@ -7,11 +7,17 @@ Descriptor lists are prepared once: locally at registration, per peer at
 
 ``protocol="tcp"`` forces UCX onto TCP (``UCX_TLS=tcp,self``); it sets the variable
 for this process before the agent is created, so use one protocol per process.
+
+NIXL's progress thread is kept (the passive side of a READ must progress UCX or
+the transfer never completes), but with a non-zero delay: the Python API hard-codes
+``pthrDelay = 0``, which busy-polls a whole core per agent even when idle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,6 +33,9 @@ from .layout import Region, block_descriptors, memory_ranges, region_indices, \
     regions_from_kv_caches, validate_block_ids
 
 UCX_TLS_BY_PROTOCOL = {"tcp": "tcp,self"}
+#: Progress-thread delay (µs) between polls; 0 is NIXL's busy-poll default.
+DEFAULT_PROGRESS_DELAY_US = int(os.environ.get("PDSIDECAR_NIXL_PROGRESS_DELAY_US", "100"))
+_agent_ctor_lock = threading.Lock()
 
 
 def _import_nixl() -> Any:
@@ -35,6 +44,29 @@ def _import_nixl() -> Any:
     except Exception as e:  # ImportError, or a broken CUDA-flavoured build
         raise BackendUnavailableError(f"NIXL is not importable: {e}") from e
     return _api
+
+
+@contextlib.contextmanager
+def _progress_delay(api: Any, delay_us: int):
+    """Create agents inside this block with ``pthrDelay = delay_us``.
+
+    ``nixl_agent.__init__`` builds its ``nixlAgentConfig`` itself and sets
+    ``pthrDelay = 0``; the binding's agent constructor is wrapped for the duration
+    (under a lock, restored afterwards) to set the delay we want.
+    """
+    with _agent_ctor_lock:
+        bind = api.nixlBind
+        original = bind.nixlAgent
+
+        def make_agent(name: str, cfg: Any) -> Any:
+            cfg.pthrDelay = delay_us
+            return original(name, cfg)
+
+        bind.nixlAgent = make_agent
+        try:
+            yield
+        finally:
+            bind.nixlAgent = original
 
 
 @dataclass
@@ -53,7 +85,8 @@ class NixlTransferEngine(PeerTableEngine):
 
     def __init__(self, name: str | None = None, *, protocol: str = "rdma",
                  num_threads: int = 0, capture_telemetry: bool = False,
-                 backends: Sequence[str] = ("UCX",)) -> None:
+                 backends: Sequence[str] = ("UCX",),
+                 progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US) -> None:
         super().__init__(name or f"pdx-{uuid.uuid4().hex[:12]}")
         if protocol in UCX_TLS_BY_PROTOCOL:
             os.environ["UCX_TLS"] = UCX_TLS_BY_PROTOCOL[protocol]
@@ -63,8 +96,11 @@ class NixlTransferEngine(PeerTableEngine):
         api = _import_nixl()
         cfg = api.nixl_agent_config(backends=list(backends), num_threads=num_threads,
                                     capture_telemetry=capture_telemetry)
+        if progress_delay_us < 0:
+            raise ValueError(f"progress_delay_us must be >= 0, got {progress_delay_us}")
         self._api = api
-        self.agent = api.nixl_agent(self.name, cfg)
+        with _progress_delay(api, progress_delay_us):
+            self.agent = api.nixl_agent(self.name, cfg)
         if not self.agent.backends:
             raise BackendUnavailableError(f"NIXL backends {list(backends)} unavailable")
         self._reg_descs: list[Any] = []
