@@ -188,6 +188,19 @@ def _nonneg_int(s: str) -> int:
     return v
 
 
+MAX_WORKERS = 64
+
+
+def _workers(s: str) -> int:
+    try:
+        v = int(str(s).strip())
+    except ValueError:
+        raise ValueError(f"{s!r} must be an integer 1-{MAX_WORKERS}") from None
+    if not 1 <= v <= MAX_WORKERS:
+        raise ValueError(f"{s!r} must be 1-{MAX_WORKERS}")
+    return v
+
+
 def _port(s: str) -> int:
     v = int(s)
     if not 0 < v < 65536:
@@ -256,6 +269,8 @@ OPTIONS: list[Option] = [
            "prefill or decode (env PREFILL_MODE=true|false)"),
     Option("host", "--host", ("PDSIDECAR_HOST",), "0.0.0.0", _str, "listen address"),
     Option("port", "--port", ("PDSIDECAR_PORT",), 8000, _port, "listen port (API, /metrics, /pd/v1/*)"),
+    Option("workers", "--workers", ("PD_WORKERS",), 1, _workers,
+           "decode: worker processes sharing --port (SO_REUSEPORT), supervised by this process (1 = no supervisor)"),
     Option("metrics_port", "--metrics-port", ("PDSIDECAR_METRICS_PORT",), None, _opt_port,
            "optional extra port serving only /metrics"),
     Option("vllm_url", "--vllm-url", ("PDSIDECAR_VLLM_URL",), "http://127.0.0.1:8200", _url,
@@ -338,6 +353,7 @@ class SidecarConfig:
     role: str = "decode"
     host: str = "0.0.0.0"
     port: int = 8000
+    workers: int = 1
     metrics_port: int | None = None
     vllm_url: str = "http://127.0.0.1:8200"
     targets: list[Endpoint] = field(default_factory=list)
@@ -463,6 +479,9 @@ def _validate(cfg: SidecarConfig) -> None:
     if cfg.metrics_port is not None and cfg.metrics_port == cfg.port:
         raise ConfigError(f"--metrics-port {cfg.metrics_port} equals --port; leave it unset to serve /metrics on the main port")
     if cfg.role == "prefill":
+        if cfg.workers > 1:
+            raise ConfigError(f"--workers {cfg.workers}: the prefill role runs one process (its replay cache and "
+                              "pending-KV table are per process); use --workers with the decode role")
         if not cfg.auth_token and not cfg.allow_unauthenticated:
             raise ConfigError("prefill role needs PDSIDECAR_AUTH_TOKEN (or --allow-unauthenticated for development)")
         if not cfg.allowed_peers and cfg.targets:

@@ -3,14 +3,24 @@
 Label values are closed sets defined here (`PATHS`, `APIS`, `PEER_ERROR_REASONS`, ...);
 the only open-ended label is `peer`, which takes only allowlisted/configured peers.
 docs/sidecar.md documents every family; keep the two in sync.
+
+With `--workers N > 1` every worker process runs in prometheus_client's multiprocess mode
+(`PROMETHEUS_MULTIPROC_DIR`, set by the supervisor before this module is imported):
+counters and histograms add up over all workers, gauges aggregate per their
+`multiprocess_mode`, and `render()` serves the aggregate (`render_multiprocess`).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "PATHS", "APIS", "PEER_ERROR_REASONS", "LOCAL_REASONS"]
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST", "PATHS", "APIS", "PEER_ERROR_REASONS", "LOCAL_REASONS",
+           "MULTIPROC_ENV", "render_multiprocess"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 PATHS = ("disagg", "local", "fallback", "error")
 APIS = ("completions", "chat")
@@ -29,14 +39,29 @@ _BYTES = tuple(float(2 ** k) for k in range(10, 37, 2))  # 1 KiB .. 64 GiB
 _BPS = tuple(x * 1e9 for x in (0.01, 0.1, 0.5, 1, 2, 5, 10, 25, 50, 100, 200, 400))
 
 
-class Metrics:
-    """All metric families of one sidecar; `render()` is the /metrics body."""
+def render_multiprocess(path: str | None = None) -> bytes:
+    """/metrics body aggregated over every process writing to `path` (default: the env's dir)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
 
-    def __init__(self, role: str, registry: CollectorRegistry | None = None):
+    r = CollectorRegistry()
+    MultiProcessCollector(r, path=path or os.environ[MULTIPROC_ENV])
+    return generate_latest(r)
+
+
+class Metrics:
+    """All metric families of one sidecar; `render()` is the /metrics body.
+
+    `multiprocess=True` (a `--workers` worker): `render()` aggregates all workers. Gauge
+    modes: in-flight and pending sums over live workers, ages and draining their max."""
+
+    def __init__(self, role: str, registry: CollectorRegistry | None = None, multiprocess: bool = False):
         self.role = role
+        self.multiprocess = multiprocess
+        if multiprocess and not os.environ.get(MULTIPROC_ENV):
+            raise RuntimeError(f"multiprocess metrics need {MULTIPROC_ENV} set before prometheus_client is imported")
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
         self.info = Gauge("pd_info", "Constant 1; labels describe this sidecar.", ["role", "protocol", "version"],
-                          registry=r)
+                          registry=r, multiprocess_mode="max")
         self.requests = Counter("pd_requests", "Requests answered, by API and path (disagg|local|fallback|error).",
                                 ["role", "api", "path"], registry=r)
         self.local_decisions = Counter("pd_local_decisions",
@@ -67,15 +92,16 @@ class Metrics:
                                       registry=r)
         self.pending_requests = Gauge("pd_pending_kv_requests",
                                       "KV handed out and not yet picked up (prefill) / legs outstanding (decode), per peer.",
-                                      ["peer"], registry=r)
+                                      ["peer"], registry=r, multiprocess_mode="livesum")
         self.pending_tokens = Gauge("pd_pending_kv_tokens", "Prompt tokens of pending KV, per peer.", ["peer"],
-                                    registry=r)
+                                    registry=r, multiprocess_mode="livesum")
         self.pending_blocks = Gauge("pd_pending_kv_blocks", "Prefill: KV blocks handed out and not yet picked up, per peer.",
-                                    ["peer"], registry=r)
+                                    ["peer"], registry=r, multiprocess_mode="livesum")
         self.pending_bytes = Gauge("pd_pending_kv_bytes", "Prefill: KV bytes handed out and not yet picked up "
-                                   "(when the connector reports sizes), per peer.", ["peer"], registry=r)
+                                   "(when the connector reports sizes), per peer.", ["peer"], registry=r,
+                                   multiprocess_mode="livesum")
         self.pending_age = Gauge("pd_pending_kv_oldest_age_seconds", "Prefill: age of the oldest pending KV, per peer.",
-                                 ["peer"], registry=r)
+                                 ["peer"], registry=r, multiprocess_mode="livemax")
         self.kv_expired = Counter("pd_kv_expired", "Prefill: pending KV forgotten after --kv-ttl without pickup.",
                                   registry=r)
         self.kv_released = Counter("pd_kv_released", "Prefill: pending KV closed by a decode sidecar's report, by status.",
@@ -88,14 +114,16 @@ class Metrics:
                                registry=r)
         self.upstream_errors = Counter("pd_upstream_errors", "Errors talking to the local vLLM, by reason.", ["reason"],
                                        registry=r)
-        self.in_flight = Gauge("pd_in_flight_requests", "Requests being served now.", ["role"], registry=r)
+        self.in_flight = Gauge("pd_in_flight_requests", "Requests being served now.", ["role"], registry=r,
+                               multiprocess_mode="livesum")
         self.client_disconnects = Counter("pd_client_disconnects", "Requests whose client went away, by stage.",
                                           ["stage"], registry=r)
         self.rejected = Counter("pd_rejected_requests", "Requests refused before any upstream call, by reason.",
                                 ["reason"], registry=r)
-        self.draining = Gauge("pd_draining", "1 while draining after SIGTERM.", registry=r)
+        self.draining = Gauge("pd_draining", "1 while draining after SIGTERM.", registry=r,
+                              multiprocess_mode="livemax")
         self.token_reuse = Counter("pd_token_id_reuse", "Decode: decode legs sent the prefill leg's prompt token ids.",
                                    ["api"], registry=r)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return render_multiprocess() if self.multiprocess else generate_latest(self.registry)

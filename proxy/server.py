@@ -3,6 +3,11 @@
 `Sidecar(cfg)` builds the app for its role (decode: `proxy.decode.DecodeRole`, prefill:
 `proxy.prefill.PrefillRole`); `await sidecar.start()` listens, `await sidecar.drain()`
 stops taking new work, waits for in-flight requests (up to the grace period) and closes.
+
+`Sidecar(cfg, worker=i)` is one of `--workers N` processes (pdsidecar.workers): it shares
+the port (SO_REUSEPORT), leaves the metrics port to the supervisor, serves aggregated
+multiprocess metrics, tags responses with `x-pd-worker: i` and refreshes its gauges every
+`GAUGE_REFRESH_S` (a scrape reaches one worker only).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ log = logging.getLogger("pdsidecar.proxy")
 VERSION = "0.1.0"
 PATH_HEADER = "x-pd-path"
 PD_ERROR_HEADER = "x-pd-error"
+WORKER_HEADER = "x-pd-worker"
+GAUGE_REFRESH_S = 1.0  # --workers: how stale another worker's state-derived gauges may be
 _RID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # headers passed on to upstreams (everything else is dropped; hop-by-hop never goes through)
 FORWARD_HEADERS = ("authorization", "traceparent", "tracestate", "baggage")
@@ -82,9 +89,10 @@ class Upstreams:
 
 
 class Sidecar:
-    def __init__(self, cfg: SidecarConfig, metrics: Metrics | None = None):
+    def __init__(self, cfg: SidecarConfig, metrics: Metrics | None = None, worker: int | None = None):
         self.cfg = cfg
-        self.metrics = metrics or Metrics(cfg.role)
+        self.worker = worker
+        self.metrics = metrics or Metrics(cfg.role, multiprocess=worker is not None)
         self.metrics.info.labels(cfg.role, cfg.protocol, VERSION).set(1)
         self.upstreams = Upstreams(cfg)
         self.in_flight = 0
@@ -118,7 +126,12 @@ class Sidecar:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/pd/v1/stats", self.stats)
         self.role.add_routes(app)
+        if self.worker is not None:
+            app.on_response_prepare.append(self._tag_worker)
         return app
+
+    async def _tag_worker(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[WORKER_HEADER] = str(self.worker)
 
     @web.middleware
     async def _errors_mw(self, request: web.Request, handler):
@@ -231,6 +244,8 @@ class Sidecar:
         base: dict[str, Any] = {"role": self.cfg.role, "identity": str(self.cfg.identity()),
                                 "protocol": self.cfg.protocol, "draining": self.draining,
                                 "in_flight": self.in_flight}
+        if self.worker is not None:
+            base["worker"] = self.worker  # in_flight and the role's numbers are this worker's
         base.update(self.role.stats())
         return web.json_response(base)
 
@@ -241,10 +256,11 @@ class Sidecar:
                                      keepalive_timeout=c.server_keepalive_s,
                                      shutdown_timeout=max(c.drain_grace_s, 0.1))
         await self._runner.setup()
-        site = web.TCPSite(self._runner, c.host, c.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(self._runner, c.host, c.port, backlog=1024, reuse_address=True,
+                           reuse_port=True if self.worker is not None else None)
         await site.start()
         self.port = self._bound_port(site) or c.port
-        if c.metrics_port is not None:
+        if c.metrics_port is not None and self.worker is None:  # workers: the supervisor serves it
             mapp = web.Application()
             mapp.router.add_get("/metrics", self.metrics_handler)
             self._metrics_runner = web.AppRunner(mapp, access_log=None)
@@ -253,9 +269,17 @@ class Sidecar:
             await msite.start()
             self.metrics_port = self._bound_port(msite) or c.metrics_port
         await self.role.start()
+        if self.worker is not None:
+            self.spawn(self._refresh_gauges_loop())
         log.info("sidecar listening", extra={"role": c.role, "port": self.port, "metrics_port": self.metrics_port,
                                              "vllm_url": c.vllm_url, "identity": str(c.identity())})
         return self
+
+    async def _refresh_gauges_loop(self) -> None:
+        """Workers: keep this process's state-derived gauges fresh for scrapes served elsewhere."""
+        while True:
+            await asyncio.sleep(GAUGE_REFRESH_S)
+            self.role.refresh_gauges()
 
     @staticmethod
     def _bound_port(site: web.TCPSite) -> int | None:
