@@ -13,6 +13,8 @@ Upstreams:
                     same two legs done by the client itself.
 Paths (--path): local (decode sidecar -> upstream) and disagg (decode sidecar -> prefill
 sidecar -> upstream prefill; then upstream decode), each against its direct baseline.
+--workers 1,4: the decode sidecars run with `--workers N` (SO_REUSEPORT worker processes),
+one full sweep per value (the prefill sidecar always runs one process).
 
 Run as `pdbench proxy ...` or `python -m bench.proxy ...`.
 """
@@ -50,6 +52,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=int, default=8, help="SSE chunks per fake response")
     p.add_argument("--chunk-delay-ms", type=float, default=0.0, help="fake upstream: delay between chunks")
     p.add_argument("--path", choices=["local", "disagg", "both"], default="both")
+    p.add_argument("--workers", default="1", help="comma list: decode sidecars' --workers, one sweep each")
     p.add_argument("--upstream", choices=["fake", "vllm"], default="fake")
     p.add_argument("--model", default=None, help="model folder for --upstream vllm (default: tiny Llama cache)")
     p.add_argument("--max-tokens", type=int, default=8, help="--upstream vllm: tokens per request")
@@ -60,20 +63,23 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- fake vLLM
 
 
-def _cpu_plan() -> dict[str, set[int]] | None:
-    """Own cores for upstreams, each sidecar and the client when the machine has >= 6."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        return None
-    if len(cpus) < 6:
-        return None
-    return {"fake-prefill": {cpus[0]}, "fake-decode": {cpus[1]}, "prefill": {cpus[2]}, "decode": {cpus[3]},
-            "local": {cpus[4]}, "client": set(cpus[5:])}
+_ALL_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
-def _pin(name: str) -> None:
-    plan = _cpu_plan()
+def _cpu_plan(workers: int = 1) -> dict[str, set[int]] | None:
+    """Own cores for the upstreams, the prefill sidecar, `workers` cores for each decode
+    sidecar and >= 2 for the client, when the machine has that many (else no pinning)."""
+    cpus = _ALL_CPUS
+    if len(cpus) < 5 + 2 * workers:
+        return None
+    d, loc = 3, 3 + workers
+    return {"fake-prefill": {cpus[0]}, "fake-decode": {cpus[1]}, "prefill": {cpus[2]},
+            "decode": set(cpus[d:d + workers]), "local": set(cpus[loc:loc + workers]),
+            "client": set(cpus[loc + workers:])}
+
+
+def _pin(name: str, workers: int = 1) -> None:
+    plan = _cpu_plan(workers)
     if plan is not None:
         os.sched_setaffinity(0, plan[name])
 
@@ -135,13 +141,44 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
 
 
 def _start_sidecar(role: str, port: int, vllm_url: str, extra: list[str], log_level: str,
-                   pin: str | None = None) -> subprocess.Popen:
+                   pin: str | None = None, workers: int = 1) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pdsidecar.sidecar", "--role", role, "--host", "127.0.0.1", "--port", str(port),
            "--vllm-url", vllm_url, "--auth-token", TOKEN, "--log-level", log_level, "--peer-stats-interval", "0",
-           *extra]
+           "--workers", str(workers), *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=(lambda: _pin(pin)) if pin else None)
+                            start_new_session=True, preexec_fn=(lambda: _pin(pin, workers)) if pin else None)
+
+
+def _wait_workers(url: str, workers: int, timeout: float = 60.0) -> None:
+    """Until every worker of a `--workers N` sidecar answers (fresh connections spread by hash)."""
+    seen: set[str] = set()
+    end = time.monotonic() + timeout
+    while len(seen) < workers and time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                seen.add(r.headers.get("x-pd-worker") or "0")
+        except OSError:
+            time.sleep(0.1)
+    if len(seen) < workers:
+        raise RuntimeError(f"{url}: only workers {sorted(seen)} of {workers} answer")
+
+
+def _stop(procs: list) -> None:
+    """Stop bench processes: sidecar process groups (SIGTERM, then SIGKILL) and fakes."""
+    for pr in procs:
+        if isinstance(pr, subprocess.Popen):
+            if pr.poll() is None:
+                os.killpg(pr.pid, signal.SIGTERM)
+                try:
+                    pr.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(pr.pid, signal.SIGKILL)
+                    pr.wait()
+        else:
+            pr.terminate()
+            pr.join(5)
+    procs.clear()
 
 
 # --------------------------------------------------------------------------- load
@@ -231,14 +268,75 @@ def _sidecar_overhead(url: str) -> dict:
     return res
 
 
+def _start_sidecars(args: argparse.Namespace, prefill_vllm: str, decode_vllm: str, workers: int,
+                    procs: list) -> dict[str, str]:
+    """Prefill + decode sidecars (P/D path) and a peerless decode sidecar (local path)."""
+    from pdsidecar.engines import free_port
+
+    ps_port, ds_port, local_port = free_port(), free_port(), free_port()
+    procs.append(_start_sidecar("prefill", ps_port, prefill_vllm, ["--allowed-peers", f"127.0.0.1:{ds_port}"],
+                                args.log_level, "prefill"))
+    procs.append(_start_sidecar("decode", ds_port, decode_vllm, ["--kv-transfer-target", f"127.0.0.1:{ps_port}"],
+                                args.log_level, "decode", workers))
+    procs.append(_start_sidecar("decode", local_port, decode_vllm, [], args.log_level, "local", workers))
+    urls = {"prefill": f"http://127.0.0.1:{ps_port}", "disagg": f"http://127.0.0.1:{ds_port}",
+            "local": f"http://127.0.0.1:{local_port}"}
+    for name, url in urls.items():
+        _wait_http(url + "/ready")
+        _wait_workers(url, 1 if name == "prefill" else workers)
+    return urls
+
+
+def _sweep(args: argparse.Namespace, tag: str, urls: dict[str, str], prefill_vllm: str, decode_vllm: str,
+           levels: list[int], paths: list[str], make_body) -> dict:
+    """Every path at every concurrency level against its direct baseline."""
+    def streamer(url):
+        async def f(s, body):
+            return await _one_stream(s, url, json.dumps(body).encode())
+        return f
+
+    async def direct_pd(s, body):
+        return await _direct_disagg(s, prefill_vllm + "/v1/completions", decode_vllm + "/v1/completions", body)
+
+    out: dict = {}
+    for path in paths:
+        direct = streamer(decode_vllm + "/v1/completions") if path == "local" else direct_pd
+        targets = {"direct": direct, "sidecar": streamer(urls[path] + "/v1/completions")}
+        per_level: dict = {}
+        for conc in levels:
+            r = asyncio.run(_level(conc, args.requests, args.warmup, targets, make_body))
+            added = {k.replace("_ms", "_added_ms"): round(r["sidecar"][k] - r["direct"][k], 3)
+                     for k in r["direct"] if k.endswith("_ms")}
+            per_level[conc] = {**r, "added": added}
+            print(f"[{tag}/{path}] c={conc:<3} direct ttfb p50 {r['direct']['ttfb_50_ms']:.3f} "
+                  f"p99 {r['direct']['ttfb_99_ms']:.3f} | sidecar p50 {r['sidecar']['ttfb_50_ms']:.3f} "
+                  f"p99 {r['sidecar']['ttfb_99_ms']:.3f} | added p50 {added['ttfb_50_added_ms']:+.3f} "
+                  f"p99 {added['ttfb_99_added_ms']:+.3f} ms (n={r['sidecar']['n']})", flush=True)
+        per_level["sidecar_histogram"] = _sidecar_overhead(urls[path])
+        print(f"[{tag}/{path}] sidecar's own pd_sidecar_overhead_seconds: {per_level['sidecar_histogram']}",
+              flush=True)
+        out[path] = per_level
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from pdsidecar.engines import free_port
 
-    levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+    try:
+        levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+        worker_counts = [int(x) for x in str(args.workers).split(",") if x.strip()]
+    except ValueError:
+        print("pdbench proxy: error: --concurrency and --workers are comma lists of integers", file=sys.stderr)
+        return 2
+    if not worker_counts or not all(1 <= w <= 64 for w in worker_counts):
+        print("pdbench proxy: error: --workers values must be 1-64", file=sys.stderr)
+        return 2
     paths = ["local", "disagg"] if args.path == "both" else [args.path]
     procs: list = []
+    sidecars: list = []
     engines = []
-    results: dict = {"upstream": args.upstream, "levels": levels, "requests": args.requests, "paths": {}}
+    results: dict = {"upstream": args.upstream, "levels": levels, "requests": args.requests, "workers": {},
+                     "cpus": os.cpu_count()}
     try:
         if args.upstream == "fake":
             ctx = mp.get_context("spawn")
@@ -259,24 +357,6 @@ def run(args: argparse.Namespace) -> int:
             prefill_vllm, decode_vllm = engines[0].url, engines[1].url
         for u in (prefill_vllm, decode_vllm):
             _wait_http(u + "/health")
-
-        ps_port, ds_port = free_port(), free_port()
-        sc_pre = _start_sidecar("prefill", ps_port, prefill_vllm,
-                                ["--allowed-peers", f"127.0.0.1:{ds_port}"], args.log_level, "prefill")
-        procs.append(sc_pre)
-        extra = ["--kv-transfer-target", f"127.0.0.1:{ps_port}"]
-        sc_dec = _start_sidecar("decode", ds_port, decode_vllm, extra, args.log_level, "decode")
-        procs.append(sc_dec)
-        sc_local_port = free_port()
-        sc_local = _start_sidecar("decode", sc_local_port, decode_vllm, [], args.log_level, "local")  # no peers: local path
-        procs.append(sc_local)
-        for port in (ps_port, ds_port, sc_local_port):
-            _wait_http(f"http://127.0.0.1:{port}/ready")
-
-        if args.upstream == "fake":
-            _pin("client")
-        results["cpus"] = os.cpu_count()
-        results["pinned"] = _cpu_plan() is not None and args.upstream == "fake"
         words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega cache block token".split()
 
         def make_body(i: int) -> dict:
@@ -287,52 +367,23 @@ def run(args: argparse.Namespace) -> int:
                 b["ignore_eos"] = True
             return b
 
-        def streamer(url):
-            async def f(s, body):
-                return await _one_stream(s, url, json.dumps(body).encode())
-            return f
-
-        async def direct_pd(s, body):
-            return await _direct_disagg(s, prefill_vllm + "/v1/completions", decode_vllm + "/v1/completions", body)
-
-        for path in paths:
-            if path == "local":
-                targets = {"direct": streamer(decode_vllm + "/v1/completions"),
-                           "sidecar": streamer(f"http://127.0.0.1:{sc_local_port}/v1/completions")}
-                sc_url = f"http://127.0.0.1:{sc_local_port}"
-            else:
-                targets = {"direct": direct_pd, "sidecar": streamer(f"http://127.0.0.1:{ds_port}/v1/completions")}
-                sc_url = f"http://127.0.0.1:{ds_port}"
-            per_level = {}
-            for conc in levels:
-                r = asyncio.run(_level(conc, args.requests, args.warmup, targets, make_body))
-                added = {k.replace("_ms", "_added_ms"): round(r["sidecar"][k] - r["direct"][k], 3)
-                         for k in r["direct"] if k.endswith("_ms")}
-                per_level[conc] = {**r, "added": added}
-                print(f"[{args.upstream}/{path}] c={conc:<3} direct ttfb p50 {r['direct']['ttfb_50_ms']:.3f} "
-                      f"p99 {r['direct']['ttfb_99_ms']:.3f} | sidecar p50 {r['sidecar']['ttfb_50_ms']:.3f} "
-                      f"p99 {r['sidecar']['ttfb_99_ms']:.3f} | added p50 {added['ttfb_50_added_ms']:+.3f} "
-                      f"p99 {added['ttfb_99_added_ms']:+.3f} ms (n={r['sidecar']['n']})", flush=True)
-            per_level["sidecar_histogram"] = _sidecar_overhead(sc_url)
-            print(f"[{args.upstream}/{path}] sidecar's own pd_sidecar_overhead_seconds: "
-                  f"{per_level['sidecar_histogram']}", flush=True)
-            results["paths"][path] = per_level
+        for workers in worker_counts:
+            urls = _start_sidecars(args, prefill_vllm, decode_vllm, workers, sidecars)
+            pinned = args.upstream == "fake" and _cpu_plan(workers) is not None
+            if pinned:
+                _pin("client", workers)
+            elif _ALL_CPUS:
+                os.sched_setaffinity(0, _ALL_CPUS)  # an earlier sweep may have pinned the client
+            tag = f"{args.upstream}/w{workers}"
+            res = _sweep(args, tag, urls, prefill_vllm, decode_vllm, levels, paths, make_body)
+            results["workers"][workers] = {"pinned": pinned, "paths": res}
+            _stop(sidecars)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return 0
     finally:
-        for pr in procs:
-            if isinstance(pr, subprocess.Popen):
-                if pr.poll() is None:
-                    os.killpg(pr.pid, signal.SIGTERM)
-                    try:
-                        pr.wait(timeout=15)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(pr.pid, signal.SIGKILL)
-                        pr.wait()
-            else:
-                pr.terminate()
-                pr.join(5)
+        _stop(sidecars)
+        _stop(procs)
         for e in engines:
             e.stop()
 
