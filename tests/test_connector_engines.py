@@ -30,6 +30,7 @@ def ours_config(policy: str = "recompute", **extra) -> dict:
     return {"kv_connector": "PdConnector", "kv_connector_module_path": "transfer.connector",
             "kv_role": "kv_both", "kv_load_failure_policy": policy,
             "kv_connector_extra_config": {"control_port": 0, "protocol": "auto",
+                                          "transfer_mode": "push",
                                           "allowed_remote_hosts": ["127.0.0.1"], **extra}}
 
 

@@ -95,8 +95,11 @@ def test_config_validation():
     assert PdConfig.from_extra({}, env={"KV_TRANSFER_PROTOCOL": "tcp"}).protocol == "tcp"
     with pytest.raises(ValueError, match="unknown kv_connector_extra_config"):
         PdConfig.from_extra({"contol_port": 1}, env={})
-    with pytest.raises(ValueError, match="push"):
-        PdConfig.from_extra({"transfer_mode": "push"}, env={})
+    assert PdConfig.from_extra({"transfer_mode": "push"}, env={}).transfer_mode == "push"
+    with pytest.raises(ValueError, match="transfer_mode"):
+        PdConfig.from_extra({"transfer_mode": "teleport"}, env={})
+    with pytest.raises(ValueError, match="push_wait_s"):
+        PdConfig.from_extra({"push_wait_s": 0}, env={})
     with pytest.raises(ValueError, match="protocol"):
         PdConfig.from_extra({"protocol": "carrier-pigeon"}, env={})
 
@@ -276,3 +279,102 @@ def test_release_over_control_plane_round_trip():
             send_release("127.0.0.1", s.port, "eng-d", "eng-other", "p1", 5.0)
     finally:
         s.shutdown()
+
+
+# ------------------------------------------------------------------ push mode planning
+
+
+def test_push_decode_registers_blocks_past_local_hit():
+    from transfer.control import ControlServer
+    s = sched(transfer_mode="push", push_wait_s=7)
+    s._server = ControlServer("127.0.0.1:0")  # registry only; not started
+    req = fake_request("d9", 40, {"do_remote_prefill": True, "transfer_mode": "push",
+                                  "remote_request_id": "push-1"}, computed=0)
+    assert s.get_num_new_matched_tokens(req, 16) == (24, True)
+    blocks = SimpleNamespace(blocks=[[FakeBlock(20, hashed=True), FakeBlock(21), FakeBlock(22)]])
+    s.update_state_after_alloc(req, blocks, 24)
+    t = s._server.push_targets.get("push-1")
+    assert (t.first_block, t.block_ids, t.num_tokens, t.engine_id) == (1, [21, 22], 40, "eng-d")
+    assert t.expiry > time.time() + 5
+    job = s.build_connector_meta(None).push_recv["d9"]
+    assert (job.push_id, job.num_blocks) == ("push-1", 2)
+    # KV arrived -> registration dropped
+    s.update_connector_output(SimpleNamespace(finished_sending=set(), finished_recving={"d9"},
+                                              kv_connector_worker_meta=None))
+    assert s._server.push_targets.get("push-1") is None
+
+
+def test_push_refused_when_not_enabled():
+    s = sched()  # transfer_mode pull
+    req = fake_request("d10", 40, {"do_remote_prefill": True, "transfer_mode": "push",
+                                   "remote_request_id": "push-2"}, computed=0)
+    s.update_state_after_alloc(req, SimpleNamespace(blocks=[[FakeBlock(1), FakeBlock(2)]]), 40)
+    job = s.build_connector_meta(None).recv["d10"]
+    assert job.error == R_BAD_PARAMS
+    p = fake_request("p10", 40, {"do_remote_decode": True, "transfer_mode": "push",
+                                 "remote_request_id": "push-2", "push_target": "127.0.0.1:1"})
+    assert s.get_num_new_matched_tokens(p, 0) == (0, False)
+    assert p.kv_transfer_params["do_remote_decode"] is False
+
+
+def _step(new=(), cached=(), sched_tokens=None):
+    """A minimal SchedulerOutput: new reqs (rid, block_ids, computed), cached reqs."""
+    new_reqs = [SimpleNamespace(req_id=r, block_ids=([*b],), num_computed_tokens=c)
+                for r, b, c in new]
+    cr = SimpleNamespace(req_ids=[r for r, _, _ in cached], resumed_req_ids=set(),
+                         new_block_ids=[([*b],) if b else None for _, b, _ in cached],
+                         num_computed_tokens=[c for _, _, c in cached])
+    return SimpleNamespace(scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cr,
+                           num_scheduled_tokens=sched_tokens or {})
+
+
+def test_push_prefill_waits_for_registration_then_plans_chunks():
+    from concurrent.futures import Future
+    from transfer.control import PushTarget
+    s = sched(transfer_mode="push")
+    params = {"do_remote_decode": True, "transfer_mode": "push", "remote_request_id": "push-3",
+              "push_target": "127.0.0.1:6000"}
+    req = fake_request("p3", 40, params, computed=0)
+    pending: Future = Future()
+    s._lookup = lambda host, port, push_id: pending.result()  # blocks until set
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)  # not found yet
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    pending.set_result(PushTarget(engine_id="eng-x", dp_rank=0, tp_size=1, block_size=BS,
+                                  num_tokens=40, first_block=1, block_ids=[71, 72],
+                                  expiry=time.time() + 30))
+    deadline = time.time() + 10
+    while (r := s.get_num_new_matched_tokens(req, 0)) == (None, False) and time.time() < deadline:
+        time.sleep(0.01)
+    assert r == (0, False)
+    # chunk 1: 20 of 40 tokens -> block 0 full (but it is the decode's local hit), block 1 not
+    step = s.build_connector_meta(_step(new=[("p3", [5, 6], 0)], sched_tokens={"p3": 20}))
+    assert step.push_send == {}
+    # chunk 2: the rest -> blocks 1 (full) and 2 (partial, last) go to 71, 72
+    step = s.build_connector_meta(_step(cached=[("p3", [7], 20)], sched_tokens={"p3": 20}))
+    st = step.push_send["p3"]
+    assert (st.local_ids, st.remote_ids, st.final, st.push_id) == ([6, 7], [71, 72], True, "push-3")
+    delay, info = s.request_finished(fake_request("p3", 40, params, "FINISHED_LENGTH_CAPPED"), [5, 6, 7])
+    assert delay is True and info["pd_push"] == "sent"
+    assert s.build_connector_meta(_step()).push_finished == {"p3"}
+
+
+def test_push_prefill_lookup_miss_prefills_plainly():
+    s = sched(transfer_mode="push")
+    params = {"do_remote_decode": True, "transfer_mode": "push", "remote_request_id": "push-4",
+              "push_target": "127.0.0.1:6000"}
+    req = fake_request("p4", 40, params, computed=0)
+    s._lookup = lambda host, port, push_id: None
+    deadline = time.time() + 10
+    while (r := s.get_num_new_matched_tokens(req, 0)) == (None, False) and time.time() < deadline:
+        time.sleep(0.01)
+    assert r == (0, False)
+    assert s.build_connector_meta(_step(new=[("p4", [1, 2, 3], 0)], sched_tokens={"p4": 40})).push_send == {}
+    delay, info = s.request_finished(fake_request("p4", 40, params, "FINISHED_LENGTH_CAPPED"), [1, 2, 3])
+    assert delay is False and info["pd_push"] == "timeout"
+
+
+@pytest.mark.parametrize("target", ["nohost", "h:0", "h:x", "10.0.0.1:80"])
+def test_push_target_validation(target):
+    from transfer.connector_meta import parse_push_target
+    with pytest.raises(ParamsError):
+        parse_push_target({"push_target": target}, allowed_hosts=["127.0.0.1", "h"])

@@ -54,7 +54,8 @@ def _compat(vllm_config: "VllmConfig") -> dict[str, Any]:
 
 
 class PdConnector(KVConnectorBase_V1):
-    """Prefill/decode KV transfer over ``transfer.TransferEngine`` (NIXL), pull mode."""
+    """Prefill/decode KV transfer over ``transfer.TransferEngine`` (NIXL): pull (default)
+    or per-request push with layer-wise WRITEs (``transfer_mode: "push"``)."""
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig | None" = None) -> None:
@@ -105,10 +106,12 @@ class PdConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
                       **kwargs: Any) -> None:
-        return None
+        meta = self._connector_metadata if self.has_connector_metadata() else None
+        self.connector_worker.save_layer(layer_name, meta)
 
     def wait_for_save(self) -> None:
-        return None
+        meta = self._connector_metadata if self.has_connector_metadata() else None
+        self.connector_worker.end_step(meta)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults

@@ -37,9 +37,15 @@ def drop_client(host: str, port: int) -> None:
 
 def send_release(host: str, port: int, sender: str, receiver: str, request_id: str,
                  timeout_s: float) -> None:
+    send_notify(host, port, sender, receiver, f"release:{request_id}", timeout_s)
+
+
+def send_notify(host: str, port: int, sender: str, receiver: str, message: str,
+                timeout_s: float) -> None:
+    """``Notify`` an engine's control server (``release:<rid>``, ``push-fail:<id>:<why>``)."""
     try:
         control_client(host, port, timeout_s).notify(
-            sender, receiver, f"release:{request_id}".encode(), timeout_s=timeout_s)
+            sender, receiver, message.encode(), timeout_s=timeout_s)
     except Exception:
         drop_client(host, port)
         raise

@@ -7,6 +7,11 @@ group), ``remote_engine_id``, ``remote_request_id``, ``remote_host``,
 ``remote_port``, ``tp_size``, ``remote_num_tokens``, ``remote_blocks_expiry_time``,
 ``transfer_mode``) and add ``pd_protocol_version``, ``pd_control_addr``,
 ``remote_dp_rank``, ``remote_block_size``. The decode response adds ``pd_transfer``.
+
+Push mode (``transfer_mode: "push"``): both legs carry ``remote_request_id`` = a
+push id chosen by the proxy; the decode leg ``do_remote_prefill: true``, the
+prefill leg ``do_remote_decode: true`` plus ``push_target: "host:port"`` (the decode
+engine's control plane, where it registers its block ids for that push id).
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ class PdConfig:
     control_port: int = 0  # 0 = ephemeral; else control_port + data_parallel_rank
     control_host: str = ""  # advertised + bind address ("" = env PD_CONTROL_HOST / VLLM_HOST_IP / 127.0.0.1)
     protocol: str = "auto"  # transfer protocol: auto, rdma, tcp, ipc (env KV_TRANSFER_PROTOCOL wins)
-    transfer_mode: str = "pull"  # pull | push
+    transfer_mode: str = "pull"  # pull = pull only; push = also accept push-mode requests
     kv_lease_s: float = 30.0  # unread prefill blocks are freed after this
     lease_guard_s: float = 1.0  # decode does not start a READ this close to expiry
     transfer_timeout_s: float = 10.0  # a READ not done after this fails
@@ -75,6 +80,8 @@ class PdConfig:
     enforce_compat: bool = True
     backends: list[str] = field(default_factory=lambda: ["UCX"])
     nixl_progress_delay_us: int = 100  # NIXL progress-thread poll delay; 0 busy-polls a core
+    push_wait_s: float = 10.0  # decode: how long a push request waits for the prefill's KV
+    push_lookup_s: float = 5.0  # prefill: how long to wait for the decode's registration
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None, env: Mapping[str, str] | None = None
@@ -97,9 +104,11 @@ class PdConfig:
                              f"tcp, ipc")
         if cfg.transfer_mode not in ("pull", "push"):
             raise ValueError(f"PdConnector: transfer_mode {cfg.transfer_mode!r} not pull/push")
-        if cfg.transfer_mode == "push":
-            raise ValueError("PdConnector: transfer_mode 'push' is not implemented yet "
-                             "(see docs/connector.md); use 'pull'")
+        for name in ("push_wait_s", "push_lookup_s"):
+            v = float(getattr(cfg, name))
+            if not v > 0:
+                raise ValueError(f"PdConnector: {name} must be > 0")
+            setattr(cfg, name, v)
         cfg.nixl_progress_delay_us = int(cfg.nixl_progress_delay_us)
         if cfg.nixl_progress_delay_us < 0:
             raise ValueError("PdConnector: nixl_progress_delay_us must be >= 0")
@@ -153,7 +162,7 @@ def parse_remote_params(params: Mapping[str, Any], *, now: float | None = None,
         raise ParamsError(R_BAD_PARAMS, "kv_transfer_params must be an object")
     mode = params.get("transfer_mode", "pull")
     if mode not in (None, "pull"):
-        raise ParamsError(R_BAD_PARAMS, f"transfer_mode {mode!r} not supported")
+        raise ParamsError(R_BAD_PARAMS, f"transfer_mode {mode!r} where pull params are expected")
     ver = params.get("pd_protocol_version")
     if ver is not None and ver != PD_PROTOCOL_VERSION:
         raise ParamsError(R_MISMATCH, f"pd_protocol_version {ver!r} != {PD_PROTOCOL_VERSION}")
@@ -215,7 +224,56 @@ def plan_block_read(src: RemoteSource, num_prompt_tokens: int, block_size: int,
     return list(local_block_ids[k:need]), list(src.block_ids[k:need])
 
 
+def is_push(params: Mapping[str, Any] | None) -> bool:
+    return bool(params) and params.get("transfer_mode") == "push"
+
+
+def parse_push_id(params: Mapping[str, Any]) -> str:
+    """The push id (``remote_request_id``) of push-mode params."""
+    return _str(params.get("remote_request_id"), "remote_request_id", 256)
+
+
+def parse_push_target(params: Mapping[str, Any],
+                      allowed_hosts: list[str] | None = None) -> tuple[str, int]:
+    """``(host, port)`` of ``push_target`` (prefill side of push mode)."""
+    raw = _str(params.get("push_target"), "push_target", 300)
+    host, sep, port = raw.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ParamsError(R_BAD_PARAMS, f"push_target {raw!r} is not host:port")
+    if allowed_hosts is not None and host not in allowed_hosts:
+        raise ParamsError(R_FOREIGN_HOST, f"push_target host {host!r} not in allowed_remote_hosts")
+    return host, int(port)
+
+
 # ----------------------------------------------------------------- scheduler -> worker
+
+
+@dataclass
+class PushRecvJob:
+    """Decode side: wait for the prefill engine to WRITE ``push_id``'s KV."""
+
+    req_id: str
+    push_id: str
+    num_blocks: int
+    expiry: float  # wall clock; after it the load fails (policy decides)
+
+
+@dataclass
+class PushSendStep:
+    """Prefill side, one engine step: WRITE these blocks of a request, layer by layer."""
+
+    req_id: str
+    push_id: str
+    host: str  # decode control plane
+    port: int
+    engine_id: str
+    dp_rank: int
+    tp_size: int
+    local_ids: list[int]
+    remote_ids: list[int]
+    final: bool  # last prompt chunk: notify the decode side when all WRITEs are done
+    expiry: float  # wall clock: no WRITE starts after it
 
 
 @dataclass
@@ -237,6 +295,11 @@ class PdConnectorMetadata(KVConnectorMetadata):
     send: dict[str, tuple[float, int]] = field(default_factory=dict)
     # prefill side: requests the decode side released without reading (or aborted)
     release: set[str] = field(default_factory=set)
+    # push mode: decode side waits, prefill side writes during the forward
+    push_recv: dict[str, PushRecvJob] = field(default_factory=dict)
+    push_send: dict[str, PushSendStep] = field(default_factory=dict)
+    push_finished: set[str] = field(default_factory=set)  # prefill: scheduler freed the request
+    push_fail: dict[str, str] = field(default_factory=dict)  # decode: push id -> reason
 
 
 # ----------------------------------------------------------------- worker -> scheduler

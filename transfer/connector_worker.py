@@ -10,6 +10,12 @@ request's blocks once ``expected`` notifications arrived.
 
 Prefill side: holds finished requests' blocks until the notifications arrive, a
 ``Release`` comes through the scheduler, or the lease expires.
+
+Push mode: the prefill worker WRITEs each layer's blocks of the step's push
+requests from ``save_kv_layer`` (so only the last layer is outstanding when the
+forward ends) and, once every WRITE of a request's last chunk completed, sends the
+decode worker ``push:<push id>:<bytes>:<µs>`` (or ``push-fail:<push id>:<reason>``)
+over NIXL. The decode worker turns that into finished (or failed) receiving.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from typing import Any
 
 from .connector_meta import (R_BLOCK_RANGE, R_EXPIRED, R_MISMATCH,
                              R_TIMEOUT, R_TRANSFER, R_UNKNOWN_ENGINE, R_UNREACHABLE,
-                             PdConfig, PdConnectorMetadata, PdWorkerMeta, RecvJob,
-                             RemoteSource)
+                             PdConfig, PdConnectorMetadata, PdWorkerMeta, PushRecvJob,
+                             PushSendStep, RecvJob, RemoteSource)
 from .connector_stats import PdConnectorStats
 
 log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
@@ -51,6 +57,21 @@ class _Sending:
     expiry: float
     nblocks: int
     released: bool = False
+
+
+@dataclass
+class _PushWrites:
+    """Prefill side: WRITEs of one push request (all its chunks)."""
+
+    step: PushSendStep  # the latest step (peer address, ids of this step)
+    handles: list[Any] = field(default_factory=list)
+    nbytes: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    final: bool = False
+    t_final: float = 0.0  # when the last chunk's forward ended
+    error: str = ""
+    finished: bool = False  # the scheduler let the request go
+    notified: bool = False
 
 
 @dataclass
@@ -87,6 +108,11 @@ class PdConnectorWorker:
         self._posted_this_step = False
         self._bg = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pd-hs")
         self._expected_cache: dict[tuple[int, int, int], int] = {}
+        self._layer_index: dict[str, int] = {}
+        self._push_waiting: dict[str, PushRecvJob] = {}  # decode: push id -> job
+        self._push_step: list[PushSendStep] = []  # prefill: this step's WRITE plans
+        self._push_writes: dict[str, _PushWrites] = {}  # prefill: req -> WRITEs
+        self._prepared_meta: Any = None
 
     # ------------------------------------------------------------ registration
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -100,6 +126,7 @@ class PdConnectorWorker:
                                     backends=tuple(self.cfg.backends),
                                     progress_delay_us=self.cfg.nixl_progress_delay_us)
         self.regions = self.engine.register_kv_caches(kv_caches)
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         c = self.compat
         self.heads_local = heads_per_rank(c["num_kv_heads"], self.tp_size, c.get("is_mla", False))
         self.bytes_per_head = self.regions[0].block_len // self.heads_local
@@ -124,6 +151,7 @@ class PdConnectorWorker:
                     s.released = True
             for job in meta.recv.values():
                 self._start_job(job)
+            self._start_push(meta)
         self._advance_handshakes()
 
     def _start_job(self, job: RecvJob) -> None:
@@ -141,7 +169,7 @@ class PdConnectorWorker:
         if key not in self._hs_futures:
             self._hs_futures[key] = self._bg.submit(self._handshake, src)
 
-    def _handshake(self, src: RemoteSource) -> list[Any]:
+    def _handshake(self, src: RemoteSource | PushSendStep) -> list[Any]:
         """Remote ranks' RankDescriptors (every TP rank of the named DP rank)."""
         from .connector_control import control_client, drop_client
         try:
@@ -152,6 +180,172 @@ class PdConnectorWorker:
         except Exception:
             drop_client(src.host, src.port)
             raise
+
+    # ------------------------------------------------------------ push mode
+    def _start_push(self, meta: PdConnectorMetadata) -> None:
+        for job in meta.push_recv.values():
+            self._push_waiting[job.push_id] = job
+        for push_id, reason in meta.push_fail.items():
+            job = self._push_waiting.pop(push_id, None)
+            if job is not None:
+                self._fail_push(job, reason, "the prefill engine could not push")
+        for rid in meta.push_finished:
+            w = self._push_writes.get(rid)
+            if w is not None:
+                w.finished = True
+        self._prepare_push_step(meta)
+
+    def _prepare_push_step(self, meta: PdConnectorMetadata) -> None:
+        """Adopt this step's WRITE plans (once per step's metadata).
+
+        vLLM calls ``start_load_kv`` *after* the forward when a step has no
+        synchronous loads, so the first ``save_kv_layer`` of a step prepares too.
+        """
+        if self._prepared_meta is meta:
+            return
+        self._prepared_meta = meta
+        self._push_step = list(meta.push_send.values())
+        for st in self._push_step:
+            w = self._push_writes.get(st.req_id)
+            if w is None:
+                w = self._push_writes[st.req_id] = _PushWrites(st)
+            w.step = st
+            key = (st.host, st.port)
+            rem = self._remotes.get(key)
+            if (rem is None or rem.engine_id != st.engine_id) and key not in self._hs_futures:
+                self._hs_futures[key] = self._bg.submit(self._handshake, st)
+
+    def _push_peer(self, w: _PushWrites) -> str | None:
+        """The decode rank to WRITE to; waits (bounded) for a first handshake."""
+        st = w.step
+        key = (st.host, st.port)
+        fut = self._hs_futures.get(key)
+        if fut is not None:
+            try:
+                fut.result(timeout=self.cfg.handshake_timeout_s)
+            except Exception:
+                pass
+            self._advance_handshakes()
+        rem = self._remotes.get(key)
+        if rem is None or rem.engine_id != st.engine_id:
+            w.error = w.error or R_UNREACHABLE
+            return None
+        if rem.tp_size != self.tp_size:
+            w.error = w.error or R_MISMATCH
+            return None
+        return rem.peers.get(self.tp_rank)
+
+    def save_layer(self, layer_name: str, meta: PdConnectorMetadata | None) -> None:
+        """Post this layer's WRITEs for every push request of the step."""
+        if meta is not None and meta.push_send:
+            self._prepare_push_step(meta)
+        if not self._push_step:
+            return
+        layer = self._layer_index.get(layer_name)
+        if layer is None:
+            return
+        now = time.time()
+        for st in self._push_step:
+            w = self._push_writes[st.req_id]
+            if w.error or not st.local_ids:
+                continue
+            if now > st.expiry:
+                w.error = R_EXPIRED
+                continue
+            peer = self._push_peer(w)
+            if peer is None:
+                continue
+            try:
+                h = self.engine.write_blocks(peer, st.local_ids, st.remote_ids, layers=[layer],
+                                             request_id=st.req_id)
+            except Exception as e:
+                log.warning("PdConnector: push WRITE of %s failed: %s", st.req_id, e)
+                w.error = R_TRANSFER
+                continue
+            w.handles.append(h)
+            w.nbytes += h.stats.bytes
+
+    def end_step(self, meta: PdConnectorMetadata | None) -> None:
+        """``wait_for_save``: the forward is over; last chunks may now be reported."""
+        if meta is not None and meta.push_send:
+            self._prepare_push_step(meta)
+        for st in self._push_step:
+            w = self._push_writes.get(st.req_id)
+            if w is not None and st.final:
+                w.final = True
+                w.t_final = time.perf_counter()
+        self._push_step = []
+
+    def _poll_push_writes(self) -> set[str]:
+        """Prefill side: notify finished pushes; requests whose blocks may be freed."""
+        freed: set[str] = set()
+        for rid, w in list(self._push_writes.items()):
+            pending = False
+            for h in w.handles:
+                try:
+                    if not self.engine.poll(h):
+                        pending = True
+                except Exception:
+                    w.error = w.error or R_TRANSFER
+            if pending:
+                continue
+            if (w.final or w.error or w.finished) and not w.notified:
+                self._notify_push(w)
+            if w.finished and w.notified:
+                freed.add(rid)
+                del self._push_writes[rid]
+        return freed
+
+    def _notify_push(self, w: _PushWrites) -> None:
+        w.notified = True
+        st = w.step
+        now = time.perf_counter()
+        us, tail_us = (now - w.t0) * 1e6, (now - w.t_final) * 1e6 if w.t_final else 0.0
+        ok = w.final and not w.error
+        msg = (f"push:{st.push_id}:{w.nbytes}:{us:.0f}:{tail_us:.0f}" if ok else
+               f"push-fail:{st.push_id}:{w.error or 'incomplete'}")
+        if ok:
+            self.stats.record_transfer(w.nbytes, us / 1e6, len(w.handles))
+        peer = self._push_peer(w)
+        if peer is None:
+            return  # never reached the decode side: it times out and recomputes
+        try:
+            self.engine.send_notif(peer, msg)
+        except Exception as e:
+            log.warning("PdConnector: push notification for %s failed: %s", st.req_id, e)
+
+    def _on_push_notif(self, msg: str) -> None:
+        """Decode side: ``push:<id>:<bytes>:<window µs>:<tail µs>`` or
+        ``push-fail:<id>:<reason>``. The window runs from the first WRITE to the last
+        completion; the tail from the end of the prefill forward to it."""
+        kind, _, rest = msg.partition(":")
+        push_id, _, tail = rest.partition(":")
+        job = self._push_waiting.pop(push_id, None)
+        if job is None:
+            return
+        if kind == "push-fail":
+            self._fail_push(job, tail or R_TRANSFER, "the prefill engine reported a failed push")
+            return
+        try:
+            nbytes, us, tail_us = (int(float(x)) for x in (tail.split(":") + ["0", "0"])[:3])
+        except ValueError:
+            nbytes, us, tail_us = 0, 0, 0
+        self._done_recv.add(job.req_id)
+        self._results[job.req_id] = {"bytes": nbytes, "descriptors": 0, "blocks": job.num_blocks,
+                                     "ms": round(tail_us / 1e3, 4), "seconds": tail_us / 1e6,
+                                     "window_ms": round(us / 1e3, 4),
+                                     "backend": self.engine.backend, "mode": "push",
+                                     "error": ""}
+
+    def _fail_push(self, job: PushRecvJob, reason: str, msg: str) -> None:
+        self._fail(RecvJob(job.req_id, None, [], []), reason, msg, release=False)
+
+    def _expire_pushes(self) -> None:
+        now = time.time()
+        for push_id, job in list(self._push_waiting.items()):
+            if now > job.expiry + self.cfg.lease_guard_s:
+                del self._push_waiting[push_id]
+                self._fail_push(job, R_TIMEOUT, f"no push within {self.cfg.push_wait_s} s")
 
     def _advance_handshakes(self) -> None:
         for key, fut in list(self._hs_futures.items()):
@@ -309,11 +503,14 @@ class PdConnectorWorker:
                            f"{now - infl.t0:.3f} s", release=False)
 
     def _poll_sending(self, finished_req_ids: set[str]) -> set[str]:
-        if not self._sending and not self._notifs:
+        if not self._sending and not self._notifs and not self._push_waiting:
             return set()
         if self.engine is not None:
             for _peer, msgs in self.engine.get_new_notifs().items():
                 for m in msgs:
+                    if m.startswith((b"push:", b"push-fail:")):
+                        self._on_push_notif(m.decode(errors="replace"))
+                        continue
                     try:
                         rid, n = m.decode().rsplit(":", 1)
                         n = max(1, int(n))
@@ -355,6 +552,10 @@ class PdConnectorWorker:
                     self._poll_inflight()
         self._posted_this_step = False
         sending = self._poll_sending(finished_req_ids)
+        if self._push_writes:
+            sending |= self._poll_push_writes()
+        if self._push_waiting:
+            self._expire_pushes()
         recving, failed = self._done_recv, self._failed_recv
         self._done_recv, self._failed_recv = set(), set()
         return sending, recving, failed

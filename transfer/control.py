@@ -161,12 +161,74 @@ class _Servicer(pb_grpc.KVTransferControlServicer):
         return pb.NotifyResponse()
 
 
+    def PushTarget(self, request: pb.PushTargetRequest, context: Any) -> pb.PushTargetResponse:
+        wait_s = min(request.wait_ms, 60_000) / 1e3
+        t = self.s.push_targets.wait_for(request.push_id, wait_s)
+        if t is None:
+            return pb.PushTargetResponse(found=False)
+        return pb.PushTargetResponse(found=True, **vars(t))
+
+
 def _stats_msg(s: TransferStats) -> pb.TransferStatsMsg:
     return pb.TransferStatsMsg(
         transfer_id=s.transfer_id, request_id=s.request_id, peer=s.peer, op=s.op,
         backend=s.backend, bytes=s.bytes, descriptors=s.descriptors, num_blocks=s.num_blocks,
         num_layers=s.num_layers, prepare_us=s.prepare_us, post_us=s.post_us,
         transfer_us=s.transfer_us, gbps=s.gbps, state=s.state, error=s.error)
+
+
+@dataclass
+class PushTarget:
+    """Where the decode engine wants a pushed request's KV (one DP rank)."""
+
+    engine_id: str
+    dp_rank: int
+    tp_size: int
+    block_size: int
+    num_tokens: int
+    first_block: int
+    block_ids: list[int]
+    expiry: float  # wall clock
+    request_id: str = ""
+
+    @classmethod
+    def from_proto(cls, m: pb.PushTargetResponse) -> "PushTarget":
+        return cls(engine_id=m.engine_id, dp_rank=m.dp_rank, tp_size=m.tp_size,
+                   block_size=m.block_size, num_tokens=m.num_tokens,
+                   first_block=m.first_block, block_ids=list(m.block_ids), expiry=m.expiry,
+                   request_id=m.request_id)
+
+
+class PushRegistry:
+    """Push targets by push id, with a bounded wait for ones not registered yet."""
+
+    def __init__(self, max_entries: int = 65536) -> None:
+        self._targets: dict[str, PushTarget] = {}
+        self._cond = threading.Condition()
+        self._max = max_entries
+
+    def register(self, push_id: str, target: PushTarget) -> None:
+        with self._cond:
+            self._targets[push_id] = target
+            while len(self._targets) > self._max:  # oldest first
+                self._targets.pop(next(iter(self._targets)))
+            self._cond.notify_all()
+
+    def drop(self, push_id: str) -> None:
+        with self._cond:
+            self._targets.pop(push_id, None)
+
+    def get(self, push_id: str) -> PushTarget | None:
+        with self._cond:
+            return self._targets.get(push_id)
+
+    def wait_for(self, push_id: str, timeout_s: float) -> PushTarget | None:
+        with self._cond:
+            self._cond.wait_for(lambda: push_id in self._targets, timeout=max(0.0, timeout_s))
+            return self._targets.get(push_id)
+
+    def __len__(self) -> int:
+        return len(self._targets)
 
 
 class ControlServer:
@@ -185,6 +247,7 @@ class ControlServer:
         self.on_handshake = on_handshake
         self.on_notify = on_notify
         self.ranks: dict[tuple[int, int], RankDescriptor] = {}
+        self.push_targets = PushRegistry()
         self._statuses: dict[str, _Status] = {}
         self._subs: list[queue.Queue] = []
         self._lock = threading.Lock()
@@ -296,6 +359,16 @@ class ControlClient:
         remote = RankDescriptor.from_proto(resp.target)
         check_compat(local, remote)
         return remote
+
+    def push_target(self, push_id: str, wait_s: float = 0.0,
+                    timeout_s: float | None = None) -> PushTarget | None:
+        """The decode engine's registration for ``push_id``; None if not there in ``wait_s``."""
+        req = pb.PushTargetRequest(push_id=push_id, wait_ms=int(max(0.0, wait_s) * 1e3))
+        try:
+            resp = self._stub.PushTarget(req, timeout=(timeout_s or self.timeout_s) + wait_s)
+        except grpc.RpcError as e:
+            raise _map_rpc_error(e, self.target) from None
+        return PushTarget.from_proto(resp) if resp.found else None
 
     def transfer_status(self, request_id: str, timeout_s: float | None = None) -> dict[str, Any]:
         try:

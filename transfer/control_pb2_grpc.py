@@ -54,6 +54,11 @@ class KVTransferControlStub:
                 request_serializer=control__pb2.NotifyRequest.SerializeToString,
                 response_deserializer=control__pb2.NotifyResponse.FromString,
                 _registered_method=True)
+        self.PushTarget = channel.unary_unary(
+                '/pdsidecar.transfer.v1.KVTransferControl/PushTarget',
+                request_serializer=control__pb2.PushTargetRequest.SerializeToString,
+                response_deserializer=control__pb2.PushTargetResponse.FromString,
+                _registered_method=True)
 
 
 class KVTransferControlServicer:
@@ -83,6 +88,12 @@ class KVTransferControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushTarget(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_KVTransferControlServicer_to_server(servicer, server):
                     servicer.Notify,
                     request_deserializer=control__pb2.NotifyRequest.FromString,
                     response_serializer=control__pb2.NotifyResponse.SerializeToString,
+            ),
+            'PushTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushTarget,
+                    request_deserializer=control__pb2.PushTargetRequest.FromString,
+                    response_serializer=control__pb2.PushTargetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class KVTransferControl:
             '/pdsidecar.transfer.v1.KVTransferControl/Notify',
             control__pb2.NotifyRequest.SerializeToString,
             control__pb2.NotifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdsidecar.transfer.v1.KVTransferControl/PushTarget',
+            control__pb2.PushTargetRequest.SerializeToString,
+            control__pb2.PushTargetResponse.FromString,
             options,
             channel_credentials,
             insecure,
