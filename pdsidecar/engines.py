@@ -145,7 +145,7 @@ class Engine:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.environment(), start_new_session=True,
+            env=self.environment(), start_new_session=True, preexec_fn=_die_with_parent,
         )
         return self
 
@@ -218,6 +218,26 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the engine child: SIGTERM it when its starter dies (Linux), however that dies.
+
+    Engines run in their own session (so a group kill reaches their workers), which
+    also takes them out of the starter's signals: without this, a starter killed by a
+    timeout or SIGKILL leaves the engine running, one core busy, forever.
+    """
+    set_parent_death_signal(signal.SIGTERM)
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """``prctl(PR_SET_PDEATHSIG, sig)``; False where unsupported (not Linux)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def group_members(pgid: int) -> list[int]:

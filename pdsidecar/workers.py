@@ -37,7 +37,6 @@ log = logging.getLogger("pdsidecar.workers")
 WORKER_ENV = "PDSIDECAR_WORKER_INDEX"  # set by the supervisor only
 SUPERVISOR_ENV = "PDSIDECAR_SUPERVISOR_PID"
 KILL_MARGIN_S = 5.0  # after --drain-grace, before SIGKILL
-_PR_SET_PDEATHSIG = 1
 
 
 def worker_index(environ: dict[str, str] | None = None) -> int | None:
@@ -48,11 +47,10 @@ def worker_index(environ: dict[str, str] | None = None) -> int | None:
 
 def die_with_supervisor() -> bool:
     """Ask the kernel for SIGTERM when the supervisor dies (Linux); False if it already has."""
-    parent = os.environ.get(SUPERVISOR_ENV, "")
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
+    from .engines import set_parent_death_signal
 
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    parent = os.environ.get(SUPERVISOR_ENV, "")
+    set_parent_death_signal(signal.SIGTERM)
     return not parent.isdigit() or os.getppid() == int(parent)
 
 

@@ -54,3 +54,38 @@ def test_stop_leaves_no_process_behind(llama_dir, engine_pool):
     # until that init collects them, which is outside our control.
     assert _pids_of_group(pgid) == []
     assert e.proc is None
+
+
+def test_children_die_with_their_starter(tmp_path):
+    """Engines run in their own session; a SIGKILLed starter must not leave them behind."""
+    import signal
+    import subprocess
+    import sys
+
+    pidfile = tmp_path / "child.pid"
+    starter = (
+        "import subprocess, time, pathlib\n"
+        "from pdsidecar.engines import _die_with_parent\n"
+        "p = subprocess.Popen(['sleep', '300'], start_new_session=True, preexec_fn=_die_with_parent)\n"
+        f"pathlib.Path({str(pidfile)!r}).write_text(str(p.pid))\n"
+        "time.sleep(300)\n"
+    )
+    s = subprocess.Popen([sys.executable, "-c", starter])
+    deadline = time.monotonic() + 60
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    s.send_signal(signal.SIGKILL)
+    s.wait(10)
+    deadline = time.monotonic() + 30
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "child outlived its SIGKILLed starter"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
