@@ -332,6 +332,9 @@ OPTIONS: list[Option] = [
            "decode: hand the decode leg the prefill leg's prompt token ids (off|completions|all)"),
     Option("transfer_mode", "--transfer-mode", ("PDSIDECAR_TRANSFER_MODE",), "pull", _choice(TRANSFER_MODES),
            "pull (decode leg after prefill) or push (both legs at once; connector must support it)"),
+    Option("push_target", "--push-target", ("PDSIDECAR_PUSH_TARGET",), None, _endpoint,
+           "decode, push mode: host:port of the local engine's KV control plane (PdConnector "
+           "control_port), sent to the prefill engine as the push destination"),
     Option("kv_ttl_s", "--kv-ttl", ("PDSIDECAR_KV_TTL",), 120.0, _pos_float,
            "prefill: forget handed-out KV not reported picked up after this many seconds"),
     Option("peer_stats_interval_s", "--peer-stats-interval", ("PDSIDECAR_PEER_STATS_INTERVAL",), 2.0,
@@ -384,6 +387,7 @@ class SidecarConfig:
     prefill_retries: int = 1
     reuse_token_ids: str = "all"
     transfer_mode: str = "pull"
+    push_target: Endpoint | None = None
     kv_ttl_s: float = 120.0
     peer_stats_interval_s: float = 2.0
     dns_refresh_s: float = 10.0
@@ -491,6 +495,9 @@ def _validate(cfg: SidecarConfig) -> None:
     else:
         if cfg.transfer_mode == "push" and not cfg.targets and not cfg.allowed_peers:
             raise ConfigError("--transfer-mode push needs prefill peers (KV_TRANSFER_TARGET)")
+        if cfg.transfer_mode == "push" and (cfg.push_target is None or cfg.push_target.port is None):
+            raise ConfigError("--transfer-mode push needs --push-target HOST:PORT (the decode "
+                              "engine's PdConnector control_port)")
     if cfg.total_timeout_s < cfg.prefill_timeout_s:
         raise ConfigError(f"--total-timeout ({cfg.total_timeout_s}) must be >= --prefill-timeout ({cfg.prefill_timeout_s})")
     if cfg.connect_timeout_s > cfg.prefill_timeout_s:

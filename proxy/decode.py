@@ -627,10 +627,11 @@ class DecodeRole:
     # --------------------------------------------------------------- push mode
     async def _push(self, request: web.Request, api: str, body: dict, rid: str, t0: float, state: dict,
                     forced: Endpoint | None, est: int) -> web.StreamResponse:
-        """Design hook for a connector's push mode (`transfer_mode: push`): the decode leg
-        starts at once with params naming the prefill peer and request id, while the
-        prefill leg runs; the connector pushes KV into the decode engine's blocks.
-        Experimental: no shipped connector supports it yet (see docs/sidecar.md)."""
+        """Push mode (`transfer_mode: push`, PdConnector only): the decode leg starts at
+        once with a fresh push id; the prefill leg carries the same id and
+        `push_target` (the decode engine's control plane), and the prefill engine
+        WRITEs each layer's KV into the blocks the decode engine registered. If the
+        prefill leg fails, the decode engine recomputes after its `push_wait_s`."""
         ep = forced if forced is not None else self.peers.pick()
         if ep is None:
             state["path"] = "local"
@@ -644,7 +645,8 @@ class DecodeRole:
             try:
                 pb = prefill_body(api, body, False)
                 pb["kv_transfer_params"] = {"do_remote_decode": True, "transfer_mode": "push",
-                                            "remote_request_id": push_rid}
+                                            "remote_request_id": push_rid,
+                                            "push_target": str(self.sc.cfg.push_target)}
                 path = API_PATHS[api]
                 headers = forward_headers(request, push_rid)
                 data = json.dumps(pb).encode()

@@ -550,7 +550,8 @@ async def test_conditional_estimators():
 
 
 async def test_push_mode_hook():
-    s = await stack(dec_kw={"transfer_mode": "push"}, p_kw={"prefill_delay": 0.3})
+    s = await stack(dec_kw={"transfer_mode": "push", "push_target": Endpoint("127.0.0.1", 5999)},
+                    p_kw={"prefill_delay": 0.3})
     try:
         status, h, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
         assert status == 200 and h["x-pd-path"] == "disagg"
@@ -560,6 +561,7 @@ async def test_push_mode_hook():
         await asyncio.sleep(0.5)
         (_, pb, _), = s.p_vllm.requests
         assert pb["kv_transfer_params"]["remote_request_id"] == kv["remote_request_id"]
+        assert pb["kv_transfer_params"]["push_target"] == "127.0.0.1:5999"
     finally:
         await s.stop()
 
