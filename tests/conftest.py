@@ -11,6 +11,14 @@ import pytest
 from pdsidecar.engines import EnginePool, pd_pair_configs, stock_nixl_config, vllm_available
 from pdsidecar.models import ensure_model
 
+# Every NIXL agent in the suite's subprocesses (stock vLLM engines included) polls with a
+# delay instead of busy-polling a core: see tests/nixl_quiet/sitecustomize.py.
+os.environ.setdefault("PDSIDECAR_TEST_NIXL_DELAY_US", "100")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(Path(__file__).parent / "nixl_quiet")]
+    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+
 def pytest_collection_modifyitems(config, items):
     """Real-engine tests get one retry: on a 2-core machine an engine can be starved for
     seconds by its neighbour. A test that fails twice fails the suite."""
