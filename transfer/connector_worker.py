@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .connector_meta import (R_BLOCK_RANGE, R_EXPIRED, R_MISMATCH,
+from .connector_meta import (REASONS, R_BLOCK_RANGE, R_EXPIRED, R_MISMATCH,
                              R_TIMEOUT, R_TRANSFER, R_UNKNOWN_ENGINE, R_UNREACHABLE,
                              PdConfig, PdConnectorMetadata, PdWorkerMeta, PushRecvJob,
                              PushSendStep, RecvJob, RemoteSource)
@@ -304,8 +304,6 @@ class PdConnectorWorker:
         ok = w.final and not w.error
         msg = (f"push:{st.push_id}:{w.nbytes}:{us:.0f}:{tail_us:.0f}" if ok else
                f"push-fail:{st.push_id}:{w.error or 'incomplete'}")
-        if ok:
-            self.stats.record_transfer(w.nbytes, us / 1e6, len(w.handles))
         peer = self._push_peer(w)
         if peer is None:
             return  # never reached the decode side: it times out and recomputes
@@ -330,6 +328,8 @@ class PdConnectorWorker:
             nbytes, us, tail_us = (int(float(x)) for x in (tail.split(":") + ["0", "0"])[:3])
         except ValueError:
             nbytes, us, tail_us = 0, 0, 0
+        # counted where the KV lands, as in pull mode (the decode engine's metrics)
+        self.stats.record_transfer(nbytes, tail_us / 1e6, 0)
         self._done_recv.add(job.req_id)
         self._results[job.req_id] = {"bytes": nbytes, "descriptors": 0, "blocks": job.num_blocks,
                                      "ms": round(tail_us / 1e3, 4), "seconds": tail_us / 1e6,
@@ -338,6 +338,9 @@ class PdConnectorWorker:
                                      "error": ""}
 
     def _fail_push(self, job: PushRecvJob, reason: str, msg: str) -> None:
+        # reasons may come from the remote side: keep the metric label set bounded
+        if reason not in REASONS:
+            msg, reason = f"{msg} ({reason[:40]})", R_TRANSFER
         self._fail(RecvJob(job.req_id, None, [], []), reason, msg, release=False)
 
     def _expire_pushes(self) -> None:
