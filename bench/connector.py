@@ -19,6 +19,7 @@ import random
 import statistics
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,11 @@ def ours_config(**extra: Any) -> dict[str, Any]:
 def post(url: str, body: dict, timeout: float = 120.0) -> dict:
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{url}: HTTP {e.code}: {e.read()[:500]!r}") from None
 
 
 def metric_sum(url: str, name: str) -> float:

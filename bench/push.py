@@ -96,7 +96,8 @@ def one_push(p_url: str, d_url: str, d_addr: str, toks: list[int]) -> dict[str, 
             raise RuntimeError(f"push {k} leg failed: {out.get(k)!r}")
     tr = out["d"].get("kv_transfer_params", {}).get("pd_transfer", {})
     if tr.get("error") or tr.get("mode") != "push":
-        raise RuntimeError(f"push transfer failed: {tr}")
+        raise RuntimeError(f"push transfer failed: {tr}; prefill leg answered "
+                           f"{out['p'].get('kv_transfer_params')} after {out['t_p'] - t0:.2f} s")
     return {"ttft": out["t_d"] - t0, "prefill": out["t_p"] - t0, "tail": out["t_d"] - out["t_p"],
             "connector_ms": float(tr.get("ms", 0.0)), "window_ms": float(tr.get("window_ms", 0.0)),
             "bytes": float(tr.get("bytes", 0))}
@@ -143,9 +144,10 @@ def run(a: argparse.Namespace) -> int:
         f"bench-llama-l{a.layers}-h{a.hidden_size}-kv{a.kv_heads}"
     model = str(ensure_model("llama", model_dir, num_layers=a.layers, hidden_size=a.hidden_size,
                              num_heads=a.hidden_size // 64, num_kv_heads=a.kv_heads))
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     rng = random.Random(a.seed)
-    prompt = lambda: [rng.randrange(10, 2000) for _ in range(a.tokens)]  # noqa: E731
-    p, d = start_engines(pd_pair_configs(model, ours_config(transfer_mode="push"),
+    prompt = lambda: [rng.randrange(10, vocab - 1) for _ in range(a.tokens)]  # noqa: E731
+    p, d = start_engines(pd_pair_configs(model, ours_config(transfer_mode="push", push_wait_s=300),
                                          max_model_len=max(4096, a.tokens + 64)))
     rows: dict[str, list[dict[str, float]]] = {"pull": [], "push": [], "aggregated": []}
     try:

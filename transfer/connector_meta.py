@@ -80,7 +80,7 @@ class PdConfig:
     enforce_compat: bool = True
     backends: list[str] = field(default_factory=lambda: ["UCX"])
     nixl_progress_delay_us: int = 100  # NIXL progress-thread poll delay; 0 busy-polls a core
-    push_wait_s: float = 10.0  # decode: how long a push request waits for the prefill's KV
+    push_wait_s: float = 30.0  # decode: how long a push request waits for the prefill's KV
     push_lookup_s: float = 5.0  # prefill: how long to wait for the decode's registration
 
     @classmethod

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
 
 _FINISHED_OK = ("FINISHED_LENGTH_CAPPED", "FINISHED_STOPPED")
+_LOOKUP_INLINE_WAIT_S = 0.05  # push lookup: blocking wait per scheduler call
 
 
 @dataclass
@@ -182,6 +183,14 @@ class PdConnectorScheduler:
             out = self._push_out[rid] = _PushOut(push_id, host, port)
             out.lookup = self._background().submit(self._lookup, host, port, push_id)
         if out.lookup is not None:
+            if not out.lookup.done():
+                # the decode leg was sent at the same time and usually registered
+                # within milliseconds: a short wait here beats a round of empty
+                # engine steps (which also compete with the lookup thread for the GIL)
+                try:
+                    out.lookup.exception(timeout=_LOOKUP_INLINE_WAIT_S)
+                except Exception:  # TimeoutError / CancelledError
+                    pass
             if not out.lookup.done():
                 return None, False
             try:
