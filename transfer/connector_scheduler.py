@@ -36,7 +36,7 @@ from .connector_meta import (PD_PROTOCOL_VERSION, R_ABORTED, R_BAD_PARAMS, R_MIS
                              PdWorkerMeta, PushRecvJob, PushSendStep, RecvJob, is_push,
                              now_wall, parse_push_id, parse_push_target, parse_remote_params,
                              plan_block_read)
-from .connector_control import send_release
+from .connector_control import send_notify
 from .connector_stats import PdConnectorStats
 
 
@@ -135,18 +135,20 @@ class PdConnectorScheduler:
 
     def _release_remote(self, src_host: str, src_port: int, remote_req_id: str,
                         remote_engine_id: str = "") -> None:
-        """Best effort, off the engine thread: tell a prefill engine to free blocks."""
-        self._background()
-        me = self.engine_id
-        timeout = self.cfg.handshake_timeout_s
+        """Best effort: tell a prefill engine to free blocks (else its lease frees them)."""
+        self._notify_async(src_host, src_port, remote_engine_id, f"release:{remote_req_id}")
+
+    def _notify_async(self, host: str, port: int, receiver: str, message: str) -> None:
+        """Best effort, off the engine thread: a control-plane ``Notify`` to an engine."""
+        me, timeout = self.engine_id, self.cfg.handshake_timeout_s
 
         def go() -> None:
             try:
-                send_release(src_host, src_port, me, remote_engine_id, remote_req_id, timeout)
-            except Exception as e:  # prefill gone: its lease frees the blocks
-                log.info("PdConnector: release of %s at %s:%s failed: %s", remote_req_id,
-                         src_host, src_port, e)
-        self._bg.submit(go)
+                send_notify(host, port, me, receiver, message, timeout)
+            except Exception as e:  # the other engine is gone or unreachable
+                log.info("PdConnector: notification %r to %s:%s failed: %s", message[:80],
+                         host, port, e)
+        self._background().submit(go)
 
     # ------------------------------------------------------------ decode side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int
@@ -220,17 +222,8 @@ class PdConnectorScheduler:
         """Tell the decode side (best effort) so it recomputes now, not at its timeout."""
         log.warning("PdConnector: push %s failed (%s); the decode side recomputes",
                     out.push_id, reason)
-        me, timeout = self.engine_id, self.cfg.handshake_timeout_s
-        receiver = getattr(out.target, "engine_id", "")
-
-        def go() -> None:
-            from .connector_control import send_notify
-            try:
-                send_notify(out.host, out.port, me, receiver, f"push-fail:{out.push_id}:{reason}",
-                            timeout)
-            except Exception:
-                pass
-        self._background().submit(go)
+        self._notify_async(out.host, out.port, getattr(out.target, "engine_id", ""),
+                           f"push-fail:{out.push_id}:{reason}")
 
     def _background(self) -> ThreadPoolExecutor:
         if self._bg is None:
