@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pdsidecar.engines import Engine, EngineConfig, EngineError, group_members
+from pdsidecar.engines import Engine, EngineConfig, EngineError, bind_cpus, group_members
 
 
 def _pids_of_group(pgid: int) -> list[int]:
@@ -47,13 +47,48 @@ def test_stop_leaves_no_process_behind(llama_dir, engine_pool):
     e = Engine(EngineConfig(model=llama_dir, cpu_bind="0", log_dir=engine_pool.log_dir))
     e.start().wait_ready()
     pgid = e.proc.pid
-    assert len(_pids_of_group(pgid)) >= 2  # api server + engine core (+ worker)
+    members = _pids_of_group(pgid)
+    assert len(members) >= 2  # api server + engine core (+ worker)
+    # every process of the engine stays on its core, not only the OMP threads
+    affinities = {pid: _affinity(pid) for pid in members}
+    assert all(a in (None, {0}) for a in affinities.values()), affinities
     e.stop()
     # Only live members count: in a container whose PID 1 does not reap, the
     # engine core's exited children stay zombies (and keep the group id alive)
     # until that init collects them, which is outside our control.
     assert _pids_of_group(pgid) == []
     assert e.proc is None
+
+
+def _affinity(pid: int) -> set[int] | None:
+    import os
+
+    try:
+        return os.sched_getaffinity(pid)
+    except OSError:  # exited meanwhile
+        return None
+
+
+@pytest.mark.parametrize("spec,cpus", [
+    ("0", {0}), ("0,2", {0, 2}), ("1-3", {1, 2, 3}), ("0|1", {0, 1}), ("0-1|4-5", {0, 1, 4, 5}),
+    ("auto", None), ("nobind", None), ("", None), (None, None), ("0-x", None),
+])
+def test_bind_cpus_parses_vllm_bind_values(spec, cpus):
+    assert bind_cpus(spec) == cpus
+
+
+def test_child_is_confined_to_its_cores():
+    """The engine's whole process (not only vLLM's OMP threads) runs on its cores."""
+    import os
+    import subprocess
+    import sys
+
+    from pdsidecar.engines import _child_setup
+
+    core = sorted(os.sched_getaffinity(0))[-1]
+    out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                         capture_output=True, text=True, preexec_fn=_child_setup({core}), check=True)
+    assert out.stdout.strip() == str([core])
 
 
 def test_children_die_with_their_starter(tmp_path):
