@@ -140,6 +140,11 @@ class DecodeRole:
         self.reporter = ReleaseReporter(self)
         self._bg: list[asyncio.Task] = []
         self._tokenize_ok = True
+        # decode-leg timeouts, built once: first attempt, and a retry with twice the connect
+        # timeout (under heavy CPU load the first loopback connect can run out, O1)
+        self._decode_timeouts = tuple(
+            aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s * k, sock_read=cfg.decode_timeout_s)
+            for k in (1, 2))
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/completions", self.completions)
@@ -469,14 +474,10 @@ class DecodeRole:
                 sent = True
                 for attempt in range(connect_retries + 1):
                     try:
-                        # a retry gets twice the connect timeout: under heavy CPU load the
-                        # first one can run out before the (loopback) connect completes (O1)
                         resp = await sc.upstreams.get(cfg.vllm_url).post(
                             url, data=data, headers=headers,
                             allow_redirects=False,
-                            timeout=aiohttp.ClientTimeout(total=None,
-                                                          sock_connect=cfg.connect_timeout_s * (2 if attempt else 1),
-                                                          sock_read=cfg.decode_timeout_s))
+                            timeout=self._decode_timeouts[1 if attempt else 0])
                         break
                     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
                         # nothing sent yet: one more try is safe (the KV is still waiting)

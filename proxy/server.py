@@ -78,6 +78,8 @@ class Upstreams:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_s),
                 max_line_size=c.max_header_bytes, max_field_size=c.max_header_bytes,
                 auto_decompress=False, skip_auto_headers=("User-Agent",),
+                # a proxy must not keep one client's cookies and replay them for the next
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
             self._sessions[base] = s
         return s

@@ -682,3 +682,31 @@ async def test_decode_leg_connect_retry_and_fallback(fails, policy, status, path
         assert s.dec.role.stats()["pending"]["requests"] == 0
     finally:
         await s.stop()
+
+
+async def test_upstream_cookies_never_replayed():
+    """A cookie one upstream answer sets must not ride along on the next client's request."""
+    seen: list[str | None] = []
+
+    async def gen(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        resp = web.json_response({"id": "d", "choices": [{"index": 0, "text": "x"}]})
+        resp.set_cookie("session", f"user-{len(seen)}")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", gen)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    # a host name (as in Kubernetes): aiohttp's default jar ignores cookies from bare IPs only
+    dec = await Sidecar(cfg("decode", vllm_url=f"http://localhost:{port}")).start()
+    try:
+        for _ in range(3):
+            status, _, _ = await post(dec.url + "/v1/completions", {"model": "m", "prompt": "hi"})
+            assert status == 200
+        assert seen == [None, None, None]
+    finally:
+        await dec.stop()
+        await runner.cleanup()
