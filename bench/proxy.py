@@ -57,6 +57,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder for --upstream vllm (default: tiny Llama cache)")
     p.add_argument("--max-tokens", type=int, default=8, help="--upstream vllm: tokens per request")
     p.add_argument("--log-level", default="info", help="sidecars' log level (info logs one JSON line per request)")
+    p.add_argument("--hop-baseline", action="store_true",
+                   help="local path: also time a bare aiohttp pass-through proxy (no sidecar logic), the "
+                        "floor of one Python HTTP hop, in the same run")
     p.add_argument("--json", default=None, help="also write results to this JSON file")
 
 
@@ -73,9 +76,13 @@ def _cpu_plan(workers: int = 1) -> dict[str, set[int]] | None:
     if len(cpus) < 5 + 2 * workers:
         return None
     d, loc = 3, 3 + workers
-    return {"fake-prefill": {cpus[0]}, "fake-decode": {cpus[1]}, "prefill": {cpus[2]},
+    plan = {"fake-prefill": {cpus[0]}, "fake-decode": {cpus[1]}, "prefill": {cpus[2]},
             "decode": set(cpus[d:d + workers]), "local": set(cpus[loc:loc + workers]),
             "client": set(cpus[loc + workers:])}
+    if len(plan["client"]) >= 3:  # the bare hop (--hop-baseline) gets a core of its own
+        plan["bare-hop"] = {max(plan["client"])}
+        plan["client"] -= plan["bare-hop"]
+    return plan
 
 
 def _pin(name: str, workers: int = 1) -> None:
@@ -123,6 +130,52 @@ def _serve_fake(port: int, chunks: int, delay_s: float, pin: str | None = None) 
 
     app = web.Application()
     app.router.add_post("/v1/completions", gen)
+    app.router.add_get("/health", health)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, handle_signals=True)
+
+
+def _serve_bare_hop(port: int, upstream: str, pin: str | None = None) -> None:
+    """A bare aiohttp pass-through proxy: read the body, POST it upstream on a pooled
+    session, stream the answer back. No parsing, metrics, logs or limits: the floor of
+    one Python HTTP hop, against which the sidecar's added latency is read."""
+    import aiohttp
+    from aiohttp import web
+
+    if pin:
+        _pin(pin)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    state: dict = {}
+
+    async def hop(request: web.Request) -> web.StreamResponse:
+        data = await request.read()
+        async with state["session"].post(upstream + request.path, data=data,
+                                         headers={"content-type": "application/json"}) as up:
+            out = web.StreamResponse(status=up.status, headers={"Content-Type": up.content_type})
+            await out.prepare(request)
+            async for chunk in up.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+
+    async def health(request):
+        return web.Response(text="")
+
+    async def on_startup(app):
+        state["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                                 cookie_jar=aiohttp.DummyCookieJar())
+
+    async def on_cleanup(app):
+        await state["session"].close()
+
+    app = web.Application()
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.router.add_post("/v1/completions", hop)
     app.router.add_get("/health", health)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, handle_signals=True)
 
@@ -302,16 +355,25 @@ def _sweep(args: argparse.Namespace, tag: str, urls: dict[str, str], prefill_vll
     for path in paths:
         direct = streamer(decode_vllm + "/v1/completions") if path == "local" else direct_pd
         targets = {"direct": direct, "sidecar": streamer(urls[path] + "/v1/completions")}
+        if path == "local" and "bare-hop" in urls:
+            targets["bare-hop"] = streamer(urls["bare-hop"] + "/v1/completions")
         per_level: dict = {}
         for conc in levels:
             r = asyncio.run(_level(conc, args.requests, args.warmup, targets, make_body))
             added = {k.replace("_ms", "_added_ms"): round(r["sidecar"][k] - r["direct"][k], 3)
                      for k in r["direct"] if k.endswith("_ms")}
             per_level[conc] = {**r, "added": added}
+            hop = ""
+            if "bare-hop" in r:
+                per_level[conc]["bare_hop_added"] = {
+                    k.replace("_ms", "_added_ms"): round(r["bare-hop"][k] - r["direct"][k], 3)
+                    for k in r["direct"] if k.endswith("_ms")}
+                b = per_level[conc]["bare_hop_added"]
+                hop = f" | bare hop added p50 {b['ttfb_50_added_ms']:+.3f} p99 {b['ttfb_99_added_ms']:+.3f}"
             print(f"[{tag}/{path}] c={conc:<3} direct ttfb p50 {r['direct']['ttfb_50_ms']:.3f} "
                   f"p99 {r['direct']['ttfb_99_ms']:.3f} | sidecar p50 {r['sidecar']['ttfb_50_ms']:.3f} "
                   f"p99 {r['sidecar']['ttfb_99_ms']:.3f} | added p50 {added['ttfb_50_added_ms']:+.3f} "
-                  f"p99 {added['ttfb_99_added_ms']:+.3f} ms (n={r['sidecar']['n']})", flush=True)
+                  f"p99 {added['ttfb_99_added_ms']:+.3f} ms{hop} (n={r['sidecar']['n']})", flush=True)
         per_level["sidecar_histogram"] = _sidecar_overhead(urls[path])
         print(f"[{tag}/{path}] sidecar's own pd_sidecar_overhead_seconds: {per_level['sidecar_histogram']}",
               flush=True)
@@ -357,6 +419,17 @@ def run(args: argparse.Namespace) -> int:
             prefill_vllm, decode_vllm = engines[0].url, engines[1].url
         for u in (prefill_vllm, decode_vllm):
             _wait_http(u + "/health")
+        hop_url = None
+        if args.hop_baseline and "local" in paths:
+            hop_port = free_port()
+            plan = _cpu_plan(max(worker_counts))
+            pin = "bare-hop" if args.upstream == "fake" and plan and "bare-hop" in plan else None
+            pr = mp.get_context("spawn").Process(target=_serve_bare_hop, args=(hop_port, decode_vllm, pin),
+                                                 daemon=True)
+            pr.start()
+            procs.append(pr)
+            hop_url = f"http://127.0.0.1:{hop_port}"
+            _wait_http(hop_url + "/health")
         words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega cache block token".split()
 
         def make_body(i: int) -> dict:
@@ -369,6 +442,8 @@ def run(args: argparse.Namespace) -> int:
 
         for workers in worker_counts:
             urls = _start_sidecars(args, prefill_vllm, decode_vllm, workers, sidecars)
+            if hop_url:
+                urls["bare-hop"] = hop_url
             pinned = args.upstream == "fake" and _cpu_plan(workers) is not None
             if pinned:
                 _pin("client", workers)
