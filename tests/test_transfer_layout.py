@@ -8,7 +8,7 @@ from transfer.errors import BlockIdError
 from transfer.layout import (KVCacheSpec, Region, block_descriptors, coalesce_pairs,
                              coalesce_runs, expected_notifications, memory_ranges,
                              regions_for_buffer, regions_from_kv_caches, tp_read_plan,
-                             validate_block_ids)
+                             validate_block_id_pair, validate_block_ids)
 
 
 def test_dense_llama8b_bytes():
@@ -85,6 +85,29 @@ def test_validate_block_ids():
         validate_block_ids([-1], 10)
     with pytest.raises(BlockIdError, match="duplicate block id 4"):
         validate_block_ids([4, 1, 4], 10)
+
+
+def test_validate_block_id_pair():
+    ids = validate_block_id_pair([3, 1, 2], np.array([7, 5, 0]), 4, 8)
+    assert ids.dtype == np.int64 and ids.tolist() == [[3, 1, 2], [7, 5, 0]]
+    # odd shapes take the per-list path and still come back as 2 x n
+    assert validate_block_id_pair(np.array([[1], [2]]), [3, 4], 5, 5).tolist() == [[1, 2], [3, 4]]
+    assert validate_block_id_pair([], [], 5, 5).shape == (2, 0)
+    # same errors, same order as validate_block_ids(local), (remote), then the lengths
+    with pytest.raises(BlockIdError, match="local block ids: block id 4 out of range"):
+        validate_block_id_pair([4], [9], 4, 8)
+    with pytest.raises(BlockIdError, match="remote x: block id 8 out of range"):
+        validate_block_id_pair([3], [8], 4, 8, remote_what="remote x")
+    with pytest.raises(BlockIdError, match="block id -1 out of range"):
+        validate_block_id_pair([0], [-1], 4, 8)
+    with pytest.raises(BlockIdError, match="local block ids: duplicate block id 2"):
+        validate_block_id_pair([2, 0, 2], [1, 1, 1], 4, 8)
+    with pytest.raises(BlockIdError, match="remote block ids: duplicate block id 6"):
+        validate_block_id_pair([2, 0, 1], [6, 1, 6], 4, 8)
+    with pytest.raises(BlockIdError, match="2 local block ids but 3 remote ones"):
+        validate_block_id_pair([0, 1], [0, 1, 2], 4, 8)
+    with pytest.raises(BlockIdError, match="local block ids: block id 9"):
+        validate_block_id_pair([0, 9], [0, 1, 2], 4, 8)
 
 
 def test_regions_from_packed_vllm_cache():

@@ -94,6 +94,29 @@ async def test_async_wait_does_not_block_loop(pair):
     assert np.array_equal(buf[:, 40:48].numpy(), _remote_blocks(peer, range(8)))
 
 
+def test_plans_per_layer_subset_and_slice(pair, monkeypatch):
+    """Cached per-(layers, slices) plans give the right bytes, descriptors and data."""
+    eng, buf, peer = pair
+    monkeypatch.setattr("transfer.nixl_engine.MAX_PLANS_PER_PEER", 3)  # exercise the reset
+    lids, rids = [9, 4, 11], [20, 2, 13]
+    for layers in (None, [1], [0, 2], [1], range(3), (2, 0), None):
+        st = eng.transfer("READ", peer.name, lids, rids, layers=layers, timeout_s=10)
+        n = L if layers is None else len(set(layers))
+        assert (st.bytes, st.descriptors, st.num_layers, st.num_blocks) == \
+            (n * 3 * BL, n * 3, n, 3), layers
+        assert np.array_equal(buf[:, lids].numpy(), _remote_blocks(peer, rids))
+    assert len(eng._peers[peer.name].plans) <= 3
+    # a byte slice inside each block: only that slice moves, on both sides
+    buf[:, lids] = 0
+    st = eng.transfer("READ", peer.name, lids, rids, layers=[2], local_slice=(512, 256),
+                      remote_slice=(1024, 256), timeout_s=10)
+    assert (st.bytes, st.descriptors, st.num_layers) == (3 * 256, 3, 1)
+    got, want = buf[2, lids].numpy(), _remote_blocks(peer, rids)[2]
+    assert np.array_equal(got[:, 512:768], want[:, 1024:1280])
+    assert not got[:, :512].any() and not got[:, 768:].any()
+    assert not buf[:2, lids].numpy().any()
+
+
 def test_bad_block_ids_and_unknown_peer(pair):
     eng, _, peer = pair
     with pytest.raises(BlockIdError, match="out of range"):

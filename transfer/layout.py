@@ -266,8 +266,7 @@ def validate_block_ids(block_ids: Any, num_blocks: int, what: str = "block ids")
     ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
     if ids.size == 0:
         return ids
-    steps = np.diff(ids)
-    ordered = ids if bool((steps > 0).all()) else np.sort(ids)
+    ordered = ids if bool((ids[1:] > ids[:-1]).all()) else np.sort(ids)
     lo, hi = int(ordered[0]), int(ordered[-1])
     if lo < 0 or hi >= num_blocks:
         bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
@@ -276,6 +275,34 @@ def validate_block_ids(block_ids: Any, num_blocks: int, what: str = "block ids")
         uniq, counts = np.unique(ids, return_counts=True)
         raise BlockIdError(f"{what}: duplicate block id {int(uniq[counts > 1][0])}")
     return ids
+
+
+def validate_block_id_pair(local_ids: Any, remote_ids: Any, local_num_blocks: int,
+                           remote_num_blocks: int, local_what: str = "local block ids",
+                           remote_what: str = "remote block ids") -> np.ndarray:
+    """Both id lists of one transfer as one ``2 x n`` int64 array (row 0 local).
+
+    Same checks, errors and error order as :func:`validate_block_ids` on the local
+    ids, then on the remote ids, then "``a`` local block ids but ``b`` remote ones";
+    the common case (two valid 1-D lists of equal length) costs one conversion, one
+    row-wise sort and one comparison for both. Anything else reruns the per-list
+    checks, which raise.
+    """
+    try:
+        ids = np.array((local_ids, remote_ids), dtype=np.int64)
+    except (ValueError, TypeError):  # ragged (different lengths) or odd input
+        ids = None
+    if ids is not None and ids.ndim == 2 and ids.shape[1] > 0:
+        s = np.sort(ids, axis=1)
+        (llo, rlo), (lhi, rhi) = s[:, 0].tolist(), s[:, -1].tolist()
+        if (llo >= 0 and rlo >= 0 and lhi < local_num_blocks and rhi < remote_num_blocks
+                and not (s[:, 1:] == s[:, :-1]).any()):
+            return ids
+    lids = validate_block_ids(local_ids, local_num_blocks, local_what)
+    rids = validate_block_ids(remote_ids, remote_num_blocks, remote_what)
+    if lids.size != rids.size:
+        raise BlockIdError(f"{lids.size} local block ids but {rids.size} remote ones")
+    return np.stack((lids, rids))
 
 
 def coalesce_runs(block_ids: Any) -> tuple[np.ndarray, np.ndarray]:

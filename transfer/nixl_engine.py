@@ -5,6 +5,12 @@ Descriptor lists are prepared once: locally at registration, per peer at
 ``first_desc[region] + block_id``, like vLLM's NixlConnector). A transfer is then one
 ``make_prepped_xfer`` with numpy index arrays plus one ``transfer`` post.
 
+Everything a transfer needs that depends only on (peer, layers, slices) — the region
+selection, each selected region's first descriptor, bytes per block, layer count — is
+kept per peer in a :class:`_Plan` on first use; a submit then does one combined id check
+(:func:`~transfer.layout.validate_block_id_pair`) and one int32 add for both index
+arrays, which NIXL's binding takes as they are (1-D, C-contiguous int32: no conversion).
+
 ``protocol="tcp"`` forces UCX onto TCP (``UCX_TLS=tcp,self``); it sets the variable
 for this process before the agent is created, so use one protocol per process.
 
@@ -20,17 +26,17 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .engine import (PeerInfo, PeerTableEngine, TransferHandle, TransferStats, as_bytes,
                      new_transfer_id)
-from .errors import (BackendUnavailableError, BlockIdError, TransferError,
+from .errors import (BackendUnavailableError, TransferError,
                      TransferFailedError, UnknownPeerError, UnregisteredMemoryError)
 from .layout import Region, block_descriptors, memory_ranges, region_indices, \
-    regions_from_kv_caches, validate_block_ids
+    regions_from_kv_caches, validate_block_id_pair
 
 UCX_TLS_BY_PROTOCOL = {"tcp": "tcp,self"}
 #: Progress-thread delay (µs) between polls; 0 is NIXL's busy-poll default.
@@ -69,6 +75,21 @@ def _progress_delay(api: Any, delay_us: int):
             bind.nixlAgent = original
 
 
+#: Plans kept per peer; more distinct (layers, slices) keys than this clears the cache.
+MAX_PLANS_PER_PEER = 256
+
+
+@dataclass
+class _Plan:
+    """What a transfer with one peer needs for one (layers, slices) key."""
+
+    local_dlist: Any
+    remote_dlist: Any
+    first: np.ndarray  # int32 (2, regions, 1): first descriptor of each selected region
+    bytes_per_block: int
+    num_layers: int
+
+
 @dataclass
 class _Peer:
     info: PeerInfo
@@ -76,6 +97,8 @@ class _Peer:
     dlist: Any  # prepared remote descriptor list (whole blocks)
     first_desc: np.ndarray  # per remote region: index of its block 0
     sliced: dict  # (offset, length) -> (dlist, first_desc)
+    num_blocks: int = 0  # blocks per remote region (the smallest)
+    plans: dict = field(default_factory=dict)  # (layers, lslice, rslice) -> _Plan
 
 
 class NixlTransferEngine(PeerTableEngine):
@@ -106,6 +129,7 @@ class NixlTransferEngine(PeerTableEngine):
         self._reg_descs: list[Any] = []
         self._local_dlist: Any = None
         self._local_first = np.zeros(0, dtype=np.int64)
+        self._local_blocks = 0
         self._local_sliced: dict = {}
         self._inflight: dict[int, TransferHandle] = {}
         self._stale: list[Any] = []  # xfer handles NIXL could not release yet
@@ -126,6 +150,7 @@ class NixlTransferEngine(PeerTableEngine):
             self.mem_type = mem_type
             self._local_dlist, self._local_first = self._prep(
                 "NIXL_INIT_AGENT", self.regions, 0, None)
+            self._local_blocks = min((r.num_blocks for r in self.regions), default=0)
 
     def register_kv_caches(self, kv_caches: Mapping[str, Any],
                            num_blocks: int | None = None) -> list[Region]:
@@ -187,7 +212,7 @@ class NixlTransferEngine(PeerTableEngine):
                 raise UnregisteredMemoryError(
                     f"peer {info.name!r}: its regions are not registered on its side "
                     f"({e})") from e
-            self._peers[info.name] = _Peer(info, agent_name, dl, first, {})
+            self._peers[info.name] = _Peer(info, agent_name, dl, first, {}, info.num_blocks)
             return info.name
 
     def remove_peer(self, name: str) -> None:
@@ -220,6 +245,28 @@ class NixlTransferEngine(PeerTableEngine):
             p.sliced[sl] = self._prep(p.agent_name, p.info.regions, *sl)
         return p.sliced[sl]
 
+    def _plan(self, p: _Peer, key: tuple) -> _Plan:
+        """The cached :class:`_Plan` of ``key = (layers, local_slice, remote_slice)``."""
+        plan = p.plans.get(key)
+        if plan is not None:
+            return plan
+        layers, local_slice, remote_slice = key
+        lreg = region_indices(self.regions, layers)
+        rreg = region_indices(p.info.regions, layers)
+        if lreg.size != rreg.size:
+            raise TransferError(
+                f"peer {p.info.name!r} has {rreg.size} regions for these layers, we have "
+                f"{lreg.size}")
+        ldl, lfirst = self._local_side(local_slice)
+        rdl, rfirst = self._remote_side(p, remote_slice)
+        first = np.stack((lfirst[lreg], rfirst[rreg])).astype(np.int32)[:, :, None]
+        plan = _Plan(ldl, rdl, first, _bytes(self.regions, lreg, 1, local_slice),
+                     len({self.regions[i].layer for i in lreg}))
+        if len(p.plans) >= MAX_PLANS_PER_PEER:
+            p.plans.clear()
+        p.plans[key] = plan
+        return plan
+
     def _submit(self, op: str, peer: str, local_ids: Any, remote_ids: Any,
                 layers: Iterable[int] | None, notif: bytes | str | None, request_id: str,
                 local_slice: tuple[int, int] | None,
@@ -229,26 +276,19 @@ class NixlTransferEngine(PeerTableEngine):
             if self._local_dlist is None:
                 raise UnregisteredMemoryError("no local memory registered on this engine")
             p = self._peer(peer)
-            lids = validate_block_ids(local_ids, self._local_nblocks(), "local block ids")
-            rids = validate_block_ids(remote_ids, p.info.num_blocks,
-                                      f"remote block ids (peer {peer!r})")
-            if lids.size != rids.size:
-                raise BlockIdError(f"{lids.size} local block ids but {rids.size} remote ones")
-            layer_list = None if layers is None else list(layers)
-            lreg = region_indices(self.regions, layer_list)
-            rreg = region_indices(p.info.regions, layer_list)
-            if lreg.size != rreg.size:
-                raise TransferError(
-                    f"peer {peer!r} has {rreg.size} regions for these layers, we have "
-                    f"{lreg.size}")
-            ldl, lfirst = self._local_side(local_slice)
-            rdl, rfirst = self._remote_side(p, remote_slice)
-            lidx = (lfirst[lreg][:, None] + lids[None, :]).astype(np.int32).ravel()
-            ridx = (rfirst[rreg][:, None] + rids[None, :]).astype(np.int32).ravel()
-            nbytes = _bytes(self.regions, lreg, lids.size, local_slice)
+            ids = validate_block_id_pair(local_ids, remote_ids, self._local_blocks,
+                                         p.num_blocks, "local block ids",
+                                         f"remote block ids (peer {peer!r})")
+            plan = self._plan(p, (None if layers is None else tuple(layers),
+                                  local_slice, remote_slice))
+            # (2, regions, 1) + (2, 1, n) -> (2, regions, n), region-major per side
+            idx = np.add(plan.first, ids[:, None, :], dtype=np.int32, casting="unsafe")
+            lidx = idx[0].reshape(-1)
+            ridx = idx[1].reshape(-1)
             msg = as_bytes(notif)
             try:
-                xh = self.agent.make_prepped_xfer(op, ldl, lidx, rdl, ridx, msg)
+                xh = self.agent.make_prepped_xfer(op, plan.local_dlist, lidx,
+                                                  plan.remote_dlist, ridx, msg)
             except Exception as e:
                 raise TransferFailedError(f"{op} to {peer!r}: cannot create transfer: {e}") from e
             t1 = time.perf_counter_ns()
@@ -258,10 +298,11 @@ class NixlTransferEngine(PeerTableEngine):
                 self._release(xh)
                 raise TransferFailedError(f"{op} to {peer!r}: post failed: {e}") from e
             t2 = time.perf_counter_ns()
+        n = ids.shape[1]
         stats = TransferStats(
             transfer_id=new_transfer_id(), request_id=request_id, peer=peer, op=op,
-            backend=self.backend, bytes=nbytes, descriptors=int(lidx.size),
-            num_blocks=int(lids.size), num_layers=len({self.regions[i].layer for i in lreg}),
+            backend=self.backend, bytes=plan.bytes_per_block * n, descriptors=int(lidx.size),
+            num_blocks=n, num_layers=plan.num_layers,
             prepare_us=(t1 - t0) / 1e3, post_us=(t2 - t1) / 1e3)
         h = TransferHandle(stats=stats, native=xh, t_submit_ns=t0, notif=msg)
         if state == "ERR":
@@ -270,9 +311,6 @@ class NixlTransferEngine(PeerTableEngine):
         if state == "DONE":
             self._finish(h, "DONE")
         return h
-
-    def _local_nblocks(self) -> int:
-        return min(r.num_blocks for r in self.regions)
 
     def poll(self, handle: TransferHandle) -> bool:
         if handle.done:
