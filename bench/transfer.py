@@ -18,6 +18,11 @@ table. Backends:
 ``ipc`` also records CUDA events around its work: ``dev us`` is that device time
 (id upload + copy kernel), next to the host wall-clock latency.
 
+``--prepare-only`` (nixl, raw-nixl) builds every transfer and releases it unposted:
+nothing moves, so ``prep us`` is the CPU cost of preparing alone, without the cache
+and scheduling after-effects of the previous transfer (latency columns are then
+prepare + release, not transfers).
+
 Run standalone: ``python -m bench.transfer --help``.
 """
 
@@ -66,6 +71,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--json", default="", help="write all results to this JSON file")
     p.add_argument("--plot", default="", help="write a GB/s plot (PNG, needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="nixl, raw-nixl: build each transfer and release it unposted "
+                        "(times prepare alone; nothing moves)")
     return p
 
 
@@ -121,6 +129,7 @@ class Plan:
     json: str = ""
     plot: str = ""
     progress: bool = True
+    prepare_only: bool = False
     model: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -152,6 +161,10 @@ def make_plan(a: argparse.Namespace) -> Plan:
         raise UsageError(f"--backends: unknown {bad} (choose from {', '.join(ALL_BACKENDS)})")
     if mem == "DRAM" and any(b.startswith("ipc") for b in backends):
         raise UsageError("--backends: ipc needs --mem VRAM")
+    prepare_only = bool(getattr(a, "prepare_only", False))
+    if prepare_only and any(b not in ("nixl", "raw-nixl") for b in backends):
+        raise UsageError("--prepare-only: only the nixl and raw-nixl backends "
+                         "(pass --backends nixl,raw-nixl)")
     ops = [o.strip().lower() for o in a.ops.split(",") if o.strip()]
     if not ops or any(o not in ("read", "write") for o in ops):
         raise UsageError(f"--ops: expected read and/or write, got {a.ops!r}")
@@ -179,10 +192,25 @@ def make_plan(a: argparse.Namespace) -> Plan:
                 iters=_ints(a.iters, "iters")[0], warmup=_ints(a.warmup, "warmup", 0)[0],
                 max_seconds=_float(a.max_seconds, "max-seconds"), protocol=a.protocol,
                 timeout=_float(a.timeout, "timeout"), seed=_ints(a.seed, "seed", 0)[0],
-                json=a.json, plot=a.plot, progress=not a.no_progress, model=a.model)
+                json=a.json, plot=a.plot, progress=not a.no_progress, model=a.model,
+                prepare_only=prepare_only)
 
 
 # ------------------------------------------------------------------------ backends
+class _UnpostedAgent:
+    """``--prepare-only``: the engine's NIXL agent, except that ``transfer`` posts
+    nothing and reports DONE (the engine then releases the unposted handle)."""
+
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._agent, name)
+
+    def transfer(self, handle: Any, notif_msg: bytes = b"") -> str:
+        return "DONE"
+
+
 class _Runner:
     """One backend bound to the initiator's cache and the target peer."""
 
@@ -196,6 +224,8 @@ class _Runner:
             self.eng = NixlTransferEngine(f"bench-nixl-{os.getpid()}", protocol=plan.protocol)
             self.eng.register_kv_caches(caches)
             self.eng.add_peer(peer.info)
+            if plan.prepare_only:
+                self.eng.agent = _UnpostedAgent(self.eng.agent)
         elif kind in ("ipc", "ipc-torch"):
             from transfer.ipc import IpcTransferEngine
             self.eng = IpcTransferEngine(f"bench-{kind}-{os.getpid()}",
@@ -242,6 +272,9 @@ class _Runner:
             rd = self.agent.get_xfer_descs(remote, self.plan.mem)
             h = self.agent.initialize_xfer(op.upper(), ld, rd, self.remote)
             t1 = time.perf_counter_ns()
+            if self.plan.prepare_only:
+                self.agent.release_xfer_handle(h)
+                return None, (t1 - t0) / 1e3, 0.0, len(local)
             st = self.agent.transfer(h)
             t2 = time.perf_counter_ns()
             if st == "ERR":
@@ -279,6 +312,8 @@ class _Runner:
             return
         deadline = time.perf_counter() + timeout
         if self.kind == "raw-nixl":
+            if h is None:  # --prepare-only: released unposted
+                return
             while True:
                 st = self.agent.check_xfer_state(h)
                 if st == "DONE":
@@ -357,7 +392,7 @@ def run_plan(plan: Plan) -> list[dict[str, Any]]:
                     plan.notes.append(f"{b}: unavailable ({type(e).__name__}: {e})")
             # correctness spot check of every peer backend: 4 random blocks, all layers
             for b, r in runners.items():
-                if b in ("torch", "memcpy"):
+                if b in ("torch", "memcpy") or plan.prepare_only:
                     continue
                 lids, rids = rng.choice(pool, 4, replace=False), rng.choice(pool, 4, replace=False)
                 h, *_ = r.submit("read", layers, lids, rids)
@@ -518,6 +553,9 @@ def run(args: argparse.Namespace) -> int:
     if rl:
         print("\nratios (same run):")
         print("\n".join("  " + x for x in rl))
+    if plan.prepare_only:
+        plan.notes.append("--prepare-only: transfers built and released unposted; nothing "
+                          "moved (GB/s and latency columns are not transfers)")
     if plan.notes:
         print("\nnotes:")
         print("\n".join("  " + x for x in plan.notes))
