@@ -93,6 +93,7 @@ def test_validate_block_id_pair():
     # odd shapes take the per-list path and still come back as 2 x n
     assert validate_block_id_pair(np.array([[1], [2]]), [3, 4], 5, 5).tolist() == [[1, 2], [3, 4]]
     assert validate_block_id_pair([], [], 5, 5).shape == (2, 0)
+    assert validate_block_id_pair([3], np.array([7]), 4, 8).tolist() == [[3], [7]]
     # same errors, same order as validate_block_ids(local), (remote), then the lengths
     with pytest.raises(BlockIdError, match="local block ids: block id 4 out of range"):
         validate_block_id_pair([4], [9], 4, 8)

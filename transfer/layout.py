@@ -290,13 +290,15 @@ def validate_block_id_pair(local_ids: Any, remote_ids: Any, local_num_blocks: in
     """
     try:
         ids = np.array((local_ids, remote_ids), dtype=np.int64)
-    except (ValueError, TypeError):  # ragged (different lengths) or odd input
+    except (ValueError, TypeError, OverflowError):  # ragged (unequal lengths), odd input
         ids = None
-    if ids is not None and ids.ndim == 2 and ids.shape[1] > 0:
-        s = np.sort(ids, axis=1)
-        (llo, rlo), (lhi, rhi) = s[:, 0].tolist(), s[:, -1].tolist()
+    n = ids.shape[1] if ids is not None and ids.ndim == 2 else 0
+    if n > 0:
+        s = ids.copy()
+        s.sort(axis=1)
+        (llo, lhi), (rlo, rhi) = s[:, ::n - 1].tolist() if n > 1 else s[:, [0, 0]].tolist()
         if (llo >= 0 and rlo >= 0 and lhi < local_num_blocks and rhi < remote_num_blocks
-                and not (s[:, 1:] == s[:, :-1]).any()):
+                and (s[:, 1:] > s[:, :-1]).all()):
             return ids
     lids = validate_block_ids(local_ids, local_num_blocks, local_what)
     rids = validate_block_ids(remote_ids, remote_num_blocks, remote_what)
