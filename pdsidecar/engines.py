@@ -69,11 +69,11 @@ class EngineConfig:
     port: int | None = None
     kv_transfer_config: dict[str, Any] | None = None
     cpu_bind: str | None = None
-    # confine every process of the engine (API server, engine core, workers) to the
-    # cores of `cpu_bind`, not only the OMP compute threads: vLLM's engine core busy-waits
-    # (sched_yield) on its workers for 1 s after each step, and left unpinned it lands on
-    # the other engine's core and starves it (seen: a decode worker at 17-34 % of its core
-    # while the prefill engine was busy)
+    # start the engine's processes on the cores of `cpu_bind`, not only its OMP compute
+    # threads: vLLM's engine core busy-waits (sched_yield) on its workers for 1 s after
+    # each step, and left unpinned it lands on the other engine's core and starves it
+    # (seen: a decode worker at 17-34 % of its core while the prefill engine was busy).
+    # Once ready, the API server (HTTP, tokenizing; no busy-wait) may use every core again.
     pin_process: bool = True
     kv_cache_space_gib: int = 1
     max_model_len: int = 4096
@@ -183,6 +183,8 @@ class Engine:
                     + self.log_tail()
                 )
             if self._health():
+                if self.config.pin_process and bind_cpus(self.config.cpu_bind):
+                    _unpin_threads(self.proc.pid)
                 return self
             time.sleep(0.5)
         self.stop()
@@ -249,6 +251,14 @@ def _child_setup(cpus: set[int] | None):
             with contextlib.suppress(OSError):  # a core outside our cpuset: stay unpinned
                 os.sched_setaffinity(0, cpus)
     return setup
+
+
+def _unpin_threads(pid: int) -> None:
+    """Let every thread of `pid` (not its children) run on all of our cores again."""
+    cpus = os.sched_getaffinity(0)
+    for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+        with contextlib.suppress(OSError, ValueError):
+            os.sched_setaffinity(int(tid), cpus)
 
 
 def _die_with_parent() -> None:
