@@ -252,6 +252,10 @@ def _endpoint(s: str) -> Endpoint:
     return parse_endpoint(s)
 
 
+def _endpoints(s: str) -> list[Endpoint]:
+    return [parse_endpoint(x) for x in str(s).split(",") if x.strip()]
+
+
 @dataclass(frozen=True)
 class Option:
     name: str  # field name
@@ -332,9 +336,12 @@ OPTIONS: list[Option] = [
            "decode: hand the decode leg the prefill leg's prompt token ids (off|completions|all)"),
     Option("transfer_mode", "--transfer-mode", ("PDSIDECAR_TRANSFER_MODE",), "pull", _choice(TRANSFER_MODES),
            "pull (decode leg after prefill) or push (both legs at once; connector must support it)"),
-    Option("push_target", "--push-target", ("PDSIDECAR_PUSH_TARGET",), None, _endpoint,
+    Option("push_target", "--push-target", ("PDSIDECAR_PUSH_TARGET",), None, _endpoints,
            "decode, push mode: host:port of the local engine's KV control plane (PdConnector "
-           "control_port), sent to the prefill engine as the push destination"),
+           "control_port), sent to the prefill engine as the push destination; a comma list "
+           "for a data-parallel decode engine, one per DP rank in rank order (each request "
+           "goes to one rank: X-data-parallel-rank on the decode leg, that rank's address "
+           "as push_target)"),
     Option("kv_ttl_s", "--kv-ttl", ("PDSIDECAR_KV_TTL",), 120.0, _pos_float,
            "prefill: forget handed-out KV not reported picked up after this many seconds"),
     Option("peer_stats_interval_s", "--peer-stats-interval", ("PDSIDECAR_PEER_STATS_INTERVAL",), 2.0,
@@ -387,7 +394,7 @@ class SidecarConfig:
     prefill_retries: int = 1
     reuse_token_ids: str = "all"
     transfer_mode: str = "pull"
-    push_target: Endpoint | None = None
+    push_target: list[Endpoint] | None = None
     kv_ttl_s: float = 120.0
     peer_stats_interval_s: float = 2.0
     dns_refresh_s: float = 10.0
@@ -495,7 +502,9 @@ def _validate(cfg: SidecarConfig) -> None:
     else:
         if cfg.transfer_mode == "push" and not cfg.targets and not cfg.allowed_peers:
             raise ConfigError("--transfer-mode push needs prefill peers (KV_TRANSFER_TARGET)")
-        if cfg.transfer_mode == "push" and (cfg.push_target is None or cfg.push_target.port is None):
+        if isinstance(cfg.push_target, Endpoint):
+            cfg.push_target = [cfg.push_target]
+        if cfg.transfer_mode == "push" and (not cfg.push_target or any(e.port is None for e in cfg.push_target)):
             raise ConfigError("--transfer-mode push needs --push-target HOST:PORT (the decode "
                               "engine's PdConnector control_port)")
     if cfg.total_timeout_s < cfg.prefill_timeout_s:

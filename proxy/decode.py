@@ -38,7 +38,7 @@ from .body import (
 )
 from .errors import RequestError, error_response
 from .peers import Allowlist, PeerSet, parse_prefiller_header
-from .server import PATH_HEADER, PD_ERROR_HEADER, forward_headers, request_id
+from .server import DP_RANK_HEADER, PATH_HEADER, PD_ERROR_HEADER, forward_headers, request_id
 from .tracing import span
 
 log = logging.getLogger("pdsidecar.decode")
@@ -140,6 +140,9 @@ class DecodeRole:
         self.reporter = ReleaseReporter(self)
         self._bg: list[asyncio.Task] = []
         self._tokenize_ok = True
+        self._next_push_rank = 0
+        pt = cfg.push_target
+        self._push_targets: list[Endpoint] = [pt] if isinstance(pt, Endpoint) else list(pt or [])
         # decode-leg timeouts, built once: first attempt, and a retry with twice the connect
         # timeout (under heavy CPU load the first loopback connect can run out, O1)
         self._decode_timeouts = tuple(
@@ -457,13 +460,16 @@ class DecodeRole:
     # ------------------------------------------------------------- decode leg
     async def _decode_leg(self, request: web.Request, api: str, body: dict, rid: str, t0: float, state: dict,
                           pre: PrefillResult | None, retry_body: dict | None = None,
-                          connect_retries: int = 1) -> web.StreamResponse:
+                          connect_retries: int = 1, extra_headers: dict[str, str] | None = None
+                          ) -> web.StreamResponse:
         sc, cfg, m = self.sc, self.sc.cfg, self.sc.metrics
         path = state["path"]
         url = cfg.vllm_url + API_PATHS[api]
         stream = bool(body.get("stream"))
         data = state.get("raw") if pre is None and path != "disagg" and state.get("raw") else json.dumps(body).encode()
         headers = forward_headers(request, rid)
+        if extra_headers:
+            headers.update(extra_headers)
         out_headers = {PATH_HEADER: path, "x-request-id": rid}
         sent = False
         reported = False
@@ -641,13 +647,21 @@ class DecodeRole:
         push_rid = "pd-" + uuid.uuid4().hex
         kv = {"do_remote_prefill": True, "transfer_mode": "push", "remote_request_id": push_rid,
               "remote_peer": str(ep)}
+        # a data-parallel decode engine: pin the decode leg to one DP rank (vLLM's
+        # X-data-parallel-rank) and name that rank's control plane as the push target,
+        # so the registration and the prefill's lookup meet on the same server
+        targets = self._push_targets
+        rank = self._next_push_rank % len(targets)
+        self._next_push_rank += 1
+        push_target = targets[rank]
+        dp_header = {DP_RANK_HEADER: str(rank)} if len(targets) > 1 else None
 
         async def prefill() -> None:
             try:
                 pb = prefill_body(api, body, False)
                 pb["kv_transfer_params"] = {"do_remote_decode": True, "transfer_mode": "push",
                                             "remote_request_id": push_rid,
-                                            "push_target": str(self.sc.cfg.push_target)}
+                                            "push_target": str(push_target)}
                 path = API_PATHS[api]
                 headers = forward_headers(request, push_rid)
                 data = json.dumps(pb).encode()
@@ -664,7 +678,8 @@ class DecodeRole:
         task = self.sc.spawn(prefill())
         state["path"], state["peer"] = "disagg", str(ep)
         try:
-            return await self._decode_leg(request, api, decode_body(api, body, kv, None), rid, t0, state, None)
+            return await self._decode_leg(request, api, decode_body(api, body, kv, None), rid, t0, state, None,
+                                          extra_headers=dp_header)
         finally:
             if not task.done():
                 task.cancel()

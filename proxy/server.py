@@ -31,6 +31,7 @@ log = logging.getLogger("pdsidecar.proxy")
 
 VERSION = "0.1.0"
 PATH_HEADER = "x-pd-path"
+DP_RANK_HEADER = "X-data-parallel-rank"  # vLLM: serve this request on that DP rank
 PD_ERROR_HEADER = "x-pd-error"
 WORKER_HEADER = "x-pd-worker"
 GAUGE_REFRESH_S = 1.0  # --workers: how stale another worker's state-derived gauges may be

@@ -67,6 +67,8 @@ def test_flags_beat_env_beat_defaults():
     (["--role", "decode", "--transfer-mode", "push"], {"KV_TRANSFER_TARGET": "p:8000"}, "--push-target"),
     (["--role", "decode", "--transfer-mode", "push", "--push-target", "d"],
      {"KV_TRANSFER_TARGET": "p:8000"}, "--push-target"),
+    (["--role", "decode", "--transfer-mode", "push", "--push-target", "d:1,e"],
+     {"KV_TRANSFER_TARGET": "p:8000"}, "--push-target"),
 ])
 def test_invalid_config_is_one_clear_error(argv, env, needle, capsys, monkeypatch):
     for k in ("PREFILL_MODE", "KV_TRANSFER_TARGET", "PDSIDECAR_AUTH_TOKEN"):

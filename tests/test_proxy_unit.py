@@ -566,6 +566,41 @@ async def test_push_mode_hook():
         await s.stop()
 
 
+async def test_push_mode_data_parallel_decode_pins_a_rank():
+    """Several --push-target values = one per decode DP rank: each request's decode leg
+    carries X-data-parallel-rank r and its prefill leg names rank r's control plane."""
+    targets = [Endpoint("127.0.0.1", 6000), Endpoint("127.0.0.1", 6001)]
+    # decode legs stream for ~0.3 s, so every prefill leg is sent before its request ends
+    s = await stack(dec_kw={"transfer_mode": "push", "push_target": targets}, d_kw={"delay": 0.1})
+    try:
+        for _ in range(4):
+            status, _, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x", "stream": True},
+                                      {"X-data-parallel-rank": "7"})  # a client's value is dropped
+            assert status == 200
+        await asyncio.sleep(0.3)
+        by_id = {pb["kv_transfer_params"]["remote_request_id"]: pb["kv_transfer_params"]["push_target"]
+                 for _, pb, _ in s.p_vllm.requests}
+        ranks = []
+        for _, db, dh in s.d_vllm.requests:
+            r = int(dh["X-data-parallel-rank"])
+            ranks.append(r)
+            assert by_id[db["kv_transfer_params"]["remote_request_id"]] == str(targets[r])
+        assert sorted(ranks) == [0, 0, 1, 1]
+    finally:
+        await s.stop()
+
+
+async def test_push_mode_single_target_sends_no_rank_header():
+    s = await stack(dec_kw={"transfer_mode": "push", "push_target": [Endpoint("127.0.0.1", 6000)]})
+    try:
+        status, _, _ = await post(s.dec.url + "/v1/completions", {"model": "m", "prompt": "x"})
+        assert status == 200
+        (_, _, dh), = s.d_vllm.requests
+        assert "X-data-parallel-rank" not in dh
+    finally:
+        await s.stop()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_decode_leg_kv_load_failure_recomputes_locally(stream):
     s = await stack(d_kw={"kv_load_fails": True})
