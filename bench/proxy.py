@@ -91,18 +91,22 @@ def _pin(name: str, workers: int = 1) -> None:
         os.sched_setaffinity(0, plan[name])
 
 
-def _serve_fake(port: int, chunks: int, delay_s: float, pin: str | None = None) -> None:
-    from aiohttp import web
-
+def _server_process_setup(pin: str | None) -> None:
+    """In a bench server process: pin it (when planned) and use uvloop when installed."""
     if pin:
         _pin(pin)
-
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
+
+
+def _serve_fake(port: int, chunks: int, delay_s: float, pin: str | None = None) -> None:
+    from aiohttp import web
+
+    _server_process_setup(pin)
     chunk_bodies = [f'data: {{"id":"cmpl-x","object":"text_completion","choices":[{{"index":0,"text":"t{i}",'
                     f'"finish_reason":null}}]}}\n\n'.encode() for i in range(chunks)]
     prefill = json.dumps({"id": "cmpl-p", "object": "text_completion", "choices": [{"index": 0, "text": "x"}],
@@ -141,14 +145,7 @@ def _serve_bare_hop(port: int, upstream: str, pin: str | None = None) -> None:
     import aiohttp
     from aiohttp import web
 
-    if pin:
-        _pin(pin)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    _server_process_setup(pin)
     state: dict = {}
 
     async def hop(request: web.Request) -> web.StreamResponse:
