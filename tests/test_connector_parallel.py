@@ -14,7 +14,7 @@ import pytest
 
 from pdsidecar.engines import EngineConfig
 
-from test_connector_engines import aggregated, decode, make_prompts, ours_config, prefill  # noqa: E402
+from test_connector_engines import aggregated, decode, make_prompts, ours_config, post, prefill  # noqa: E402
 
 # Three engine cores on two CPUs (several minutes, sensitive to load): opt-in in CI.
 pytestmark = [
@@ -95,3 +95,61 @@ def test_prefill_tp2_decode_tp1(engine_pool, llama_dir):
             assert r["choices"][0]["text"] in (ref_p[i], ref_d[i])
     finally:
         engine_pool.drop("ours-tp2")
+
+
+def _post_rank(engine, body: dict, rank: int, timeout: float = 120.0) -> tuple[int, dict]:
+    """POST a completion pinned to one DP rank (vLLM's X-data-parallel-rank)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(engine.url + "/v1/completions",
+                                 data=json.dumps({"model": engine.model_name, **body}).encode(),
+                                 headers={"Content-Type": "application/json", "X-data-parallel-rank": str(rank)})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {}
+
+
+def test_push_into_data_parallel_decode(engine_pool, llama_dir):
+    """Push mode into a DP=2 decode engine behind one API server: each request's decode
+    leg is pinned to a rank and its prefill leg names that rank's control plane (what
+    `pdsidecar run --push-target A,B` does), so registration and lookup meet. Both decode
+    ranks share core 1: a DP engine's idle ranks keep stepping and would starve the
+    prefill engine on core 0."""
+    import uuid
+
+    eng = pair(engine_pool, llama_dir, "ours-push-ddp2", [], "0", ["--data-parallel-size", "2"], "1|1")
+    try:
+        addr = {}
+        for r in (0, 1):  # each rank's control plane, read off a 1-token prefill it serves
+            status, resp = _post_rank(eng[1], {"prompt": [11, 12, 13], "max_tokens": 1,
+                                               "kv_transfer_params": {"do_remote_decode": True}}, r)
+            assert status == 200, resp
+            assert resp["kv_transfer_params"]["remote_dp_rank"] == r
+            addr[r] = resp["kv_transfer_params"]["pd_control_addr"]
+        assert addr[0] != addr[1]
+        for i, p in enumerate(make_prompts(llama_dir, seed=13)[3:7]):
+            rank, push_id = i % 2, "push-" + uuid.uuid4().hex
+            ref = aggregated(eng[0], p)
+            out: dict = {}
+            t = threading.Thread(target=lambda: out.__setitem__("d", _post_rank(
+                eng[1], {"prompt": p, "max_tokens": 8, "temperature": 0,
+                         "kv_transfer_params": {"do_remote_prefill": True, "transfer_mode": "push",
+                                                "remote_request_id": push_id}}, rank)))
+            t.start()
+            ps, pr = post(eng[0], {"prompt": p, "max_tokens": 1,
+                                   "kv_transfer_params": {"do_remote_decode": True, "transfer_mode": "push",
+                                                          "remote_request_id": push_id,
+                                                          "push_target": addr[rank]}}, 120.0)
+            t.join(150)
+            assert ps == 200 and pr["kv_transfer_params"]["pd_push"] == "sent", pr
+            status, d = out["d"]
+            assert status == 200, d
+            assert d["choices"][0]["text"] == ref, f"prompt {i} ({len(p)} tokens) differs"
+            pt = d["kv_transfer_params"]["pd_transfer"]
+            assert pt["error"] == "" and pt["mode"] == "push" and pt["bytes"] > 0, pt
+    finally:
+        engine_pool.drop("ours-push-ddp2")
