@@ -502,8 +502,6 @@ def _validate(cfg: SidecarConfig) -> None:
     else:
         if cfg.transfer_mode == "push" and not cfg.targets and not cfg.allowed_peers:
             raise ConfigError("--transfer-mode push needs prefill peers (KV_TRANSFER_TARGET)")
-        if isinstance(cfg.push_target, Endpoint):
-            cfg.push_target = [cfg.push_target]
         if cfg.transfer_mode == "push" and (not cfg.push_target or any(e.port is None for e in cfg.push_target)):
             raise ConfigError("--transfer-mode push needs --push-target HOST:PORT (the decode "
                               "engine's PdConnector control_port)")
