@@ -55,10 +55,10 @@ def ours_mixtral_pair(engine_pool, mixtral_dir):
 # ------------------------------------------------------------------ helpers
 
 
-def post(engine, body: dict, timeout: float = 120.0) -> tuple[int, dict]:
+def post(engine, body: dict, timeout: float = 120.0, headers: dict | None = None) -> tuple[int, dict]:
     body = {"model": engine.model_name, **body}
     req = urllib.request.Request(engine.url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())

@@ -97,20 +97,9 @@ def test_prefill_tp2_decode_tp1(engine_pool, llama_dir):
         engine_pool.drop("ours-tp2")
 
 
-def _post_rank(engine, body: dict, rank: int, timeout: float = 120.0) -> tuple[int, dict]:
+def _post_rank(engine, body: dict, rank: int) -> tuple[int, dict]:
     """POST a completion pinned to one DP rank (vLLM's X-data-parallel-rank)."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(engine.url + "/v1/completions",
-                                 data=json.dumps({"model": engine.model_name, **body}).encode(),
-                                 headers={"Content-Type": "application/json", "X-data-parallel-rank": str(rank)})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, {}
+    return post(engine, body, 120.0, {"X-data-parallel-rank": str(rank)})
 
 
 def test_push_into_data_parallel_decode(engine_pool, llama_dir):
