@@ -157,15 +157,12 @@ def test_nixl_vram_write_posts_after_the_compute_stream():
             buf[:, 3].fill_(0x11)
             torch.cuda._sleep(400_000_000)
             buf[:, 3].fill_(0x5A)
-            t = time.perf_counter()
             h = n.write_blocks(peer.name, [3], [77])
-            posted_in = time.perf_counter() - t
         assert h.post_after is not None  # the kernel was still running: post deferred
         deadline = time.monotonic() + 60
         while not n.poll(h) and time.monotonic() < deadline:
             time.sleep(0.001)
         assert h.done and (_remote(peer, [77]) == 0x5A).all()
-        assert posted_in < 0.1  # write_blocks returned at once (no host wait)
         n.close()
     finally:
         peer.close()
