@@ -23,6 +23,11 @@ from pathlib import Path
 from typing import Any
 
 
+# Put first on every engine's PYTHONPATH: its sitecustomize requests AMX tile permission
+# in each engine process (transfer/amx.py says why), then runs the next sitecustomize.
+ENGINE_SITE = str(Path(__file__).parent / "engine_site")
+
+
 class EngineError(Exception):
     """An engine could not be started or did not become ready."""
 
@@ -84,6 +89,10 @@ class EngineConfig:
     stop_timeout_s: float = 20.0
     log_dir: str | None = None
     enforce_eager: bool = True
+    # every engine process asks for AMX tile permission at start-up (ENGINE_SITE's
+    # sitecustomize; see transfer/amx.py): a no-op without `amx_tile`. Off only for the
+    # test that checks our connector asks by itself.
+    amx_permission: bool = True
 
 
 class Engine:
@@ -137,6 +146,13 @@ class Engine:
         if c.cpu_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = c.cpu_bind
         env.update(c.env)
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != ENGINE_SITE]
+        if c.amx_permission:
+            paths.insert(0, ENGINE_SITE)
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths)
+        else:
+            env.pop("PYTHONPATH", None)
         return env
 
     def start(self) -> "Engine":

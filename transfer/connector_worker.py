@@ -32,6 +32,7 @@ from .connector_meta import (REASONS, R_BLOCK_RANGE, R_EXPIRED, R_MISMATCH,
                              PdConfig, PdConnectorMetadata, PdWorkerMeta, PushRecvJob,
                              PushSendStep, RecvJob, RemoteSource)
 from .connector_stats import PdConnectorStats
+from .amx import request_amx_tile_permission
 
 log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
 
@@ -94,6 +95,10 @@ def _backend_of(handles: list[Any], engine: Any) -> str:
 class PdConnectorWorker:
     def __init__(self, cfg: PdConfig, *, engine_id: str, tp_rank: int, tp_size: int,
                  compat: dict[str, Any], dp_rank: int = 0) -> None:
+        # This runs in the worker process, which runs the attention kernels: without
+        # the permission, vLLM's AMX attention on a 1-token step over loaded KV is a
+        # SIGILL (transfer/amx.py). A no-op without `amx_tile`; never raises.
+        request_amx_tile_permission()
         self.dp_rank = dp_rank
         self.desc: Any = None
         self.cfg = cfg
