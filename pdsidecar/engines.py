@@ -89,6 +89,10 @@ class EngineConfig:
     stop_timeout_s: float = 20.0
     log_dir: str | None = None
     enforce_eager: bool = True
+    # vLLM's --dtype. None: "float32" for a tiny model made by pdsidecar.models (its
+    # random weights give near-flat logits, so bf16 rounding differences between two
+    # kernel paths flip greedy argmaxes; see tiny_model_dtype), vLLM's "auto" otherwise.
+    dtype: str | None = None
     # every engine process asks for AMX tile permission at start-up (ENGINE_SITE's
     # sitecustomize; see transfer/amx.py): a no-op without `amx_tile`. Off only for the
     # test that checks our connector asks by itself.
@@ -126,6 +130,9 @@ class Engine:
         ]
         if c.served_model_name:
             cmd += ["--served-model-name", c.served_model_name]
+        dtype = c.dtype or tiny_model_dtype(c.model)
+        if dtype:
+            cmd += ["--dtype", dtype]
         if c.enforce_eager:
             cmd += ["--enforce-eager"]
         if c.kv_transfer_config is not None:
@@ -243,6 +250,22 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def tiny_model_dtype(model: str) -> str | None:
+    """"float32" when `model` is a folder made by ``pdsidecar.models`` (it holds
+    ``pdsidecar-model.json``), else None (vLLM chooses).
+
+    Why: a random-weight tiny model has near-flat logits (measured on the tiny Llama in
+    bf16: 10 % of greedy steps have a top-1/top-2 gap under 0.05, while bf16 rounding
+    moves logits by ~0.08), so the decode engine's "prefill over cached KV" kernel and the
+    aggregated full prefill may pick different greedy tokens in bf16 (seen on AMX CPUs).
+    In float32 the same comparison stays exact. Real checkpoints keep their own dtype.
+    """
+    try:
+        return "float32" if (Path(model) / "pdsidecar-model.json").is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def bind_cpus(spec: str | None) -> set[int] | None:

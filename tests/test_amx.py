@@ -143,3 +143,17 @@ def test_our_connector_asks_by_itself_and_pd_completes(engine_pool, llama_dir):
     finally:
         for e in pair:
             e.stop()
+
+
+def test_tiny_models_are_served_in_float32_real_ones_as_vllm_chooses(tmp_path, llama_dir):
+    """Near-flat logits of random-weight models: identity checks run them in float32."""
+    from pdsidecar.engines import tiny_model_dtype
+
+    assert tiny_model_dtype(llama_dir) == "float32"
+    assert "--dtype" in (cmd := Engine(EngineConfig(model=llama_dir)).command())
+    assert cmd[cmd.index("--dtype") + 1] == "float32"
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint not made by pdsidecar.models
+    assert tiny_model_dtype(str(tmp_path)) is None and tiny_model_dtype("org/model") is None
+    assert "--dtype" not in Engine(EngineConfig(model=str(tmp_path))).command()
+    cmd = Engine(EngineConfig(model=llama_dir, dtype="bfloat16")).command()
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
