@@ -16,14 +16,23 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    # os.write, not print: this also runs in forked children, where a stream lock held
+    # by another thread of the parent at fork time would never be released.
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass
 
 
 def _request_amx() -> None:
     try:
         from transfer.amx import request_amx_tile_permission
 
-        request_amx_tile_permission(say=_say)
+        if request_amx_tile_permission(say=_say):
+            # forked children (vLLM's engine core, workers) inherit the permission: each
+            # checks and reports its own (ARCH_GET_XCOMP_PERM), so every engine process
+            # has its line in the engine log
+            os.register_at_fork(after_in_child=lambda: request_amx_tile_permission(say=_say))
     except Exception as e:  # noqa: BLE001 - never break an interpreter's start-up
         _say(f"pdsidecar: AMX tile permission hook failed (pid {os.getpid()}): {type(e).__name__}: {e}")
 
