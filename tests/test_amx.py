@@ -51,6 +51,22 @@ def test_request_in_a_fresh_process_never_raises_and_matches_the_cpu():
         assert "pdsidecar:" not in r.stdout + r.stderr  # a clean no-op: not a word
 
 
+@pytest.mark.skipif(HAS_AMX, reason="on an AMX CPU the kernel grants the request")
+def test_a_refused_request_is_one_warning_and_no_exception(tmp_path):
+    """The real kernel refusing (this CPU has no AMX, the cpuinfo given claims it)."""
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile amx_int8\n")
+    r = _python("import logging; logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')\n"
+                "from transfer import amx\n"
+                f"print('RESULT', amx.request_amx_tile_permission(cpuinfo={str(fake)!r}),"
+                f" amx.request_amx_tile_permission(cpuinfo={str(fake)!r}))\n")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.strip() == "RESULT False False"
+    lines = [ln for ln in r.stderr.splitlines() if "pdsidecar:" in ln]
+    assert len(lines) == 1 and lines[0].startswith("WARNING pdsidecar: could not get AMX tile permission"), lines
+    assert "arch_prctl(ARCH_REQ_XCOMP_PERM)" in lines[0]
+
+
 def test_permission_getter_uses_the_real_syscall():
     """ARCH_GET_XCOMP_PERM answers on any x86-64 Linux kernel >= 5.16; XTILEDATA only with AMX."""
     got = amx.amx_tile_permitted()

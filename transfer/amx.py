@@ -77,10 +77,11 @@ def amx_tile_permitted() -> bool | None:
     return bool(mask.value & (1 << XFEATURE_XTILEDATA))
 
 
-def request_amx_tile_permission(say: Callable[[str], None] | None = None) -> bool:
+def request_amx_tile_permission(say: Callable[[str], None] | None = None,
+                                 cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Ask Linux for AMX tile permission in this process, once; True if it holds it.
 
-    A no-op returning False where the CPU lacks ``amx_tile``. One line goes to `say`
+    A no-op returning False where `cpuinfo` lacks ``amx_tile``. One line goes to `say`
     (default: the ``vllm.pdsidecar.amx`` logger at INFO, or WARNING on failure) the
     first time per process: granted now, already held, or why not. Never raises.
     """
@@ -89,7 +90,7 @@ def request_amx_tile_permission(say: Callable[[str], None] | None = None) -> boo
         return _done[pid]
     ok = False
     try:
-        if cpu_has_amx_tile():
+        if cpu_has_amx_tile(cpuinfo):
             ok = _request(pid, say)
     except Exception as e:  # noqa: BLE001 - a start-up helper must never take an engine down
         _say(say, FAILED_LINE.format(pid=pid, why=f"{type(e).__name__}: {e}"), warn=True)
