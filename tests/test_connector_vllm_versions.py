@@ -29,13 +29,9 @@ VERSIONS = (OLDEST, LATEST)
 
 # What is known not to work yet on a release, and why. A failure not listed here fails
 # the test; a listed one makes it xfail (XPASS once fixed: then delete the entry).
-KNOWN_GAPS: dict[str, dict[str, str]] = {
-    OLDEST: {
-        "from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults":
-            "vLLM 0.26 has no KVConnectorTransferResults (get_transfer_results came later); "
-            "pending: the lead's capability detection in transfer/connector.py (issue 14 part 3)",
-    },
-}
+# Empty since transfer/vllm_compat.py (0.26 has no KVConnectorTransferResults).
+KNOWN_GAPS: dict[str, dict[str, str]] = {}
+UNIT_TESTS = ("tests/test_connector_unit.py", "tests/test_vllm_compat.py")
 
 
 def _sources(version: str) -> Path:
@@ -96,6 +92,7 @@ def test_connector_imports_against_vllm_sources(version):
     got = _probe(version)
     assert got.get("vllm_file", "").startswith(str(CACHE / version)), got  # not the installed vLLM
     assert got.get("vllm") == version, got
+    assert got["native_transfer_results"] == (version != OLDEST), got  # 0.26: the compat path
     failures = got["failures"]
     report = "\n".join(f"  {what}: {err}" for what, err in sorted(failures.items()))
     known = KNOWN_GAPS.get(version, {})
@@ -107,8 +104,10 @@ def test_connector_imports_against_vllm_sources(version):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_connector_unit_tests_pass_against_vllm_sources(version):
-    """tests/test_connector_unit.py (no engine) with `version`'s vLLM first on the path."""
-    r = _run(version, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly",
-                       "tests/test_connector_unit.py"], timeout=600)
+    """The connector's engine-free tests with `version`'s vLLM first on the path."""
+    tests = [t for t in UNIT_TESTS if (ROOT / t).exists()]
+    r = _run(version, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *tests],
+             timeout=600)
     tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-30:])
-    assert r.returncode == 0, f"test_connector_unit.py fails against vLLM {version}:\n{tail}"
+    assert r.returncode == 0, f"{' '.join(tests)} fail against vLLM {version}:\n{tail}"
+    assert " passed" in tail and " skipped" not in tail, tail  # ran, not skipped for want of vLLM

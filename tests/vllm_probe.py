@@ -12,14 +12,14 @@ import inspect
 import json
 import sys
 
-# (module, name) pairs the connector modules import from vLLM, lazily or at load.
+# (module, name) pairs the connector modules import from vLLM, lazily or at load
+# (KVConnectorTransferResults, 0.27+, is optional: transfer/vllm_compat.py stands in).
 NEEDED = [
     ("vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorBase_V1"),
     ("vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorRole"),
     ("vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorMetadata"),
     ("vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorHandshakeMetadata"),
     ("vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorWorkerMetadata"),
-    ("vllm.distributed.kv_transfer.kv_connector.v1.base", "KVConnectorTransferResults"),
     ("vllm.distributed.kv_transfer.kv_connector.v1.metrics", "KVConnectorStats"),
     ("vllm.distributed.kv_transfer.kv_connector.v1.metrics", "KVConnectorPromMetrics"),
     ("vllm.v1.metrics.utils", "create_metric_per_engine"),
@@ -60,6 +60,21 @@ def main() -> None:
                               if not n.startswith("_"))
     except Exception:  # noqa: BLE001 - reported above
         pass
+    out["native_transfer_results"] = False
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1 import base
+
+        out["native_transfer_results"] = hasattr(base, "KVConnectorTransferResults")
+    except Exception:  # noqa: BLE001 - reported above
+        pass
+    try:
+        from transfer.vllm_compat import check_vllm_version
+
+        check_vllm_version()  # the connector's own load-time range check, on vllm.__version__
+    except ImportError:
+        pass  # a tree without transfer/vllm_compat.py
+    except Exception as e:  # noqa: BLE001
+        out["failures"]["transfer.vllm_compat.check_vllm_version()"] = _line(e)
     try:
         import transfer.connector as connector
 
