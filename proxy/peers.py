@@ -151,6 +151,13 @@ class PeerSet:
                 + 64 * (s.outstanding + s.remote_in_flight) == best]
         return random.choice(ties).endpoint
 
+    def settle(self, ep: Endpoint) -> None:
+        """Forget a client-named (not configured) peer once none of its legs or KV is
+        outstanding: state from x-prefiller-host-port never outlives its requests."""
+        st = self.peers.get(ep)
+        if st is not None and not st.from_target and st.outstanding <= 0:
+            del self.peers[ep]
+
     def mark_down(self, ep: Endpoint) -> None:
         st = self.state(ep)
         st.errors += 1
