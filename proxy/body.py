@@ -125,6 +125,25 @@ def parse_client_request(api: str, raw: bytes) -> tuple[dict[str, Any], bool]:
     return body, modified
 
 
+def sanitize_unsigned_leg(raw: bytes) -> bytes:
+    """A prefill leg nobody signed (`--allow-unauthenticated`): its own
+    `kv_transfer_params` stay if they are an object (the leg's contract), every other
+    transfer field goes; re-serialized when anything was removed or a key was doubled."""
+    pairs = _Pairs()
+    try:
+        body = json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError, TypeError):
+        raise RequestError(400, "request body is not valid JSON", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body must be a JSON object", "invalid_body")
+    kv = body.pop("kv_transfer_params", None)
+    removed = strip_transfer_fields(body)  # ec_transfer_params, the vllm_xargs keys
+    if isinstance(kv, dict):
+        body["kv_transfer_params"] = kv
+    modified = removed or pairs.duplicates or (kv is not None and not isinstance(kv, dict))
+    return json.dumps(body).encode() if modified else raw
+
+
 def _text_len(content: Any) -> tuple[int, bool]:
     """(characters of text, only text?) of a chat message content."""
     if content is None:

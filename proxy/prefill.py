@@ -21,7 +21,7 @@ from aiohttp import web
 from pdsidecar.config import Endpoint, parse_endpoint
 
 from . import auth
-from .body import API_PATHS, loads_or_none
+from .body import API_PATHS, loads_or_none, sanitize_unsigned_leg
 from .errors import RequestError
 from .peers import Allowlist, canonical_ip
 from .server import PD_ERROR_HEADER, forward_headers
@@ -265,6 +265,8 @@ class PrefillRole:
         try:
             raw = await sc.read_body(request)
             self._check_body(request, rid, raw)
+            if not cfg.auth_token:  # nobody vouches for this body: no client transfer fields
+                raw = sanitize_unsigned_leg(raw)
             headers = forward_headers(request, rid)
             try:
                 t_send = time.perf_counter()

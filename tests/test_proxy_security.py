@@ -395,6 +395,22 @@ async def test_unauthenticated_prefill_peer_labels_bounded():
     finally:
         await pre.stop()
         await p_vllm.stop()
+    # an unsigned leg keeps its own kv_transfer_params object, loses every other transfer field
+    p_vllm = await Fake().start()
+    pre = await Sidecar(cfg("prefill", vllm_url=p_vllm.url, auth_token=None, allow_unauthenticated=True)).start()
+    try:
+        raw = (b'{"model":"m","prompt":"x","kv_transfer_params":{"do_remote_decode":true},'
+               b'"vllm_xargs":{"kv_transfer_params":"127.0.0.66:1","keep":1},"ec_transfer_params":{"e":1}}')
+        status, _, _ = await post(pre.url + "/v1/completions", raw, {"x-request-id": "leg-s"})
+        assert status == 200
+        fwd = json.loads(p_vllm.raw[-1])
+        assert fwd["kv_transfer_params"] == {"do_remote_decode": True} and fwd["vllm_xargs"] == {"keep": 1}
+        assert "ec_transfer_params" not in fwd
+        status, _, _ = await post(pre.url + "/v1/completions", b"[1]", {"x-request-id": "leg-t"})
+        assert status == 400
+    finally:
+        await pre.stop()
+        await p_vllm.stop()
     # with an allowlist the claimed port is checked even without a token
     p_vllm = await Fake().start()
     pre = await Sidecar(cfg("prefill", vllm_url=p_vllm.url, auth_token=None, allow_unauthenticated=True,
