@@ -126,7 +126,7 @@ class PeerSet:
                 eps = [Endpoint(ip, t.port) for ip in sorted(ips)] or [t]
             for ep in eps:
                 seen.add(ep)
-                self.peers.setdefault(ep, PeerState(ep))
+                self.peers.setdefault(ep, PeerState(ep)).from_target = True  # a named peer that became a target
         for ep in list(self.peers):
             st = self.peers[ep]
             if st.from_target and ep not in seen and st.outstanding == 0:

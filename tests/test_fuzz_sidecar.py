@@ -193,7 +193,10 @@ body_st = st.fixed_dictionaries({"model": st.one_of(st.just(MODEL), json_any)}, 
     "prompt": prompt_st, "messages": messages_st, "max_tokens": int_field, "max_completion_tokens": int_field,
     "min_tokens": int_field, "n": int_field, "best_of": int_field, "stream": st.one_of(st.booleans(), json_any),
     "stream_options": json_any, "echo": json_any, "temperature": json_any, "kv_transfer_params": hostile_kv,
-    "prompt_embeds": json_any, "use_beam_search": json_any, "return_token_ids": json_any})
+    "prompt_embeds": json_any, "use_beam_search": json_any, "return_token_ids": json_any,
+    "ec_transfer_params": json_any, "vllm_xargs": st.one_of(json_any, st.dictionaries(st.sampled_from(
+        ["kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode", "keep"]),
+        st.one_of(json_any, hostile_kv), max_size=4))})
 
 
 # --------------------------------------------------------------------------- #
@@ -203,11 +206,17 @@ body_st = st.fixed_dictionaries({"model": st.one_of(st.just(MODEL), json_any)}, 
 @FUZZ
 @given(body=body_st, chat=st.booleans())
 def test_fuzz_request_bodies(stack, body, chat):
-    n_before = len(stack.fd.requests)
+    n_before, n_before_p = len(stack.fd.requests), len(stack.fp.requests)
     path = "/v1/chat/completions" if chat else "/v1/completions"
     r = post(stack.d_port, path, json.dumps(body).encode())
     assert_clean(r)
     # whatever reached the decode vLLM carries only the prefill leg's params, never the client's
+    for _, _, fwd in stack.fd.requests[n_before:] + stack.fp.requests[n_before_p:]:
+        if isinstance(fwd, dict):
+            assert "ec_transfer_params" not in fwd
+            xa = fwd.get("vllm_xargs")
+            assert not isinstance(xa, dict) or not {"kv_transfer_params", "ec_transfer_params",
+                                                    "kv_cache_report_mode"} & set(xa), xa
     for _, _, fwd in stack.fd.requests[n_before:]:
         if isinstance(fwd, dict) and "kv_transfer_params" in fwd:
             kv = dict(fwd["kv_transfer_params"])
