@@ -111,9 +111,11 @@ def _block_ids_ok(v: Any) -> bool:
 
 def check_prefill_kv(kv: Any, allowed_hosts: set[str]) -> dict[str, Any]:
     """The answer's kv_transfer_params, checked, as a fresh dict without
-    `prompt_token_ids`; AnswerRejected otherwise."""
+    `prompt_token_ids` (nulls are checked as absent, passed on as they are);
+    AnswerRejected otherwise."""
     if not isinstance(kv, dict) or not kv:
         raise AnswerRejected("kv_transfer_params is not a non-empty object")
+    answer, kv = kv, {k: v for k, v in kv.items() if v is not None}  # null = absent (NIXL: expiry None)
     for k in _BOOL:
         if k in kv and not isinstance(kv[k], bool):
             raise AnswerRejected(f"{k} is not a boolean")
@@ -137,4 +139,4 @@ def check_prefill_kv(kv: Any, allowed_hosts: set[str]) -> dict[str, Any]:
         if not sep or not (port.isascii() and port.isdigit()) or not host_allowed(host, allowed_hosts):
             raise AnswerRejected(f"pd_control_addr {kv['pd_control_addr']!r} is not on the chosen peer's "
                                  "engine address")
-    return {k: v for k, v in kv.items() if k != "prompt_token_ids"}
+    return {k: v for k, v in answer.items() if k != "prompt_token_ids"}

@@ -175,6 +175,12 @@ def test_connector_expiry_out_of_range_is_bad_params():
 def test_answer_schema_and_engine_address_rule():
     ok = check_prefill_kv({**GOOD_KV, "prompt_token_ids": [1, 2]}, {"127.0.0.1"})
     assert "prompt_token_ids" not in ok and ok["remote_host"] == "127.0.0.1"
+    # vLLM 0.32's stock NixlConnector answer, as it comes (localhost, null expiry)
+    stock = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[4, 5]],
+             "remote_engine_id": "e1", "remote_request_id": "cmpl-1", "remote_host": "localhost",
+             "remote_port": 5600, "tp_size": 1, "dcp_size": 1, "pp_size": 1, "remote_num_tokens": 20,
+             "remote_blocks_expiry_time": None, "transfer_mode": "READ"}
+    assert check_prefill_kv(stock, {"127.0.0.1"})["remote_engine_id"] == "e1"
     # loopback peer: any loopback address or "localhost" (vLLM's NixlConnector default)
     assert host_allowed("localhost", {"127.0.0.1"}) and host_allowed("::1", {"127.0.0.1"})
     assert not host_allowed("localhost", {"10.1.2.3"}) and not host_allowed("127.0.0.1", {"10.1.2.3"})
