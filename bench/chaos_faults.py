@@ -13,6 +13,11 @@ applies to connections already open:
 `Detector()` is a listening socket on loopback that only counts connection attempts
 (SSRF tests: "did the sidecar try to connect where it must not?").
 
+`RoguePeer(mode)` answers prefill legs the way an impostor on a prefill peer's address
+would (unsigned, signed with the wrong key, replaying a genuine answer it relayed once,
+30 MiB, or - given the key, like a lying prefill engine behind a genuine sidecar - naming
+a foreign engine address); put it behind the FaultProxy with `FaultProxy.retarget`.
+
 Nothing here ever connects anywhere but a loopback address.
 """
 
@@ -84,6 +89,13 @@ class FaultProxy:
         if self._thread is not None:
             self._thread.join(5)
         self._loop = None
+
+    def retarget(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        """New connections go to another loopback port; open ones are closed."""
+        _require_loopback(target_host)
+        self.target = (target_host, target_port)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._reset_all)
 
     # -------------------------------------------------------------- internals
     def _run(self) -> None:
@@ -216,6 +228,110 @@ class Detector:
         self.sock.close()
 
     def __enter__(self) -> "Detector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+ROGUE_MODES = ("unsigned", "forged", "replayed", "oversized", "foreign_host")
+
+
+class RoguePeer:
+    """A loopback HTTP server posing as a prefill sidecar (see the module docstring).
+
+    Its answers name `kv_host:kv_port` (a Detector, so a connection attempt shows) as
+    the engine to read KV from. `relay_port` is the genuine prefill sidecar ("replayed"
+    relays the first leg there and replays that signed answer for every later leg);
+    `token` is the shared key ("foreign_host" signs correctly but names 198.51.100.7)."""
+
+    def __init__(self, mode: str, kv_port: int, kv_host: str = "127.0.0.1", relay_port: int | None = None,
+                 token: str | None = None):
+        import json
+        import urllib.request
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from proxy import auth
+
+        if mode not in ROGUE_MODES:
+            raise ValueError(f"mode must be one of {ROGUE_MODES}")
+        _require_loopback(kv_host)
+        self.mode, self.legs = mode, 0
+        captured: dict = {}
+        self.captured = captured  # "replayed": the genuine signed answer once relayed
+        rogue = self
+
+        def relay(path: str, raw: bytes, headers) -> tuple[bytes, dict[str, str]]:
+            hs = {k: v for k, v in headers.items() if k.lower().startswith("x-")}
+            req = urllib.request.Request(f"http://127.0.0.1:{relay_port}{path}", data=raw,
+                                         headers={**hs, "Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.read(), {k: v for k, v in r.headers.items() if k.lower().startswith("x-pd")}
+
+        def kv(host: str) -> dict:
+            return {"do_remote_prefill": True, "remote_engine_id": "rogue", "remote_request_id": "rogue-1",
+                    "remote_block_ids": [[0, 1, 2]], "remote_host": host, "remote_port": kv_port,
+                    "remote_num_tokens": 3, "pd_control_addr": f"{host}:{kv_port}", "tp_size": 1}
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, body: bytes, extra: dict[str, str] | None = None, status: int = 200) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                for k, v in (extra or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(b'{"pending": {"tokens": 0}, "in_flight": 0}')
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path == "/pd/v1/release":  # pickup reports reach the genuine sidecar
+                    if relay_port is not None:
+                        try:
+                            return self._send(*relay(self.path, raw, self.headers))
+                        except OSError:
+                            pass
+                    return self._send(b'{"released": 0}')
+                rogue.legs += 1
+                nonce, rid = self.headers.get(auth.NONCE_HEADER, ""), self.headers.get("x-request-id", "")
+                if rogue.mode == "replayed" and "body" not in captured and relay_port is not None:
+                    captured["body"], captured["headers"] = relay(self.path, raw, self.headers)
+                    return self._send(captured["body"], captured["headers"])
+                if rogue.mode == "replayed":
+                    return self._send(captured.get("body", b"{}"), captured.get("headers"))
+                host = "198.51.100.7" if rogue.mode == "foreign_host" else kv_host
+                body = {"id": "rogue", "choices": [{"index": 0, "text": "x", "prompt_token_ids": [1, 2, 3]}],
+                        "usage": {"prompt_tokens": 3}, "kv_transfer_params": kv(host)}
+                if rogue.mode == "oversized":
+                    body["pad"] = "x" * (30 << 20)
+                data = json.dumps(body).encode()
+                key = token if rogue.mode == "foreign_host" and token else "not-the-key-0123456789abcdef"
+                signed = auth.sign_answer(key, nonce, rid, 200, data) if rogue.mode != "unsigned" else {}
+                try:
+                    self._send(data, signed)
+                except OSError:  # the oversized answer: the sidecar hangs up early
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._t = threading.Thread(target=self.server.serve_forever, name="chaos-rogue-peer", daemon=True)
+        self._t.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> "RoguePeer":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 
-from bench.chaos_faults import Detector, FaultProxy
+from bench.chaos_faults import ROGUE_MODES, Detector, FaultProxy, RoguePeer
 from pdsidecar.engines import Engine, EngineConfig, free_port, pd_pair_configs, stock_nixl_config
 from pdsidecar.local_sidecars import SidecarProcess
 
@@ -1028,7 +1028,113 @@ def hostile_cases(decode_port: int, prefill_port: int, allowed_prefill_port: int
         ("decode: client kv_transfer_params naming a host", lambda: _kv_params_not_trusted(
             decode_port, model)),
     ]
+
+    # -- issue 17: transfer fields a client hides elsewhere, leaks
+    def xargs_params(local: bool) -> tuple[bool, str]:
+        with Detector("127.0.0.1") as det:
+            body = {"model": model, "prompt": "x y z", "max_tokens": 2,
+                    "vllm_xargs": {"kv_transfer_params": f"127.0.0.1:{det.port}"}}
+            if local:
+                body["n"] = 2  # served locally: the path that forwarded the client's bytes raw
+            r = raw_request(decode_port, "POST", "/v1/completions", [("Content-Type", "application/json")],
+                            json.dumps(body).encode(), 30)
+            time.sleep(0.3)
+            if det.hits:
+                return False, "something connected to the host named in vllm_xargs"
+            return (r.status == 200, f"status {r.status}")
+
+    def duplicate_key() -> tuple[bool, str]:
+        with Detector("127.0.0.1") as det:
+            evil = json.dumps({"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": det.port,
+                               "remote_engine_id": "evil", "remote_block_ids": [[1, 2, 3]],
+                               "remote_request_id": "evil-2"})
+            raw = (f'{{"model":{json.dumps(model)},"prompt":"x y z","max_tokens":2,"n":2,'
+                   f'"kv_transfer_params":{evil},"kv_transfer_params":null}}').encode()
+            r = raw_request(decode_port, "POST", "/v1/completions", [("Content-Type", "application/json")], raw, 30)
+            time.sleep(0.3)
+            if det.hits:
+                return False, "something connected to the host in the first of two kv_transfer_params"
+            return (r.status == 200, f"status {r.status}")
+
+    def other_transfer_fields() -> tuple[bool, str]:
+        body = {"model": model, "prompt": "x y z", "max_tokens": 2, "ec_transfer_params": {"evil": 1},
+                "vllm_xargs": {"ec_transfer_params": "evil", "kv_cache_report_mode": "full"}}
+        r = raw_request(decode_port, "POST", "/v1/completions", [("Content-Type", "application/json")],
+                        json.dumps(body).encode(), 30)
+        return (r.status == 200, f"status {r.status}")
+
+    def no_banner(port: int) -> tuple[bool, str]:
+        r = raw_request(port, "GET", "/health")
+        srv = r.headers.get("server", "")
+        return ("aiohttp" not in srv and "python" not in srv.lower()), f"Server: {srv!r}"
+
+    def models_signed() -> tuple[bool, str]:
+        unsigned = raw_request(prefill_port, "GET", "/v1/models", [("x-request-id", "chaos-models-1")])
+        if unsigned.status != 401:
+            return False, f"unsigned /v1/models on the prefill sidecar: {unsigned.status}"
+        rid = "chaos-models-" + secrets.token_hex(4)
+        h = list(auth.sign(token, decode_identity, rid, "/v1/models", b"", method="GET").items())
+        ok = raw_request(prefill_port, "GET", "/v1/models", [("x-request-id", rid), *h])
+        return ok.status == 200, f"unsigned 401, signed {ok.status}"
+
+    cases += [
+        ("decode: vllm_xargs kv_transfer_params (local path)", lambda: xargs_params(True)),
+        ("decode: vllm_xargs kv_transfer_params (disagg path)", lambda: xargs_params(False)),
+        ("decode: duplicate kv_transfer_params key", duplicate_key),
+        ("decode: ec_transfer_params and kv_cache_report_mode", other_transfer_fields),
+        ("decode: no Server version banner", lambda: no_banner(decode_port)),
+        ("prefill: no Server version banner", lambda: no_banner(prefill_port)),
+        ("prefill: /v1/models needs the signature", models_signed),
+    ]
     return cases
+
+
+def rogue_peer_cases(decode_port: int, prefill_port: int, token: str, model: str,
+                     retarget: Callable[[int], None], restore: Callable[[], None]
+                     ) -> list[tuple[str, Callable[[], tuple[bool, str]]]]:
+    """Issue 17: something answers on the prefill peer's address (`retarget` points the
+    decode sidecar's path there, `restore` undoes it). Every forged answer must end in a
+    local fallback counted as peer_answer_rejected, and nothing may connect to the engine
+    address the answer names."""
+    def rejected() -> float:
+        return sum(v for n, lb, v in prom_samples(f"http://127.0.0.1:{decode_port}")
+                   if n == "pd_fallbacks_total" and lb.get("reason") == "peer_answer_rejected")
+
+    def case(mode: str) -> Callable[[], tuple[bool, str]]:
+        def check() -> tuple[bool, str]:
+            body = json.dumps({"model": model, "prompt": "rogue peer answer", "max_tokens": 2}).encode()
+            with Detector("127.0.0.1") as det, RoguePeer(mode, det.port, relay_port=prefill_port,
+                                                         token=token) as rogue:
+                retarget(rogue.port)
+                try:
+                    if mode == "replayed":  # the first leg is relayed: a genuine, signed answer
+                        for _ in range(2):
+                            first = raw_request(decode_port, "POST", "/v1/completions",
+                                                [("Content-Type", "application/json")], body, 60)
+                            if rogue.captured:
+                                break
+                        if first.status != 200 or first.headers.get("x-pd-path") != "disagg":
+                            return False, f"relayed leg: {first.status} {first.headers.get('x-pd-path')}"
+                    detail = ""
+                    for _ in range(2):  # a pooled connection the retarget closed may cost one try
+                        before = rejected()
+                        r = raw_request(decode_port, "POST", "/v1/completions",
+                                        [("Content-Type", "application/json")], body, 60)
+                        time.sleep(0.3)
+                        if det.hits:
+                            return False, f"something connected to the engine the {mode} answer named"
+                        path = r.headers.get("x-pd-path")
+                        detail = f"status {r.status}, path {path}, peer_answer_rejected +{rejected() - before:g}"
+                        if r.status != 200 or path != "fallback":
+                            return False, detail
+                        if rejected() > before:
+                            return True, detail
+                    return False, detail
+                finally:
+                    restore()
+        return check
+
+    return [(f"peer answer: {m}", case(m)) for m in ROGUE_MODES]
 
 
 def _kv_params_not_trusted(decode_port: int, model: str) -> tuple[bool, str]:
@@ -1100,11 +1206,14 @@ def log_hygiene(logs: str, token: str, prompts: list[str]) -> dict[str, int]:
 
 
 async def scn_hostile(stack: ChaosStack, prof: Profile) -> Result:
-    """SSRF, auth/replay, oversized and malformed input, slowloris; then log hygiene."""
+    """SSRF, auth/replay, oversized and malformed input, client transfer fields, forged
+    prefill answers (a rogue behind the fault proxy), leaks, slowloris; then log hygiene."""
     res = Result("hostile")
     t0 = time.monotonic()
     cases = hostile_cases(stack.d_port, stack.p_port, stack.proxy.port, stack.token, stack.model,
                           f"127.0.0.1:{stack.d_port}")
+    cases += rogue_peer_cases(stack.d_port, stack.p_port, stack.token, stack.model,
+                              retarget=stack.proxy.retarget, restore=lambda: stack.proxy.retarget(stack.p_port))
     fails = Counter()
     # slow clients hold connections while everything else runs
     # half-sent headers are bounded by the server keep-alive (--server-keepalive), slow

@@ -296,6 +296,13 @@ OPTIONS: list[Option] = [
            "prefill: require the socket peer address to match the claimed peer host (off behind a mesh proxy)"),
     Option("allow_unauthenticated", "--allow-unauthenticated", ("PDSIDECAR_ALLOW_UNAUTHENTICATED",), False, _bool,
            "prefill: accept prefill legs without token and allowlist (development only)", is_bool_flag=True),
+    Option("forward_authorization", "--forward-authorization", ("PDSIDECAR_FORWARD_AUTHORIZATION",), False, _bool,
+           "decode: pass the client's Authorization header on to prefill sidecars (and so prefill vLLM); "
+           "off: it goes to the local vLLM only", is_bool_flag=True),
+    Option("max_prefill_answer_bytes", "--max-prefill-answer-bytes", ("PDSIDECAR_MAX_PREFILL_ANSWER_BYTES",),
+           512 * 1024, _pos_int,
+           "decode: largest prefill answer read from a peer (larger: local fallback, peer_answer_rejected); "
+           "raise it for very long prompts with --reuse-token-ids"),
     Option("replay_cache_size", "--replay-cache-size", ("PDSIDECAR_REPLAY_CACHE_SIZE",), 200_000, _pos_int,
            "prefill: signed-request nonces remembered (~240 s each) to refuse replays; 503 when full"),
     Option("connect_timeout_s", "--connect-timeout", ("PDSIDECAR_CONNECT_TIMEOUT",), 2.0, _pos_float,
@@ -374,6 +381,8 @@ class SidecarConfig:
     advertise: Endpoint | None = None
     peer_source_check: bool = True
     allow_unauthenticated: bool = False
+    forward_authorization: bool = False
+    max_prefill_answer_bytes: int = 512 * 1024
     replay_cache_size: int = 200_000
     connect_timeout_s: float = 2.0
     prefill_timeout_s: float = 60.0

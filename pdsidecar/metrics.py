@@ -26,9 +26,10 @@ PATHS = ("disagg", "local", "fallback", "error")
 APIS = ("completions", "chat")
 # why a request ran locally (path=local) or fell back (path=fallback)
 LOCAL_REASONS = ("threshold", "no_peer", "unsupported", "disabled")
-FALLBACK_REASONS = ("connect", "timeout", "disconnect", "http_5xx", "peer_rejected", "protocol", "kv_load")
+FALLBACK_REASONS = ("connect", "timeout", "disconnect", "http_5xx", "peer_rejected", "protocol", "kv_load",
+                    "peer_answer_rejected")
 PEER_ERROR_REASONS = ("connect", "timeout", "http_5xx", "http_4xx", "peer_rejected", "protocol", "disconnect",
-                      "stats", "release")
+                      "stats", "release", "peer_answer_rejected")
 AUTH_FAILURE_REASONS = ("missing", "bad_signature", "stale", "peer_not_allowed", "source_mismatch")
 
 # latency buckets: 0.5 ms .. 120 s

@@ -14,6 +14,16 @@ claimed host:port against its allowlist and the socket peer address against the 
 host, then - after reading the body - checks the body digest (constant time) and records
 the nonce in a bounded `NonceCache`: the same signed headers are accepted once, with
 exactly the body they were signed for.
+
+Answers are signed too: the prefill sidecar signs each answer it passes on from its vLLM,
+bound to the request's nonce (which only the signing decode sidecar and this prefill
+sidecar know together with the request id), its status and the exact body bytes:
+
+    x-pd-content-sha256:   hex sha256 of the answer body
+    x-pd-answer-signature: v2=<hex hmac(token, "v2-answer\n{status}\n{nonce}\n{request_id}\n{sha256}")>
+
+The decode sidecar accepts a prefill answer (its `kv_transfer_params`, its prompt token
+ids) only with a valid answer signature for the nonce it sent (`verify_answer`).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ TS_HEADER = "x-pd-timestamp"
 NONCE_HEADER = "x-pd-nonce"
 BODY_HEADER = "x-pd-content-sha256"
 SIG_HEADER = "x-pd-signature"
+ANSWER_SIG_HEADER = "x-pd-answer-signature"
 AUTH_HEADERS = (PEER_HEADER, TS_HEADER, NONCE_HEADER, BODY_HEADER, SIG_HEADER)
 MAX_SKEW_S = 120.0
 
@@ -88,6 +99,35 @@ def verify(token: str, headers, request_id: str, path: str, method: str = "POST"
         return "bad_signature"
     if abs((now if now is not None else time.time()) - int(ts)) > MAX_SKEW_S:
         return "stale"
+    return None
+
+
+def _answer_mac(token: str, status: int, nonce: str, request_id: str, digest: str) -> str:
+    msg = "\n".join(("v2-answer", str(int(status)), nonce, request_id, digest)).encode("ascii", "strict")
+    return "v2=" + hmac.new(token.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def sign_answer(token: str | None, nonce: str, request_id: str, status: int, body: bytes) -> dict[str, str]:
+    """Headers that authenticate an answer `body` with `status` to the request that carried
+    `nonce` and `request_id` (no signature without a token or a valid nonce)."""
+    digest = body_digest(body)
+    h = {BODY_HEADER: digest}
+    if token and _NONCE.fullmatch(nonce or "") and printable(request_id, 128):
+        h[ANSWER_SIG_HEADER] = _answer_mac(token, status, nonce, request_id, digest)
+    return h
+
+
+def verify_answer(token: str, headers, nonce: str, request_id: str, status: int, body: bytes) -> str | None:
+    """None when the answer is signed for (nonce, request_id, status, body), else a reason:
+    missing | malformed | bad_signature."""
+    sig, digest = headers.get(ANSWER_SIG_HEADER), headers.get(BODY_HEADER)
+    if not sig or not digest:
+        return "missing"
+    if not (printable(sig) and _HEX64.fullmatch(digest)):
+        return "malformed"
+    expected = _answer_mac(token, status, nonce, request_id, body_digest(body))
+    if not hmac.compare_digest(expected.encode(), sig.encode("ascii", "replace")):
+        return "bad_signature"
     return None
 
 

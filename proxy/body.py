@@ -1,8 +1,14 @@
 """Request bodies: validation, token estimates and the two legs' bodies.
 
-`kv_transfer_params` stays opaque: the prefill leg asks for `{do_remote_decode: true}`, the
-decode leg gets whatever the prefill leg returned, verbatim (plus vLLM's own
-`prompt_token_ids` reuse key for chat, which the serving layer pops before the connector).
+A client never sets transfer state: `parse_client_request` strips every key vLLM maps into
+connector / engine transfer state (`TRANSFER_KEYS` at the top level, `XARGS_TRANSFER_KEYS`
+inside `vllm_xargs`, which vLLM copies into `SamplingParams.extra_args`) and reports the
+body as modified - so it is re-serialized, never forwarded raw - whenever such a key, or
+any duplicate JSON key, was present at all.
+
+`kv_transfer_params` from a prefill answer are checked by `proxy.answer` before the decode
+leg gets them (plus vLLM's own `prompt_token_ids` reuse key for chat, set only from a
+verified answer).
 """
 
 from __future__ import annotations
@@ -28,10 +34,57 @@ def _is_int(v: Any) -> bool:
     return type(v) is int
 
 
+# keys vLLM (0.26-0.34) turns into connector / engine transfer state: top level
+# (`to_sampling_params` copies them into extra_args) and inside `vllm_xargs` (copied into
+# extra_args as they are; `Request` reads kv_transfer_params, ec_transfer_params and
+# kv_cache_report_mode from there)
+TRANSFER_KEYS = ("kv_transfer_params", "ec_transfer_params")
+XARGS_TRANSFER_KEYS = (*TRANSFER_KEYS, "kv_cache_report_mode")
+
+
+class _Pairs:
+    """json object_pairs_hook that notes whether any object had a key twice."""
+
+    def __init__(self):
+        self.duplicates = False
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            self.duplicates = True
+        return d
+
+
+def strip_transfer_fields(body: dict[str, Any]) -> bool:
+    """Remove client-set transfer fields (top level and in `vllm_xargs`); True if any was there."""
+    found = False
+    for k in TRANSFER_KEYS:
+        if k in body:
+            del body[k]
+            found = True
+    xa = body.get("vllm_xargs")
+    if isinstance(xa, dict):
+        for k in XARGS_TRANSFER_KEYS:
+            if k in xa:
+                found = True
+                xa = {kk: v for kk, v in xa.items() if kk != k}
+        if found:
+            body["vllm_xargs"] = xa
+    return found
+
+
 def parse_request(api: str, raw: bytes) -> dict[str, Any]:
-    """Parse and sanity-check a client body; RequestError(400) when it is not usable."""
+    """Parse, sanity-check and strip a client body (see `parse_client_request`)."""
+    return parse_client_request(api, raw)[0]
+
+
+def parse_client_request(api: str, raw: bytes) -> tuple[dict[str, Any], bool]:
+    """(body, modified): the parsed, checked client body without transfer fields, and
+    whether it must be re-serialized (a transfer field or a duplicate key was there).
+    RequestError(400) when it is not usable."""
+    pairs = _Pairs()
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=pairs)
     except RecursionError:
         raise RequestError(400, "request body is nested too deeply", "invalid_json") from None
     except (ValueError, UnicodeDecodeError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -66,11 +119,29 @@ def parse_request(api: str, raw: bytes) -> dict[str, Any]:
         if not ok and body.get("prompt_embeds") is None:
             raise RequestError(400, "`prompt` must be a string, a list of strings or a list of token ids",
                                "invalid_type", param="prompt")
-    # Never forward a client's own kv_transfer_params: they name remote hosts the
-    # connector would connect to (SSRF through the KV transport).
-    if body.pop("kv_transfer_params", None) is not None:
-        body["__modified__"] = True
-    return body
+    # Never forward a client's own transfer fields: they name remote hosts the connector
+    # would connect to (SSRF through the KV transport) or blocks it would free.
+    modified = strip_transfer_fields(body) or pairs.duplicates
+    return body, modified
+
+
+def sanitize_unsigned_leg(raw: bytes) -> bytes:
+    """A prefill leg nobody signed (`--allow-unauthenticated`): its own
+    `kv_transfer_params` stay if they are an object (the leg's contract), every other
+    transfer field goes; re-serialized when anything was removed or a key was doubled."""
+    pairs = _Pairs()
+    try:
+        body = json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError, TypeError):
+        raise RequestError(400, "request body is not valid JSON", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "request body must be a JSON object", "invalid_body")
+    kv = body.pop("kv_transfer_params", None)
+    removed = strip_transfer_fields(body)  # ec_transfer_params, the vllm_xargs keys
+    if isinstance(kv, dict):
+        body["kv_transfer_params"] = kv
+    modified = removed or pairs.duplicates or (kv is not None and not isinstance(kv, dict))
+    return json.dumps(body).encode() if modified else raw
 
 
 def _text_len(content: Any) -> tuple[int, bool]:

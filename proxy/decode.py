@@ -24,12 +24,13 @@ from aiohttp import web
 from pdsidecar.config import Endpoint
 
 from . import auth
+from .answer import REJECTED, AnswerRejected, check_prefill_kv, peer_engine_hosts, read_capped
 from .body import (
     API_PATHS,
     decode_body,
     estimate_tokens,
     loads_or_none,
-    parse_request,
+    parse_client_request,
     prefill_body,
     prompt_ids_from_prefill,
     release_body,
@@ -37,7 +38,7 @@ from .body import (
     unsupported_for_disagg,
 )
 from .errors import RequestError, error_response
-from .peers import Allowlist, PeerSet, parse_prefiller_header
+from .peers import Allowlist, PeerSet, parse_prefiller_header, resolve
 from .server import DP_RANK_HEADER, PATH_HEADER, PD_ERROR_HEADER, forward_headers, request_id
 from .tracing import span
 
@@ -124,9 +125,9 @@ class ReleaseReporter:
                     allow_redirects=False, timeout=aiohttp.ClientTimeout(total=5, sock_connect=sc.cfg.connect_timeout_s)) as r:
                 await r.read()
                 if r.status != 200:
-                    sc.metrics.peer_errors.labels(str(peer), "release").inc()
+                    sc.metrics.peer_errors.labels(self.role.peer_label(peer), "release").inc()
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            sc.metrics.peer_errors.labels(str(peer), "release").inc()
+            sc.metrics.peer_errors.labels(self.role.peer_label(peer), "release").inc()
 
 
 class DecodeRole:
@@ -140,6 +141,7 @@ class DecodeRole:
         self.reporter = ReleaseReporter(self)
         self._bg: list[asyncio.Task] = []
         self._tokenize_ok = True
+        self._labelled: set[str] = set()
         self._next_push_rank = 0
         pt = cfg.push_target
         self._push_targets: list[Endpoint] = [pt] if isinstance(pt, Endpoint) else list(pt or [])
@@ -173,11 +175,19 @@ class DecodeRole:
             except Exception:  # keep the last good view
                 log.warning("peer refresh failed", exc_info=True)
 
+    def peer_label(self, ep: Endpoint) -> str:
+        """The Prometheus `peer` label: configured/resolved targets by name, every
+        client-named peer as "other" (labels stay bounded)."""
+        st = self.peers.peers.get(ep)
+        return str(ep) if st is not None and st.from_target else "other"
+
     async def _stats_loop(self) -> None:
         cfg = self.sc.cfg
         while True:
             await asyncio.sleep(cfg.peer_stats_interval_s)
-            await asyncio.gather(*(self._poll_stats(ep) for ep in list(self.peers.peers)), return_exceptions=True)
+            # only configured/resolved targets: a client-named peer is never polled
+            await asyncio.gather(*(self._poll_stats(ep) for ep, st in list(self.peers.peers.items())
+                                   if st.from_target), return_exceptions=True)
 
     async def _poll_stats(self, ep: Endpoint) -> None:
         st = self.peers.state(ep)
@@ -189,7 +199,7 @@ class DecodeRole:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RecursionError):
             data = None
         if not isinstance(data, dict):
-            self.sc.metrics.peer_errors.labels(str(ep), "stats").inc()
+            self.sc.metrics.peer_errors.labels(self.peer_label(ep), "stats").inc()
             return
         pending = data.get("pending") if isinstance(data.get("pending"), dict) else {}
         tok = pending.get("tokens")
@@ -201,9 +211,20 @@ class DecodeRole:
 
     def refresh_gauges(self) -> None:
         m = self.sc.metrics
+        now: set[str] = set()
         for ep, st in list(self.peers.peers.items()):
+            if not st.from_target:  # client-named: counted in stats, never a label
+                continue
+            now.add(str(ep))
             m.pending_requests.labels(str(ep)).set(st.outstanding)
             m.pending_tokens.labels(str(ep)).set(st.outstanding_tokens)
+        for gone in self._labelled - now:  # a target DNS no longer returns
+            for g in (m.pending_requests, m.pending_tokens):
+                try:
+                    g.remove(gone)
+                except KeyError:
+                    pass
+        self._labelled = now
 
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -261,9 +282,10 @@ class DecodeRole:
     async def _serve(self, request: web.Request, api: str, rid: str, t0: float, state: dict) -> web.StreamResponse:
         sc, cfg, m = self.sc, self.sc.cfg, self.sc.metrics
         raw = await sc.read_body(request)
-        body = parse_request(api, raw)
+        body, modified = parse_client_request(api, raw)
         # served locally with the body untouched: forward the client's bytes as they are
-        state["raw"] = None if body.pop("__modified__", False) else raw
+        # (never when a transfer field or a duplicate key was there: re-serialized then)
+        state["raw"] = None if modified else raw
 
         forced: Endpoint | None = None
         hdr = request.headers.get(PREFILLER_HEADER)
@@ -297,7 +319,8 @@ class DecodeRole:
 
         if not est:
             est = estimate_tokens(api, body, cfg.chars_per_token)
-        want_ids = reuse_eligible(api, body, cfg.reuse_token_ids)
+        # token ids are taken only from a signed answer: no token, no reuse
+        want_ids = bool(cfg.auth_token) and reuse_eligible(api, body, cfg.reuse_token_ids)
         if cfg.transfer_mode == "push":
             return await self._push(request, api, body, rid, t0, state, forced, est)
         try:
@@ -309,11 +332,13 @@ class DecodeRole:
                                 headers={PATH_HEADER: "error", "x-request-id": rid})
         except PrefillFailed as e:
             m.fallbacks.labels(e.reason).inc()
+            # the detail names internal addresses: logs keep it, the client gets the reason
+            log.warning("prefill failed; " + ("answering an error" if cfg.fallback == "fail" else "recomputing locally"),
+                        extra={"request_id": rid, "reason": e.reason, "error": str(e)})
             if cfg.fallback == "fail":
                 state["path"] = "error"
-                raise RequestError(e.status, f"prefill failed: {e}", f"prefill_{e.reason}",
+                raise RequestError(e.status, f"prefill failed ({e.reason})", f"prefill_{e.reason}",
                                    headers={PATH_HEADER: "error"}) from None
-            log.warning("prefill failed; recomputing locally", extra={"request_id": rid, "reason": e.reason})
             state["path"] = "fallback"
             return await self._decode_leg(request, api, body, rid, t0, state, None)
         state["path"], state["peer"] = "disagg", str(pre.peer)
@@ -348,6 +373,21 @@ class DecodeRole:
         return estimate_tokens(api, body, cfg.chars_per_token)
 
     # ------------------------------------------------------------ prefill leg
+    def _peer_headers(self, request: web.Request, rid: str) -> dict[str, str]:
+        """Headers for a prefill sidecar: the client's Authorization only with
+        --forward-authorization (it is meant for this deployment's API, not for peers)."""
+        h = forward_headers(request, rid)
+        if not self.sc.cfg.forward_authorization:
+            h.pop("authorization", None)
+        return h
+
+    async def _engine_hosts(self, ep: Endpoint) -> set[str]:
+        """Addresses the chosen peer's engine may advertise (proxy.answer's rule)."""
+        resolved = set()
+        if not ep.is_ip:
+            resolved = await resolve(ep.host, ep.port)
+        return peer_engine_hosts(ep.host, resolved)
+
     async def _prefill_leg(self, request: web.Request, api: str, body: dict, forced: Endpoint | None, est: int,
                            want_ids: bool) -> PrefillResult:
         sc, cfg, m = self.sc, self.sc.cfg, self.sc.metrics
@@ -361,9 +401,11 @@ class DecodeRole:
                 raise PrefillFailed("connect", "no reachable prefill peer")
             tried.add(ep)
             prid = "pd-" + uuid.uuid4().hex
-            headers = forward_headers(request, prid)
-            headers.update(auth.sign(cfg.auth_token, str(self.identity), prid, path, data))
+            headers = self._peer_headers(request, prid)
+            signed = auth.sign(cfg.auth_token, str(self.identity), prid, path, data)
+            headers.update(signed)
             st = self.peers.state(ep)
+            label = self.peer_label(ep)
             st.outstanding += 1
             st.outstanding_tokens += est
             handed_out = False
@@ -375,33 +417,46 @@ class DecodeRole:
                             ep.url() + path, data=data, headers=headers,
                             allow_redirects=False, timeout=aiohttp.ClientTimeout(total=cfg.prefill_timeout_s,
                                                           sock_connect=cfg.connect_timeout_s)) as r:
-                        raw = await r.read()
-                        status, ctype, perr = r.status, r.content_type, r.headers.get(PD_ERROR_HEADER)
+                        status, ctype, perr, rhdrs = r.status, r.content_type, r.headers.get(PD_ERROR_HEADER), r.headers
+                        raw = await read_capped(r, cfg.max_prefill_answer_bytes)
+                except AnswerRejected as e:
+                    self._reject_answer(ep, label, str(e))
                 except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                     # nothing was sent: safe to try another peer
-                    m.peer_errors.labels(str(ep), "connect").inc()
+                    m.peer_errors.labels(label, "connect").inc()
                     self.peers.mark_down(ep)
                     if last:
                         raise PrefillFailed("connect", f"cannot connect to prefill peer {ep}") from None
                     m.retries.inc()
                     continue
                 except asyncio.TimeoutError:
-                    m.peer_errors.labels(str(ep), "timeout").inc()
+                    m.peer_errors.labels(label, "timeout").inc()
                     raise PrefillFailed("timeout", f"prefill leg to {ep} timed out", 504) from None
                 except aiohttp.ClientError as e:
-                    m.peer_errors.labels(str(ep), "disconnect").inc()
+                    m.peer_errors.labels(label, "disconnect").inc()
                     raise PrefillFailed("disconnect", f"prefill peer {ep} dropped the connection ({type(e).__name__})") from None
                 secs = time.perf_counter() - t
+                if cfg.auth_token and (status == 200 or (perr is None and 400 <= status < 500)):
+                    # what the decode engine or the client would get from this answer must
+                    # come from the prefill sidecar we signed the leg for, for this leg
+                    why = auth.verify_answer(cfg.auth_token, rhdrs, signed[auth.NONCE_HEADER], prid, status, raw)
+                    if why is not None:
+                        self._reject_answer(ep, label, f"answer signature {why}")
                 if status == 200:
                     obj = loads_or_none(raw)
                     kv = obj.get("kv_transfer_params") if isinstance(obj, dict) else None
                     if not isinstance(kv, dict) or not kv:
-                        m.peer_errors.labels(str(ep), "protocol").inc()
+                        m.peer_errors.labels(label, "protocol").inc()
                         raise PrefillFailed("protocol", "prefill response has no kv_transfer_params "
                                             "(is the prefill vLLM running with a KV connector?)")
+                    try:
+                        kv = check_prefill_kv(kv, await self._engine_hosts(ep))
+                    except AnswerRejected as e:
+                        self._reject_answer(ep, label, str(e))
                     usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
                     tokens = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else est
-                    ids = prompt_ids_from_prefill(api, obj) if want_ids else None
+                    # prompt token ids only from a verified (signed) answer
+                    ids = prompt_ids_from_prefill(api, obj) if want_ids and cfg.auth_token else None
                     m.prefill_leg.observe(secs)
                     handed_out = True
                     st.outstanding_tokens += tokens - est  # true size now
@@ -409,19 +464,19 @@ class DecodeRole:
                 if 300 <= status < 400:
                     # never followed (allow_redirects=False): a redirect from a peer is a
                     # protocol error, not a place to send the prompt to
-                    m.peer_errors.labels(str(ep), "redirect").inc()
+                    m.peer_errors.labels(label, "redirect").inc()
                     raise PrefillFailed("redirect", f"prefill peer {ep} answered a redirect ({status})")
                 if perr is not None:
                     # the prefill sidecar refused before forwarding: nothing allocated
-                    m.peer_errors.labels(str(ep), "peer_rejected").inc()
+                    m.peer_errors.labels(label, "peer_rejected").inc()
                     if perr in _RETRYABLE_PEER_ERRORS and not last:
                         m.retries.inc()
                         continue
-                    raise PrefillFailed("peer_rejected", f"prefill peer {ep} refused the leg ({perr})")
+                    raise PrefillFailed("peer_rejected", f"prefill peer {ep} refused the leg ({perr[:64]!r})")
                 if status >= 500:
-                    m.peer_errors.labels(str(ep), "http_5xx").inc()
+                    m.peer_errors.labels(label, "http_5xx").inc()
                     raise PrefillFailed("http_5xx", f"prefill peer {ep} answered {status}")
-                m.peer_errors.labels(str(ep), "http_4xx").inc()
+                m.peer_errors.labels(label, "http_4xx").inc()
                 raise ClientFault(status, raw, ctype or "application/json")
             except asyncio.CancelledError:
                 sc.metrics.client_disconnects.labels("prefill").inc()
@@ -430,7 +485,14 @@ class DecodeRole:
                 if not handed_out:
                     st.outstanding -= 1
                     st.outstanding_tokens -= est
+                    self.peers.settle(ep)
         raise PrefillFailed("connect", "no reachable prefill peer")
+
+    def _reject_answer(self, ep: Endpoint, label: str, why: str) -> None:
+        """A prefill answer failed a check: counted, logged with the peer, fallback."""
+        self.sc.metrics.peer_errors.labels(label, REJECTED).inc()
+        log.warning("prefill answer rejected", extra={"peer": str(ep), "reason": REJECTED, "error": why})
+        raise PrefillFailed(REJECTED, f"prefill peer {ep}: {why}")
 
     def _picked_up(self, pre: PrefillResult | None, status: str) -> None:
         if pre is None:
@@ -438,6 +500,7 @@ class DecodeRole:
         st = self.peers.state(pre.peer)
         st.outstanding -= 1
         st.outstanding_tokens -= pre.tokens
+        self.peers.settle(pre.peer)
         self.reporter.report(pre.peer, pre.request_id, status)
 
     async def _release_remote(self, api: str, body: dict, pre: PrefillResult, request: web.Request) -> None:
@@ -663,7 +726,7 @@ class DecodeRole:
                                             "remote_request_id": push_rid,
                                             "push_target": str(push_target)}
                 path = API_PATHS[api]
-                headers = forward_headers(request, push_rid)
+                headers = self._peer_headers(request, push_rid)
                 data = json.dumps(pb).encode()
                 headers.update(auth.sign(self.sc.cfg.auth_token, str(self.identity), push_rid, path, data))
                 async with self.sc.upstreams.get(ep.url()).post(
@@ -671,9 +734,9 @@ class DecodeRole:
                         allow_redirects=False, timeout=aiohttp.ClientTimeout(total=self.sc.cfg.prefill_timeout_s)) as r:
                     await r.read()
                     if r.status != 200:
-                        self.sc.metrics.peer_errors.labels(str(ep), "http_5xx" if r.status >= 500 else "http_4xx").inc()
+                        self.sc.metrics.peer_errors.labels(self.peer_label(ep), "http_5xx" if r.status >= 500 else "http_4xx").inc()
             except (aiohttp.ClientError, asyncio.TimeoutError):
-                self.sc.metrics.peer_errors.labels(str(ep), "connect").inc()
+                self.sc.metrics.peer_errors.labels(self.peer_label(ep), "connect").inc()
 
         task = self.sc.spawn(prefill())
         state["path"], state["peer"] = "disagg", str(ep)

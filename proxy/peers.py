@@ -126,7 +126,7 @@ class PeerSet:
                 eps = [Endpoint(ip, t.port) for ip in sorted(ips)] or [t]
             for ep in eps:
                 seen.add(ep)
-                self.peers.setdefault(ep, PeerState(ep))
+                self.peers.setdefault(ep, PeerState(ep)).from_target = True  # a named peer that became a target
         for ep in list(self.peers):
             st = self.peers[ep]
             if st.from_target and ep not in seen and st.outstanding == 0:
@@ -150,6 +150,13 @@ class PeerSet:
         ties = [s for s in up if s.outstanding_tokens + s.remote_pending_tokens
                 + 64 * (s.outstanding + s.remote_in_flight) == best]
         return random.choice(ties).endpoint
+
+    def settle(self, ep: Endpoint) -> None:
+        """Forget a client-named (not configured) peer once none of its legs or KV is
+        outstanding: state from x-prefiller-host-port never outlives its requests."""
+        st = self.peers.get(ep)
+        if st is not None and not st.from_target and st.outstanding <= 0:
+            del self.peers[ep]
 
     def mark_down(self, ep: Endpoint) -> None:
         st = self.state(ep)

@@ -21,9 +21,9 @@ from aiohttp import web
 from pdsidecar.config import Endpoint, parse_endpoint
 
 from . import auth
-from .body import API_PATHS, loads_or_none
+from .body import API_PATHS, loads_or_none, sanitize_unsigned_leg
 from .errors import RequestError
-from .peers import Allowlist
+from .peers import Allowlist, canonical_ip
 from .server import PD_ERROR_HEADER, forward_headers
 
 log = logging.getLogger("pdsidecar.prefill")
@@ -68,22 +68,21 @@ class PendingKV:
     """KV handed out and not yet picked up, per decode peer."""
 
     def __init__(self):
-        self.items: dict[str, Pending] = {}
+        # keyed by (decode peer, request id): one peer can neither overwrite nor release
+        # another's entry by naming its request id
+        self.items: dict[tuple[str, str], Pending] = {}
 
     def add(self, rid: str, p: Pending) -> None:
-        self.items[rid] = p
+        self.items[(p.peer, rid)] = p
 
-    def pop(self, rid: str, peer: str | None = None) -> Pending | None:
-        p = self.items.get(rid)
-        if p is None or (peer is not None and p.peer != peer):
-            return None
-        return self.items.pop(rid)
+    def pop(self, rid: str, peer: str) -> Pending | None:
+        return self.items.pop((peer, rid), None)
 
     def expire(self, ttl: float, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
-        old = [rid for rid, p in self.items.items() if now - p.created > ttl]
-        for rid in old:
-            del self.items[rid]
+        old = [k for k, p in self.items.items() if now - p.created > ttl]
+        for k in old:
+            del self.items[k]
         return len(old)
 
     def summary(self, now: float | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -147,14 +146,22 @@ class PrefillRole:
     def refresh_gauges(self) -> None:
         m = self.sc.metrics
         _, peers = self.pending.summary()
-        for peer in self._known_peers | set(peers):
-            d = peers.get(peer, {})
-            m.pending_requests.labels(peer).set(d.get("requests", 0))
-            m.pending_tokens.labels(peer).set(d.get("tokens", 0))
-            m.pending_blocks.labels(peer).set(d.get("blocks", 0))
-            m.pending_bytes.labels(peer).set(d.get("bytes", 0))
-            m.pending_age.labels(peer).set(d.get("oldest_age_s", 0.0))
-        self._known_peers |= set(peers)
+        gauges = (m.pending_requests, m.pending_tokens, m.pending_blocks, m.pending_bytes, m.pending_age)
+        for peer, d in peers.items():
+            m.pending_requests.labels(peer).set(d["requests"])
+            m.pending_tokens.labels(peer).set(d["tokens"])
+            m.pending_blocks.labels(peer).set(d["blocks"])
+            m.pending_bytes.labels(peer).set(d["bytes"])
+            m.pending_age.labels(peer).set(d["oldest_age_s"])
+        # a peer with nothing pending loses its label values: labels stay bounded by the
+        # peers that hold KV now, not every peer ever seen
+        for peer in self._known_peers - set(peers):
+            for g in gauges:
+                try:
+                    g.remove(peer)
+                except KeyError:
+                    pass
+        self._known_peers = set(peers)
 
     def stats(self) -> dict[str, Any]:
         total, peers = self.pending.summary()
@@ -191,9 +198,12 @@ class PrefillRole:
                 raise deny(401, "replayed", "this signed request was already used (replay refused)")
         elif claimed is not None and not auth.printable(claimed):
             raise deny(400, "malformed", "x-pd-peer must be host:port")
+        if not cfg.auth_token and not self.allow:
+            # --allow-unauthenticated without an allowlist: a claimed host:port can be
+            # neither checked nor trusted, so the peer is its socket address (port 0) and
+            # never a client-chosen label
+            return Endpoint(canonical_ip(request.remote) or "unknown", 0)
         if not claimed:
-            if cfg.allow_unauthenticated and not self.allow:
-                return Endpoint(request.remote or "unknown", 0)
             raise deny(401, "missing", "prefill legs must name their decode sidecar in x-pd-peer")
         try:
             peer = parse_endpoint(claimed)
@@ -203,6 +213,13 @@ class PrefillRole:
             raise deny(403, "peer_not_allowed", "this decode sidecar is not allowed")
         if cfg.peer_source_check and not self.allow.host_matches_source(peer.host, request.remote):
             raise deny(403, "source_mismatch", "connection source does not match x-pd-peer")
+        return peer
+
+    async def check_signed(self, request: web.Request) -> Endpoint:
+        """A signed, non-generate request (GET /v1/models): the same checks as a leg."""
+        rid = request.headers.get("x-request-id", "")
+        peer = self._authenticate(request, rid)
+        self._check_body(request, rid, await self.sc.read_body(request))
         return peer
 
     def _check_body(self, request: web.Request, rid: str, raw: bytes) -> None:
@@ -248,6 +265,8 @@ class PrefillRole:
         try:
             raw = await sc.read_body(request)
             self._check_body(request, rid, raw)
+            if not cfg.auth_token:  # nobody vouches for this body: no client transfer fields
+                raw = sanitize_unsigned_leg(raw)
             headers = forward_headers(request, rid)
             try:
                 t_send = time.perf_counter()
@@ -276,8 +295,10 @@ class PrefillRole:
                 path = "disagg"
                 self._track(rid, str(peer), payload)
             m.overhead.labels("prefill").observe(max((t_done - t0) - (t_done - t_send), 0.0))
+            # signed for the leg's nonce: the decode sidecar trusts nothing unsigned
+            signed = auth.sign_answer(cfg.auth_token, request.headers.get(auth.NONCE_HEADER, ""), rid, status, payload)
             return web.Response(status=status, body=payload, content_type=ctype or "application/json",
-                                headers={"x-request-id": rid})
+                                headers={"x-request-id": rid, **signed})
         except asyncio.CancelledError:
             m.client_disconnects.labels("prefill").inc()  # decode sidecar closed: vLLM aborts too
             raise

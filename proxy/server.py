@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import aiohttp.web_response as _web_response
 from aiohttp import web
 
 from pdsidecar.config import SidecarConfig
@@ -38,6 +39,10 @@ GAUGE_REFRESH_S = 1.0  # --workers: how stale another worker's state-derived gau
 _RID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # headers passed on to upstreams (everything else is dropped; hop-by-hop never goes through)
 FORWARD_HEADERS = ("authorization", "traceparent", "tracestate", "baggage")
+# `Server:` on every response, aiohttp's parser-level errors (400/413/431 before a handler
+# runs) included: never aiohttp's default, which names the Python and aiohttp versions
+SERVER_BANNER = "pdsidecar"
+_web_response.SERVER_SOFTWARE = SERVER_BANNER
 
 
 def request_id(request: web.Request) -> str:
@@ -228,6 +233,9 @@ class Sidecar:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
+        if self.cfg.role == "prefill":
+            # the prefill role serves peers only: a signed GET, like every prefill leg
+            await self.role.check_signed(request)
         try:
             async with self.upstreams.get(self.cfg.vllm_url).get(
                     self.cfg.vllm_url + "/v1/models", headers=forward_headers(request, request_id(request)),
@@ -241,7 +249,8 @@ class Sidecar:
                                     content_type=r.content_type or "application/json")
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             self.metrics.upstream_errors.labels("connect").inc()
-            return error_response(502, f"local vLLM unavailable ({type(e).__name__})", "upstream_unavailable")
+            log.warning("local vLLM unavailable for /v1/models", extra={"error": type(e).__name__})
+            return error_response(502, "local vLLM unavailable", "upstream_unavailable")
 
     async def stats(self, request: web.Request) -> web.Response:
         base: dict[str, Any] = {"role": self.cfg.role, "identity": str(self.cfg.identity()),

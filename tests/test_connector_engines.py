@@ -308,3 +308,33 @@ def test_fail_policy_gives_clean_error(ours_fail_pair, engine_pool, llama_dir):
 
 def test_mixtral_pd_identical_to_aggregated(ours_mixtral_pair, mixtral_dir):
     check_identical(ours_mixtral_pair, mixtral_dir, seed=7)
+
+
+def test_hostile_params_straight_to_vllm(ours_pair, llama_dir):
+    """Issue 17: vLLM's own port reached directly (no sidecar filtering). Malformed
+    kv_transfer_params never raise inside a scheduler step: the engines keep serving and
+    answer the hostile request itself as a plain (recomputed) request or a vLLM-side error."""
+    prefill_engine, decode_engine = ours_pair
+    prompt = make_prompts(llama_dir, seed=5)[2]
+    ref = aggregated(prefill_engine, prompt)
+    base = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    # push_target "host:²": isdigit() but int() raised ValueError in the prefill scheduler
+    status, r = post(prefill_engine, {**base, "kv_transfer_params": {
+        "do_remote_decode": True, "transfer_mode": "push", "remote_request_id": "evil-push",
+        "push_target": "127.0.0.1:\u00b2"}})
+    assert status == 200 and r["choices"][0]["text"] == ref, r
+    # non-finite expiry: a failed load (bad_params), recomputed
+    status, r = post(decode_engine, {**base, "kv_transfer_params": {
+        "do_remote_prefill": True, "remote_engine_id": "x", "remote_request_id": "x", "remote_host": "127.0.0.1",
+        "remote_port": 1, "remote_block_ids": [[0, 1, 2]], "remote_num_tokens": len(prompt),
+        "remote_blocks_expiry_time": float("inf")}})
+    assert status == 200 and r["choices"][0]["text"] == ref, r
+    # transfer params through vllm_xargs (not a dict: vLLM's schema allows only scalars and lists)
+    for xa in ("127.0.0.66:14666", ["do_remote_prefill"], 0, ""):
+        status, r = post(decode_engine, {**base, "vllm_xargs": {"kv_transfer_params": xa}})
+        assert status == 200 or 400 <= status < 600, (xa, status, r)
+        if status == 200:
+            assert r["choices"][0]["text"] == ref
+    assert prefill_engine.alive() and decode_engine.alive()
+    for eng in (prefill_engine, decode_engine):
+        assert aggregated(eng, prompt) == ref

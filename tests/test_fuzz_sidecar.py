@@ -22,8 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.chaos_faults import Detector
-from bench.chaos_scenarios import _ipv6_loopback_ok, hostile_cases, log_hygiene, raw_request, slowloris, ssrf_header_values
+from bench.chaos_faults import ROGUE_MODES, Detector, FaultProxy
+from bench.chaos_scenarios import (_ipv6_loopback_ok, hostile_cases, log_hygiene, raw_request, rogue_peer_cases,
+                                   slowloris, ssrf_header_values)
 from pdsidecar.engines import free_port
 from pdsidecar.local_sidecars import SidecarProcess
 from proxy import auth
@@ -112,10 +113,14 @@ class FakeVllm:
 
 
 class Stack:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, proxied: bool = False):
         self.token = secrets.token_hex(16)
         self.fp, self.fd = FakeVllm("prefill"), FakeVllm("decode")
         self.p_port, self.d_port = free_port(), free_port()
+        # proxied: the decode sidecar reaches its prefill peer through a FaultProxy (as in
+        # `pdbench chaos`), so a test can put a rogue peer on that address
+        self.proxy = FaultProxy(self.p_port).start() if proxied else None
+        target = self.proxy.port if self.proxy else self.p_port
         common = ["--host", "127.0.0.1", "--auth-token", self.token, "--log-level", "debug", "--log-format", "json",
                   "--prefill-timeout", "3", "--total-timeout", str(TOTAL_TIMEOUT), "--connect-timeout", "1",
                   "--server-keepalive", str(SERVER_KEEPALIVE), "--max-body-bytes", str(1 << 20),
@@ -125,7 +130,7 @@ class Stack:
                                                   "--allowed-peers", f"127.0.0.1:{self.d_port}"], self.p_port, tmp)
         self.decode = SidecarProcess("decode", [*common, "--port", str(self.d_port), "--vllm-url", self.fd.url,
                                                 "--advertise", f"127.0.0.1:{self.d_port}",
-                                                "--kv-transfer-target", f"127.0.0.1:{self.p_port}",
+                                                "--kv-transfer-target", f"127.0.0.1:{target}",
                                                 "--peer-stats-interval", "0"], self.d_port, tmp)
         self.prefill.wait_ready()
         self.decode.wait_ready()
@@ -136,6 +141,8 @@ class Stack:
     def close(self):
         self.decode.stop()
         self.prefill.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
         self.fp.close()
         self.fd.close()
 
@@ -186,7 +193,10 @@ body_st = st.fixed_dictionaries({"model": st.one_of(st.just(MODEL), json_any)}, 
     "prompt": prompt_st, "messages": messages_st, "max_tokens": int_field, "max_completion_tokens": int_field,
     "min_tokens": int_field, "n": int_field, "best_of": int_field, "stream": st.one_of(st.booleans(), json_any),
     "stream_options": json_any, "echo": json_any, "temperature": json_any, "kv_transfer_params": hostile_kv,
-    "prompt_embeds": json_any, "use_beam_search": json_any, "return_token_ids": json_any})
+    "prompt_embeds": json_any, "use_beam_search": json_any, "return_token_ids": json_any,
+    "ec_transfer_params": json_any, "vllm_xargs": st.one_of(json_any, st.dictionaries(st.sampled_from(
+        ["kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode", "keep"]),
+        st.one_of(json_any, hostile_kv), max_size=4))})
 
 
 # --------------------------------------------------------------------------- #
@@ -196,11 +206,17 @@ body_st = st.fixed_dictionaries({"model": st.one_of(st.just(MODEL), json_any)}, 
 @FUZZ
 @given(body=body_st, chat=st.booleans())
 def test_fuzz_request_bodies(stack, body, chat):
-    n_before = len(stack.fd.requests)
+    n_before, n_before_p = len(stack.fd.requests), len(stack.fp.requests)
     path = "/v1/chat/completions" if chat else "/v1/completions"
     r = post(stack.d_port, path, json.dumps(body).encode())
     assert_clean(r)
     # whatever reached the decode vLLM carries only the prefill leg's params, never the client's
+    for _, _, fwd in stack.fd.requests[n_before:] + stack.fp.requests[n_before_p:]:
+        if isinstance(fwd, dict):
+            assert "ec_transfer_params" not in fwd
+            xa = fwd.get("vllm_xargs")
+            assert not isinstance(xa, dict) or not {"kv_transfer_params", "ec_transfer_params",
+                                                    "kv_cache_report_mode"} & set(xa), xa
     for _, _, fwd in stack.fd.requests[n_before:]:
         if isinstance(fwd, dict) and "kv_transfer_params" in fwd:
             kv = dict(fwd["kv_transfer_params"])
@@ -405,3 +421,26 @@ def test_logs_hold_no_secrets_or_prompts(stack):
     assert h["token"] == 0, "the auth token appears in a sidecar log"
     assert h["prompt"] == 0, "prompt text appears in a sidecar log"
     assert h["traceback"] == 0
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("fuzz-proxied"), proxied=True)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("mode", ROGUE_MODES)
+def test_rogue_peer_answer(proxied, mode):
+    """Issue 17: an impostor on the prefill peer's address (unsigned, wrong key, replayed
+    genuine answer, 30 MiB, or a correctly signed answer naming a foreign engine): local
+    fallback counted as peer_answer_rejected, no connection to the engine it names
+    (shared with `pdbench chaos`'s hostile scenario)."""
+    cases = dict(rogue_peer_cases(proxied.d_port, proxied.p_port, proxied.token, MODEL,
+                                  retarget=proxied.proxy.retarget,
+                                  restore=lambda: proxied.proxy.retarget(proxied.p_port)))
+    ok, detail = cases[f"peer answer: {mode}"]()
+    assert ok, detail
+    # and the genuine peer is trusted again afterwards
+    r = post(proxied.d_port, "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode())
+    assert r.status == 200 and r.headers.get("x-pd-path") in ("disagg", "fallback")

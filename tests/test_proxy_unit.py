@@ -81,7 +81,7 @@ class FakeVllm:
                 out = {"id": "p", "choices": [{"index": 0, "text": "x"}], "usage": {"prompt_tokens": 7},
                        "kv_transfer_params": None if self.no_kv else
                        {"do_remote_prefill": True, "remote_block_ids": [[1, 2, 3]], "remote_request_id": "abc",
-                        "remote_host": "10.0.0.1", "remote_port": 5600}}
+                        "remote_host": "127.0.0.1", "remote_port": 5600}}
                 if body.get("return_token_ids"):
                     if chat:
                         out["prompt_token_ids"] = [5, 6, 7]
@@ -174,15 +174,16 @@ async def test_leg_bodies_and_headers(st):
     assert pb["stream"] is False and "stream_options" not in pb
     assert pb["max_tokens"] == pb["max_completion_tokens"] == pb["min_tokens"] == 1
     assert pb["kv_transfer_params"] == {"do_remote_decode": True} and pb["return_token_ids"] is True
-    assert ph["x-request-id"] != "client-rid" and ph["authorization"] == "Bearer k"
+    # the client's Authorization goes to the local vLLM only (--forward-authorization off)
+    assert ph["x-request-id"] != "client-rid" and "authorization" not in {k.lower() for k in ph}
     assert "x-prefiller-host-port" not in {k.lower() for k in ph} and "x-secret-other" not in ph
     (_, db, dh), = st.d_vllm.requests
     assert db["stream"] is True and db["stream_options"] == {"include_usage": True}
     assert db["max_tokens"] == 50 and db["min_tokens"] == 5
     assert db["kv_transfer_params"]["remote_block_ids"] == [[1, 2, 3]]  # verbatim
-    assert db["kv_transfer_params"]["remote_host"] == "10.0.0.1"  # never the client's
+    assert db["kv_transfer_params"]["remote_host"] == "127.0.0.1"  # never the client's
     assert db["kv_transfer_params"]["prompt_token_ids"] == [5, 6, 7]  # vLLM's chat reuse key
-    assert dh["x-request-id"] == "client-rid"
+    assert dh["x-request-id"] == "client-rid" and dh["authorization"] == "Bearer k"
     assert "x-pd-peer" not in dh and "x-pd-signature" not in dh
 
     st.p_vllm.requests.clear(), st.d_vllm.requests.clear()

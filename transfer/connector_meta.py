@@ -186,6 +186,8 @@ def parse_remote_params(params: Mapping[str, Any], *, now: float | None = None,
     if exp is not None:
         if isinstance(exp, bool) or not isinstance(exp, (int, float)):
             raise ParamsError(R_BAD_PARAMS, "remote_blocks_expiry_time must be a number")
+        if not -1e18 < exp < 1e18:  # a huge int would raise OverflowError in float(); NaN/inf
+            raise ParamsError(R_BAD_PARAMS, "remote_blocks_expiry_time out of range")
         now = time.time() if now is None else now
         if now > float(exp) - guard_s:
             raise ParamsError(R_EXPIRED, f"prefill blocks expired {now - float(exp):.3f} s ago"
@@ -239,7 +241,8 @@ def parse_push_target(params: Mapping[str, Any],
     raw = _str(params.get("push_target"), "push_target", 300)
     host, sep, port = raw.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # isascii: "²".isdigit() is True and int("²") raises, inside the scheduler step
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ParamsError(R_BAD_PARAMS, f"push_target {raw!r} is not host:port")
     if allowed_hosts is not None and host not in allowed_hosts:
         raise ParamsError(R_FOREIGN_HOST, f"push_target host {host!r} not in allowed_remote_hosts")

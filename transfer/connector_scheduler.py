@@ -102,6 +102,8 @@ class PdConnectorScheduler:
         self._push_out: dict[str, _PushOut] = {}  # prefill: req -> push state
         self._push_finished: set[str] = set()  # prefill: freed, for the next step
         self._gauges_dirty = True
+        self.bad_params = 0  # requests whose kv_transfer_params were not an object
+        self._bad_params_new = 0  # ... not yet reported in get_stats
         self._server = None
         self._bg: ThreadPoolExecutor | None = None
         self.port = 0
@@ -165,10 +167,29 @@ class PdConnectorScheduler:
                          host, port, e)
         self._background().submit(go)
 
+    def _params(self, request: "Request") -> dict | None:
+        """The request's kv_transfer_params if they are an object (or None). Anything else
+        (a string or list sent straight to vLLM's port, e.g. via ``vllm_xargs``) is "no
+        remote KV": counted (``bad_params``), logged, dropped from the request, and never
+        an exception inside the scheduler step."""
+        params = request.kv_transfer_params
+        if params is None or isinstance(params, dict):
+            return params
+        self.bad_params += 1
+        self._bad_params_new += 1
+        self._gauges_dirty = True
+        log.warning("PdConnector: request %s: kv_transfer_params is a %s, not an object; "
+                    "treated as no remote KV (%s)", request.request_id, type(params).__name__, R_BAD_PARAMS)
+        try:
+            request.kv_transfer_params = None
+        except AttributeError:  # pragma: no cover - a read-only attribute in some version
+            pass
+        return None
+
     # ------------------------------------------------------------ decode side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int
                                    ) -> tuple[int, bool]:
-        params = request.kv_transfer_params
+        params = self._params(request)
         if params and params.get("do_remote_prefill"):
             count = request.num_prompt_tokens - num_computed_tokens
             if count > 0:
@@ -294,7 +315,7 @@ class PdConnectorScheduler:
 
     def update_state_after_alloc(self, request: "Request", blocks: Any,
                                  num_external_tokens: int) -> None:
-        params = request.kv_transfer_params
+        params = self._params(request)
         if not params or not params.get("do_remote_prefill"):
             return
         params["do_remote_prefill"] = False  # one transfer per request
@@ -408,7 +429,7 @@ class PdConnectorScheduler:
 
     def request_finished(self, request: "Request", block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
-        params = request.kv_transfer_params
+        params = self._params(request)
         if not params:
             return False, None
         rid = request.request_id
@@ -492,6 +513,9 @@ class PdConnectorScheduler:
             return None
         self._gauges_dirty = False
         s = PdConnectorStats()
+        for _ in range(self._bad_params_new):
+            s.record_failure(R_BAD_PARAMS)
+        self._bad_params_new = 0
         s.set_gauge("pending_blocks", sum(n for _, n in self._pending.values()))
         s.set_gauge("pending_reqs", len(self._pending))
         s.set_gauge("recv_inflight_blocks", sum(self._recv_blocks.values()))
