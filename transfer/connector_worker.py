@@ -72,6 +72,9 @@ class _PushWrites:
     error: str = ""
     finished: bool = False  # the scheduler let the request go
     notified: bool = False
+    # layers saved while the decode peer's handshake was still in flight:
+    # (local ids, remote ids, layer), posted once it completes (never inside a forward wait)
+    deferred: list[tuple[list[int], list[int], int]] = field(default_factory=list)
 
 
 @dataclass
@@ -216,16 +219,14 @@ class PdConnectorWorker:
                 self._hs_futures[key] = self._bg.submit(self._handshake, st)
 
     def _push_peer(self, w: _PushWrites) -> str | None:
-        """The decode rank to WRITE to; waits (bounded) for a first handshake."""
+        """The decode rank to WRITE to, or None: handshake still in flight (``w.error``
+        empty: try again later) or impossible (``w.error`` set). Never waits."""
         st = w.step
         key = (st.host, st.port)
-        fut = self._hs_futures.get(key)
-        if fut is not None:
-            try:
-                fut.result(timeout=self.cfg.handshake_timeout_s)
-            except Exception:
-                pass
+        if key in self._hs_futures:
             self._advance_handshakes()
+            if key in self._hs_futures:
+                return None
         rem = self._remotes.get(key)
         if rem is None or rem.engine_id != st.engine_id:
             w.error = w.error or R_UNREACHABLE
@@ -234,6 +235,40 @@ class PdConnectorWorker:
             w.error = w.error or R_MISMATCH
             return None
         return rem.peers.get(self.tp_rank)
+
+    def _post_write(self, w: _PushWrites, peer: str, local_ids: list[int],
+                    remote_ids: list[int], layers: list[int]) -> None:
+        try:
+            h = self.engine.write_blocks(peer, local_ids, remote_ids, layers=layers,
+                                         request_id=w.step.req_id)
+        except Exception as e:
+            log.warning("PdConnector: push WRITE of %s failed: %s", w.step.req_id, e)
+            w.error = R_TRANSFER
+            return
+        w.handles.append(h)
+        w.nbytes += h.stats.bytes
+
+    def _flush_deferred(self, w: _PushWrites) -> None:
+        """Post the WRITEs of layers saved before the handshake completed."""
+        if not w.deferred or w.error:
+            w.deferred.clear()
+            return
+        peer = self._push_peer(w)
+        if peer is None:
+            if w.error:
+                w.deferred.clear()
+            return
+        if time.time() > w.step.expiry:
+            w.error = R_EXPIRED
+            w.deferred.clear()
+            return
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+        for lids, rids, layer in w.deferred:
+            groups.setdefault((tuple(lids), tuple(rids)), []).append(layer)
+        w.deferred.clear()
+        for (lids, rids), layers in groups.items():
+            if not w.error:
+                self._post_write(w, peer, list(lids), list(rids), layers)
 
     def save_layer(self, layer_name: str, meta: PdConnectorMetadata | None) -> None:
         """Post this layer's WRITEs for every push request of the step."""
@@ -252,18 +287,12 @@ class PdConnectorWorker:
             if now > st.expiry:
                 w.error = R_EXPIRED
                 continue
-            peer = self._push_peer(w)
+            peer = None if w.deferred else self._push_peer(w)
             if peer is None:
+                if not w.error:  # handshake in flight: WRITE this layer once it is done
+                    w.deferred.append((st.local_ids, st.remote_ids, layer))
                 continue
-            try:
-                h = self.engine.write_blocks(peer, st.local_ids, st.remote_ids, layers=[layer],
-                                             request_id=st.req_id)
-            except Exception as e:
-                log.warning("PdConnector: push WRITE of %s failed: %s", st.req_id, e)
-                w.error = R_TRANSFER
-                continue
-            w.handles.append(h)
-            w.nbytes += h.stats.bytes
+            self._post_write(w, peer, st.local_ids, st.remote_ids, [layer])
 
     def end_step(self, meta: PdConnectorMetadata | None) -> None:
         """``wait_for_save``: the forward is over; last chunks may now be reported."""
@@ -280,7 +309,9 @@ class PdConnectorWorker:
         """Prefill side: notify finished pushes; requests whose blocks may be freed."""
         freed: set[str] = set()
         for rid, w in list(self._push_writes.items()):
-            pending = False
+            if w.deferred:
+                self._flush_deferred(w)
+            pending = bool(w.deferred)
             for h in w.handles:
                 try:
                     if not self.engine.poll(h):
@@ -297,20 +328,39 @@ class PdConnectorWorker:
         return freed
 
     def _notify_push(self, w: _PushWrites) -> None:
-        w.notified = True
         st = w.step
+        peer = self._push_peer(w)
+        if peer is None and not w.error:
+            return  # handshake still in flight: notify on a later step
+        w.notified = True
         now = time.perf_counter()
         us, tail_us = (now - w.t0) * 1e6, (now - w.t_final) * 1e6 if w.t_final else 0.0
         ok = w.final and not w.error
         msg = (f"push:{st.push_id}:{w.nbytes}:{us:.0f}:{tail_us:.0f}" if ok else
                f"push-fail:{st.push_id}:{w.error or 'incomplete'}")
-        peer = self._push_peer(w)
         if peer is None:
-            return  # never reached the decode side: it times out and recomputes
+            # no NIXL path to the decode side: tell its control plane, so it recomputes
+            # now instead of at its push_wait_s timeout
+            self._notify_control(st.host, st.port, st.engine_id, msg)
+            return
         try:
             self.engine.send_notif(peer, msg)
         except Exception as e:
             log.warning("PdConnector: push notification for %s failed: %s", st.req_id, e)
+            self._notify_control(st.host, st.port, st.engine_id,
+                                 f"push-fail:{st.push_id}:{w.error or R_TRANSFER}")
+
+    def _notify_control(self, host: str, port: int, receiver: str, msg: str) -> None:
+        """Best effort, off the engine thread: a control-plane ``Notify``."""
+        me, timeout = self.engine_id, self.cfg.handshake_timeout_s
+
+        def go() -> None:
+            from .connector_control import send_notify
+            try:
+                send_notify(host, port, me, receiver, msg, timeout)
+            except Exception as e:
+                log.info("PdConnector: notification to %s:%s failed: %s", host, port, e)
+        self._bg.submit(go)
 
     def _on_push_notif(self, msg: str) -> None:
         """Decode side: ``push:<id>:<bytes>:<window µs>:<tail µs>`` or

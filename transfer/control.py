@@ -106,6 +106,10 @@ HandshakeHook = Callable[[RankDescriptor], None]
 NotifyHook = Callable[[str, str, bytes], None]
 
 
+#: Longest one ``PushTarget`` call waits for a registration before answering "not found".
+PUSH_TARGET_MAX_WAIT_MS = 1000
+
+
 class _Servicer(pb_grpc.KVTransferControlServicer):
     def __init__(self, server: "ControlServer") -> None:
         self.s = server
@@ -162,7 +166,8 @@ class _Servicer(pb_grpc.KVTransferControlServicer):
 
 
     def PushTarget(self, request: pb.PushTargetRequest, context: Any) -> pb.PushTargetResponse:
-        wait_s = min(request.wait_ms, 60_000) / 1e3
+        # capped: a waiting lookup holds one of the server's threads (clients re-ask)
+        wait_s = min(request.wait_ms, PUSH_TARGET_MAX_WAIT_MS) / 1e3
         t = self.s.push_targets.wait_for(request.push_id, wait_s)
         if t is None:
             return pb.PushTargetResponse(found=False)
