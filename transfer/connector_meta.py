@@ -286,6 +286,11 @@ class RecvJob:
     remote_ids: list[int]
     error: str = ""  # reason label when the scheduler already rejected it
     error_msg: str = ""
+    # time.monotonic() (one clock for every process of a host) when the scheduler
+    # allocated the blocks and when it put the job into a step's metadata
+    t_alloc: float = 0.0
+    t_meta: float = 0.0
+    t_start: float = 0.0  # worker: start_load_kv saw it
 
 
 @dataclass
@@ -331,6 +336,8 @@ def merge_result(a: dict | None, b: dict) -> dict:
         "backend": a.get("backend") or b.get("backend"),
         "error": a.get("error") or b.get("error", ""),
         "ranks": a.get("ranks", 1) + b.get("ranks", 1),
+        **({"stages_ms": a["stages_ms"], "t_reported": a.get("t_reported", 0.0)}
+           if "stages_ms" in a else {}),
     }
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -210,7 +211,6 @@ class PdConnectorScheduler:
         """The decode side's registration of ``push_id`` (None: not there in
         ``push_lookup_s``). Asked in short RPCs, so no call holds one of the decode
         control server's threads for long."""
-        import time
         from .connector_control import control_client
         client = control_client(host, port, self.cfg.handshake_timeout_s)
         deadline = time.monotonic() + self.cfg.push_lookup_s
@@ -330,7 +330,7 @@ class PdConnectorScheduler:
             self._release_remote(src.host, src.port, src.request_id, src.engine_id)
             log.warning("PdConnector: request %s: %s", rid, e)
             return
-        self._recv[rid] = RecvJob(rid, src, lids, rids)
+        self._recv[rid] = RecvJob(rid, src, lids, rids, t_alloc=time.monotonic())
         self._recv_blocks[rid] = len(lids)
         self._gauges_dirty = True
 
@@ -367,6 +367,9 @@ class PdConnectorScheduler:
         with self._lock:
             release, self._release_in = self._release_in, set()
             push_fail, self._push_fail_in = self._push_fail_in, {}
+        now = time.monotonic()
+        for job in self._recv.values():
+            job.t_meta = now
         meta = PdConnectorMetadata(recv=self._recv, send=self._send, release=release,
                                    push_recv=self._push_recv,
                                    push_send=self._plan_push_steps(scheduler_output),
@@ -380,7 +383,11 @@ class PdConnectorScheduler:
     def update_connector_output(self, connector_output: Any) -> None:
         wm = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(wm, PdWorkerMeta):
+            now = time.monotonic()
             for rid, r in wm.results.items():
+                st = r.get("stages_ms")
+                if st is not None and "t_reported" in r:
+                    st["reported_to_scheduler"] = round((now - r.pop("t_reported")) * 1e3, 3)
                 self._results[rid] = r
             # results of requests aborted while their READ was in flight are never
             # popped by request_finished: keep the map bounded (oldest first)

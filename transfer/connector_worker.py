@@ -50,6 +50,9 @@ class _Inflight:
     t0: float
     nbytes: int = 0
     descs: int = 0
+    t_posted: float = 0.0  # time.monotonic() once every READ was posted
+    t_done: float = 0.0  # ... when a poll saw them all done
+    notifs: list[tuple[str, str]] = field(default_factory=list)  # (peer, msg) once done
 
 
 @dataclass
@@ -146,6 +149,7 @@ class PdConnectorWorker:
     # ------------------------------------------------------------ per step
     def start_load_kv(self, meta: PdConnectorMetadata | None) -> None:
         if meta is not None:
+            now = time.monotonic()
             for rid, (expiry, nblocks) in meta.send.items():
                 self._sending[rid] = _Sending(expiry, nblocks)
             for rid in meta.release:
@@ -153,6 +157,7 @@ class PdConnectorWorker:
                 if s is not None:
                     s.released = True
             for job in meta.recv.values():
+                job.t_start = now
                 self._start_job(job)
             self._start_push(meta)
         self._advance_handshakes()
@@ -476,15 +481,18 @@ class PdConnectorWorker:
                 by_rank.setdefault(s.remote_rank, []).append(s)
             for p, slices in by_rank.items():
                 peer = rem.peers[p]
-                notif = f"{src.request_id}:{self._expected(p, rem.tp_size)}"
-                for i, s in enumerate(slices):
+                # the completion notification goes out once we saw the READs done,
+                # not attached to them: a READ without one completes inside its post
+                # (CMA/shared memory), one with it waits for a UCX flush, i.e. for
+                # the progress thread, and is only seen a step later
+                infl.notifs.append((peer, f"{src.request_id}:{self._expected(p, rem.tp_size)}"))
+                for s in slices:
                     whole = s.num_heads == self.heads_local and s.remote_offset == 0 and \
                         s.local_offset == 0 and rem.tp_size == self.tp_size
                     kw = {} if whole else {"local_slice": (s.local_offset, s.length),
                                            "remote_slice": (s.remote_offset, s.length)}
-                    h = self.engine.read_blocks(
-                        peer, job.local_ids, job.remote_ids, request_id=job.req_id,
-                        notif=notif if i == len(slices) - 1 else None, **kw)
+                    h = self.engine.read_blocks(peer, job.local_ids, job.remote_ids,
+                                                request_id=job.req_id, **kw)
                     infl.handles.append(h)
                     infl.nbytes += h.stats.bytes
                     infl.descs += h.stats.descriptors
@@ -496,8 +504,11 @@ class PdConnectorWorker:
             reason = R_BLOCK_RANGE if isinstance(e, BlockIdError) else R_TRANSFER
             self._fail(job, reason, str(e))
             return
+        infl.t_posted = time.monotonic()
         self._inflight[job.req_id] = infl
         self._posted_this_step = True
+        if all(h.done for h in infl.handles):  # completed inside the post
+            self._poll_inflight(only=job.req_id)
 
     def _fail(self, job: RecvJob, reason: str, msg: str, release: bool = True) -> None:
         log.warning("PdConnector: KV load of %s failed (%s): %s", job.req_id, reason, msg)
@@ -519,9 +530,18 @@ class PdConnectorWorker:
                     pass
             self._bg.submit(go)
 
-    def _poll_inflight(self) -> None:
+    def _send_done_notifs(self, infl: _Inflight) -> None:
+        """Tell the prefill ranks the READs are done (they free the blocks)."""
+        for peer, msg in infl.notifs:
+            try:
+                self.engine.send_notif(peer, msg)
+            except Exception as e:  # its lease (or a Release) frees the blocks then
+                log.warning("PdConnector: completion notification %s failed: %s", msg, e)
+
+    def _poll_inflight(self, only: str | None = None) -> None:
         now = time.perf_counter()
-        for rid, infl in list(self._inflight.items()):
+        items = [(only, self._inflight[only])] if only else list(self._inflight.items())
+        for rid, infl in items:
             try:
                 done = all(self.engine.poll(h) for h in infl.handles)
             except Exception as e:
@@ -531,6 +551,7 @@ class PdConnectorWorker:
             src = infl.job.src
             if done:
                 del self._inflight[rid]
+                self._send_done_notifs(infl)
                 if src.expiry is not None and time.time() > src.expiry:
                     # the prefill side may have reused the blocks while we read
                     self._fail(infl.job, R_EXPIRED, "READ completed after the lease expired")
@@ -539,11 +560,12 @@ class PdConnectorWorker:
                     if infl.handles else now - infl.t0
                 self.stats.record_transfer(infl.nbytes, secs, infl.descs)
                 self._done_recv.add(rid)
+                infl.t_done = time.monotonic()
                 self._results[rid] = {"bytes": infl.nbytes, "descriptors": infl.descs,
                                       "blocks": len(infl.job.local_ids),
                                       "ms": round(secs * 1e3, 4), "seconds": secs,
                                       "backend": self.engine.backend,
-                                      "error": ""}
+                                      "error": "", "stages_ms": _stages(infl)}
             elif now - infl.t0 > self.cfg.transfer_timeout_s or \
                     (src.expiry is not None and time.time() > src.expiry):
                 del self._inflight[rid]
@@ -611,6 +633,14 @@ class PdConnectorWorker:
             self._expire_pushes()
         recving, failed = self._done_recv, self._failed_recv
         self._done_recv, self._failed_recv = set(), set()
+        if recving:
+            now = time.monotonic()
+            for rid in recving:
+                r = self._results.get(rid)
+                st = r.get("stages_ms") if r else None
+                if st is not None:
+                    st["done_seen_to_reported"] = round((now - st.pop("_t_done")) * 1e3, 3)
+                    r["t_reported"] = now
         return sending, recving, failed
 
     def take_worker_meta(self) -> PdWorkerMeta | None:
@@ -633,3 +663,19 @@ class PdConnectorWorker:
                 self.engine.close()
             except Exception:
                 pass
+
+
+def _stages(infl: _Inflight) -> dict[str, float]:
+    """Milliseconds between the stages of one pull load (all ``time.monotonic()``):
+    scheduler allocation -> step metadata -> worker ``start_load_kv`` -> READs posted
+    -> completion seen by a poll (-> reported, added when returned to vLLM)."""
+    j = infl.job
+
+    def ms(a: float, b: float) -> float:
+        return round((b - a) * 1e3, 3) if a and b else -1.0
+    return {"alloc_to_meta": ms(j.t_alloc, j.t_meta), "meta_to_start": ms(j.t_meta, j.t_start),
+            "start_to_posted": ms(j.t_start, infl.t_posted),
+            "posted_to_done_seen": ms(infl.t_posted, infl.t_done),
+            "nixl_submit_to_done_seen": round(max((h.stats.transfer_us for h in infl.handles),
+                                                  default=0.0) / 1e3, 3),
+            "_t_done": infl.t_done}
