@@ -35,6 +35,10 @@ from .connector_stats import PdConnectorStats
 
 log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
 
+#: A quarantined load whose READs are still active this long (at least; or
+#: ``transfer_timeout_s`` if longer) gets its peer disconnected.
+QUARANTINE_DROP_MIN_S = 5.0
+
 
 @dataclass
 class _RemoteEngine:
@@ -53,6 +57,19 @@ class _Inflight:
     t_posted: float = 0.0  # time.monotonic() once every READ was posted
     t_done: float = 0.0  # ... when a poll saw them all done
     notifs: list[tuple[str, str]] = field(default_factory=list)  # (peer, msg) once done
+
+
+@dataclass
+class _Quarantined:
+    """A load that failed or timed out while some of its READs may still write into
+    its local blocks: not reported to vLLM (which would reuse the blocks) until the
+    engine confirms every handle released, or the peer was removed."""
+
+    infl: _Inflight
+    reason: str
+    msg: str
+    since: float = field(default_factory=time.monotonic)
+    peers_dropped: bool = False
 
 
 @dataclass
@@ -106,6 +123,7 @@ class PdConnectorWorker:
         self._hs_futures: dict[tuple[str, int], Future] = {}
         self._waiting: dict[tuple[str, int], list[RecvJob]] = {}
         self._inflight: dict[str, _Inflight] = {}
+        self._quarantine: dict[str, _Quarantined] = {}
         self._done_recv: set[str] = set()
         self._failed_recv: set[str] = set()
         self._results: dict[str, dict[str, Any]] = {}
@@ -323,6 +341,11 @@ class PdConnectorWorker:
                         pending = True
                 except Exception:
                     w.error = w.error or R_TRANSFER
+                    # a failed WRITE may still be landing in the decode blocks: the
+                    # push-fail (after which the decode side recomputes into them)
+                    # waits until the engine says it is over
+                    if not self.engine.released(h):
+                        pending = True
             if pending:
                 continue
             if (w.final or w.error or w.finished) and not w.notified:
@@ -502,7 +525,10 @@ class PdConnectorWorker:
         except Exception as e:
             from .errors import BlockIdError
             reason = R_BLOCK_RANGE if isinstance(e, BlockIdError) else R_TRANSFER
-            self._fail(job, reason, str(e))
+            if infl.handles:  # some READs of this request were posted: may still write
+                self._quarantine_load(infl, reason, str(e))
+            else:
+                self._fail(job, reason, str(e))
             return
         infl.t_posted = time.monotonic()
         self._inflight[job.req_id] = infl
@@ -543,10 +569,10 @@ class PdConnectorWorker:
         items = [(only, self._inflight[only])] if only else list(self._inflight.items())
         for rid, infl in items:
             try:
-                done = all(self.engine.poll(h) for h in infl.handles)
+                done = all([self.engine.poll(h) for h in infl.handles])
             except Exception as e:
                 del self._inflight[rid]
-                self._fail(infl.job, R_TRANSFER, str(e))
+                self._quarantine_load(infl, R_TRANSFER, str(e))
                 continue
             src = infl.job.src
             if done:
@@ -574,8 +600,45 @@ class PdConnectorWorker:
                         self.engine._on_timeout(h)
                     except Exception:
                         pass
-                self._fail(infl.job, R_TIMEOUT, f"READ not done after "
-                           f"{now - infl.t0:.3f} s", release=False)
+                self._quarantine_load(infl, R_TIMEOUT, f"READ not done after "
+                                      f"{now - infl.t0:.3f} s")
+
+    def _quarantine_load(self, infl: _Inflight, reason: str, msg: str) -> None:
+        """Fail ``infl`` once none of its READs can write any more (see _Quarantined)."""
+        self._quarantine[infl.job.req_id] = _Quarantined(infl, reason, msg)
+        self._poll_quarantine()
+
+    def _poll_quarantine(self) -> None:
+        for rid, q in list(self._quarantine.items()):
+            pending = []
+            for h in q.infl.handles:
+                try:
+                    if not self.engine.released(h):
+                        pending.append(h)
+                except Exception:
+                    pending.append(h)
+            if not pending:
+                del self._quarantine[rid]
+                self._fail(q.infl.job, q.reason, q.msg)
+                continue
+            if not q.peers_dropped and time.monotonic() - q.since > \
+                    max(self.cfg.transfer_timeout_s, QUARANTINE_DROP_MIN_S):
+                # still active a whole timeout later: treat the peer as gone, so the
+                # backend tears its connection (and the transfers on it) down
+                q.peers_dropped = True
+                self._drop_peers({h.stats.peer for h in pending})
+
+    def _drop_peers(self, names: set[str]) -> None:
+        for key, rem in list(self._remotes.items()):
+            if names & set(rem.peers.values()):
+                del self._remotes[key]  # the next request to it handshakes again
+        for name in names:
+            log.warning("PdConnector: peer %s still has transfers long after their "
+                        "timeout; disconnecting it", name)
+            try:
+                self.engine.remove_peer(name)
+            except Exception:
+                pass
 
     def _poll_sending(self, finished_req_ids: set[str]) -> set[str]:
         if not self._sending and not self._notifs and not self._push_waiting:
@@ -617,6 +680,8 @@ class PdConnectorWorker:
     def get_transfer_results(self, finished_req_ids: set[str]
                              ) -> tuple[set[str], set[str], set[str]]:
         self._advance_handshakes()
+        if self._quarantine:
+            self._poll_quarantine()
         if self._inflight:
             self._poll_inflight()
             if self._inflight and self._posted_this_step and self.cfg.spin_wait_us > 0:

@@ -338,20 +338,47 @@ class NixlTransferEngine(PeerTableEngine):
         h.stats.state = state
         h.stats.error = error
         h.done = True
-        self._release(h.native)
-        h.native = None
+        # a handle NIXL would not release is kept (and parked): released() retries
+        h.native = None if self._release(h.native) else h.native
         self._publish(h.stats)
 
-    def _release(self, xh: Any) -> None:
+    def _release(self, xh: Any) -> bool:
         try:
             self.agent.release_xfer_handle(xh)
+            return True
         except Exception:
             self._stale.append(xh)  # still active in the backend; retried on close
+            return False
 
     def _on_timeout(self, handle: TransferHandle) -> None:
         with self._lock:
             if not handle.done:
                 self._finish(handle, "ERR", "timed out")
+
+    def released(self, handle: TransferHandle) -> bool:
+        """True once NIXL confirmed the transfer is over: it completed or failed, or
+        NIXL accepted releasing (aborting) it. False while it is still active."""
+        with self._lock:
+            xh = handle.native
+            if xh is None:
+                return True
+            if not handle.done:
+                try:
+                    state = self.agent.check_xfer_state(xh)
+                except Exception:
+                    state = "ERR"
+                if state == "PROC":
+                    return False
+                self._finish(handle, state if state == "DONE" else "ERR",
+                             "" if state == "DONE" else "failed (NIXL state ERR)")
+                return handle.native is None
+            try:
+                self.agent.release_xfer_handle(xh)
+            except Exception:
+                return False
+            handle.native = None
+            self._stale = [x for x in self._stale if x is not xh]
+            return True
 
     # ------------------------------------------------------------ notifications
     def get_new_notifs(self) -> dict[str, list[bytes]]:
