@@ -35,8 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.connector import ours_config, post  # noqa: E402
-from pdsidecar.engines import pd_pair_configs, start_engines  # noqa: E402
+from bench.connector import metric_sum, ours_config, post  # noqa: E402
+from pdsidecar.engines import pd_pair_configs, start_engines, stock_nixl_config  # noqa: E402
+
+#: in-engine transfer time histograms (decode engine): ours, stock NixlConnector
+XFER = {"ours": "pd_connector_transfer_seconds", "stock": "vllm:nixl_xfer_time_seconds"}
 from pdsidecar.models import ensure_model  # noqa: E402
 
 
@@ -70,26 +73,52 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def run(model: str, spin_us: float, lengths: list[int], n: int, n_out: int,
+def xfer(url: str, which: str) -> tuple[float, float]:
+    return (metric_sum(url, XFER[which] + "_sum"), metric_sum(url, XFER[which] + "_count"))
+
+
+def settled(url: str, which: str) -> tuple[float, float]:
+    """The transfer histogram once the engine published this step's stats."""
+    prev = xfer(url, which)
+    for _ in range(40):
+        time.sleep(0.05)
+        cur = xfer(url, which)
+        if cur == prev:
+            return cur
+        prev = cur
+    return prev
+
+
+def run(model: str, spin_us: float | None, lengths: list[int], n: int, n_out: int,
         log_dir: str | None, vocab: int) -> dict[str, Any]:
+    """One engine pair: ours with ``spin_wait_us = spin_us``, or stock (None)."""
     rng = random.Random(7)
     prompt = lambda k: [rng.randrange(10, vocab) for _ in range(k)]  # noqa: E731
-    p, d = start_engines(pd_pair_configs(model, ours_config(spin_wait_us=spin_us),
-                                         log_dir=log_dir))
-    out: dict[str, Any] = {"spin_wait_us": spin_us, "stages": {}, "steps": {}}
+    which = "stock" if spin_us is None else "ours"
+    kv = stock_nixl_config() if spin_us is None else ours_config(spin_wait_us=spin_us)
+    p, d = start_engines(pd_pair_configs(model, kv, stock=spin_us is None, log_dir=log_dir))
+    out: dict[str, Any] = {"connector": which, "spin_wait_us": spin_us, "stages": {},
+                           "steps": {}}
     try:
         for _ in range(3):  # warm-up: handshake, first-transfer costs
             pd_once(p.url, d.url, model, prompt(64))
         for k in lengths:
+            s0, c0 = settled(d.url, which)
             rows = [pd_once(p.url, d.url, model, prompt(k)) for _ in range(n)]
+            s1, c1 = settled(d.url, which)
             stages = [r["pd_transfer"].get("stages_ms", {}) for r in rows]
             keys = sorted({key for s in stages for key in s})
             out["stages"][k] = {
                 "n": n, "errors": sum(1 for r in rows if r["pd_transfer"].get("error")),
+                "engine_xfer_mean_ms": (s1 - s0) / (c1 - c0) * 1e3 if c1 > c0 else float("nan"),
+                "engine_xfers": c1 - c0,
                 "decode_leg_ms": statistics.median(r["decode_leg_ms"] for r in rows),
-                "transfer_ms": statistics.median(r["pd_transfer"].get("ms", 0) for r in rows),
+                "transfer_ms": statistics.median(r["pd_transfer"].get("ms", 0) for r in rows)
+                if which == "ours" else float("nan"),
                 **{key: statistics.median(s.get(key, float("nan")) for s in stages)
                    for key in keys}}
+        if not n_out:
+            return out
         alone = stream_gaps(d.url, model, prompt(32), n_out)
         stop = threading.Event()
         loads = [0]
@@ -118,14 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", default=str(Path.home() / ".cache/pdsidecar/models/tiny-llama"))
     ap.add_argument("-n", type=int, default=8, help="requests per prompt length")
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 1024, 2048])
-    ap.add_argument("--spin-us", type=float, nargs="+", default=[0.0])
-    ap.add_argument("--out-tokens", type=int, default=96, help="streamed request length")
+    ap.add_argument("--spin-us", type=float, nargs="+", default=[0.0],
+                    help="one PdConnector pair per value (its decode worker's spin_wait_us)")
+    ap.add_argument("--stock", action="store_true", help="also a stock NixlConnector pair")
+    ap.add_argument("--no-steps", action="store_true", help="skip the step-time measurement")
+    ap.add_argument("--out-tokens", type=int, default=256, help="streamed request length")
     ap.add_argument("--log-dir", default=None)
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args(argv)
     model = str(ensure_model("llama", Path(a.model_dir)))
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-    results = [run(model, s, a.lengths, a.n, a.out_tokens, a.log_dir, vocab) for s in a.spin_us]
+    runs: list[float | None] = list(a.spin_us) + ([None] if a.stock else [])
+    results = [run(model, s, a.lengths, a.n, 0 if a.no_steps else a.out_tokens, a.log_dir,
+                   vocab) for s in runs]
     text = json.dumps(results, indent=1)
     if a.json:
         Path(a.json).write_text(text)

@@ -77,7 +77,6 @@ class PdConfig:
     handshake_timeout_s: float = 5.0
     allowed_remote_hosts: list[str] | None = None  # None = any
     spin_wait_us: float = 0.0  # worker may spin this long for a just-posted READ (0: never)
-    enforce_compat: bool = True
     backends: list[str] = field(default_factory=lambda: ["UCX"])
     nixl_progress_delay_us: int = 100  # NIXL progress-thread poll delay; 0 busy-polls a core
     push_wait_s: float = 30.0  # decode: how long a push request waits for the prefill's KV
