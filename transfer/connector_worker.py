@@ -40,6 +40,14 @@ log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and forma
 QUARANTINE_DROP_MIN_S = 5.0
 
 
+class PeerRefused(ValueError):
+    """A handshake answer this worker cannot use; ``reason`` is a failure label."""
+
+    def __init__(self, reason: str, msg: str) -> None:
+        self.reason = reason
+        super().__init__(msg)
+
+
 @dataclass
 class _RemoteEngine:
     engine_id: str
@@ -118,6 +126,7 @@ class PdConnectorWorker:
         self.regions: list[Any] = []
         self.heads_local = 1
         self.bytes_per_head = 0
+        self._cache_strides: tuple[int, ...] = ()
         self.stats = PdConnectorStats()
         self._remotes: dict[tuple[str, int], _RemoteEngine] = {}
         self._hs_futures: dict[tuple[str, int], Future] = {}
@@ -141,7 +150,7 @@ class PdConnectorWorker:
     # ------------------------------------------------------------ registration
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         from .control import RankDescriptor
-        from .layout import heads_per_rank
+        from .layout import head_slice_bytes, heads_per_rank
         from .select import create_engine
         name = f"pd-{self.engine_id}-tp{self.tp_rank}-{uuid.uuid4().hex[:8]}"
         first = next(iter(kv_caches.values()))
@@ -151,9 +160,12 @@ class PdConnectorWorker:
                                     progress_delay_us=self.cfg.nixl_progress_delay_us)
         self.regions = self.engine.register_kv_caches(kv_caches)
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}
+        self._cache_strides = tuple(first.stride())
         c = self.compat
         self.heads_local = heads_per_rank(c["num_kv_heads"], self.tp_size, c.get("is_mla", False))
-        self.bytes_per_head = self.regions[0].block_len // self.heads_local
+        # 0: a head is not one byte range of a block (token-major layout): no
+        # heterogeneous TP with this cache (refused when such a peer handshakes)
+        self.bytes_per_head = head_slice_bytes(first, self.heads_local)
         self.desc = RankDescriptor(
             engine_id=self.engine_id, peer=self.engine.local_info(), model_name=c["model"],
             dtype=c["dtype"], block_size=c["block_size"], kv_layout=c.get("kv_layout", "HND"),
@@ -446,7 +458,7 @@ class PdConnectorWorker:
             try:
                 rem = self._add_remote(key, reply)
             except Exception as e:
-                reason = R_MISMATCH if "mismatch" in str(e) else R_TRANSFER
+                reason = e.reason if isinstance(e, PeerRefused) else R_TRANSFER
                 for job in jobs:
                     self._fail(job, reason, str(e))
                 continue
@@ -465,7 +477,15 @@ class PdConnectorWorker:
             raise ValueError("prefill engine has no registered workers")
         eids = {d.engine_id for d in descs}
         if len(eids) != 1:
-            raise ValueError(f"mismatch: remote ranks disagree on engine id {sorted(eids)}")
+            raise PeerRefused(R_MISMATCH, f"remote ranks disagree on engine id {sorted(eids)}")
+        tp = descs[0].tp_size
+        if tp != self.tp_size and not self.bytes_per_head and not self.compat.get("is_mla"):
+            raise PeerRefused(
+                R_MISMATCH, f"prefill TP {tp} != decode TP {self.tp_size} needs a KV cache "
+                f"where each head is one byte range of a block (head-major, HND); this "
+                f"engine's cache is laid out {self.compat.get('kv_layout')} (strides "
+                f"{tuple(self._cache_strides)}): run both with the same TP size or "
+                f"VLLM_KV_CACHE_LAYOUT=HND")
         peers = {d.tp_rank: self.engine.add_peer(d.peer) for d in descs}
         rem = _RemoteEngine(descs[0].engine_id, descs[0].tp_size, peers)
         self._remotes[key] = rem
