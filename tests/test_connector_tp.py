@@ -137,3 +137,19 @@ def test_token_major_cache_refuses_heterogeneous_tp():
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def test_prefill_lease_runs_on_the_monotonic_clock(monkeypatch):
+    """A wall-clock step on the prefill host (NTP, an injected +1 h) does not end a
+    lease early: once the worker has it, only its monotonic clock counts."""
+    import transfer.connector_worker as cw
+    p, _ = make_worker("P", 0, 1, 6)
+    try:
+        p.start_load_kv(PdConnectorMetadata(send={"r": (time.time() + 30, 2)}))
+        real = time.time
+        monkeypatch.setattr(cw.time, "time", lambda: real() + 3600)
+        s, _, _ = p.get_transfer_results({"r"})
+        assert "r" not in s and "r" in p._sending
+    finally:
+        monkeypatch.undo()
+        p.shutdown()

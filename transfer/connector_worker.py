@@ -82,7 +82,7 @@ class _Quarantined:
 
 @dataclass
 class _Sending:
-    expiry: float
+    deadline: float  # time.monotonic() of this host: a wall-clock step cannot move it
     nblocks: int
     released: bool = False
 
@@ -191,7 +191,9 @@ class PdConnectorWorker:
         if meta is not None:
             now = time.monotonic()
             for rid, (expiry, nblocks) in meta.send.items():
-                self._sending[rid] = _Sending(expiry, nblocks)
+                # the scheduler stamped the lease end on this host's wall clock;
+                # from here on it is kept on the monotonic clock
+                self._sending[rid] = _Sending(now + max(0.0, expiry - time.time()), nblocks)
             for rid in meta.release:
                 s = self._sending.get(rid)
                 if s is not None:
@@ -688,12 +690,12 @@ class PdConnectorWorker:
                     st.count += 1
                     st.expected = n
         out: set[str] = set()
-        now = time.time()
+        mono = time.monotonic()
         for rid, s in list(self._sending.items()):
             st = self._notifs.get(rid)
             if (st is not None and st.count >= st.expected) or s.released:
                 out.add(rid)
-            elif now > s.expiry:
+            elif mono > s.deadline:
                 self.stats.record_expired(s.nblocks)
                 log.info("PdConnector: lease of %s expired, freeing %d blocks", rid, s.nblocks)
                 out.add(rid)
