@@ -481,6 +481,7 @@ class PdConnectorScheduler:
             "remote_dp_rank": self.dp_rank,
             "remote_block_size": self.block_size,
             "pd_kv_bytes": len(ids) * self.block_bytes,
+            "pd_kv_lease_s": self.cfg.kv_lease_s,  # the sidecar forgets pending KV after it
         }
 
     def _push_request_finished(self, request: "Request", params: dict
