@@ -67,11 +67,11 @@ class DelayedPeerEngine:
 
     def remove_peer(self, name) -> None:
         """Disconnecting the peer tears its transfers down (they end, unwritten)."""
+        self.real.remove_peer(name)
         for h, (peer, _, _), _ in list(self.held):
             if peer == name:
                 h.done = True
         self.held = [x for x in self.held if x[1][0] != name]
-        self.real.remove_peer(name)
 
 
 def make_worker(engine_id: str, seed: int, **extra):

@@ -664,13 +664,17 @@ class PdConnectorWorker:
         for key, rem in list(self._remotes.items()):
             if names & set(rem.peers.values()):
                 del self._remotes[key]  # the next request to it handshakes again
-        for name in names:
-            log.warning("PdConnector: peer %s still has transfers long after their "
-                        "timeout; disconnecting it", name)
-            try:
-                self.engine.remove_peer(name)
-            except Exception:
-                pass
+        engine = self.engine
+
+        def go() -> None:  # a disconnect may wait on the network: off the engine step
+            for name in names:
+                log.warning("PdConnector: peer %s still has transfers long after their "
+                            "timeout; disconnecting it", name)
+                try:
+                    engine.remove_peer(name)
+                except Exception:
+                    pass
+        self._bg.submit(go)
 
     def _poll_sending(self, finished_req_ids: set[str]) -> set[str]:
         if not self._sending and not self._notifs and not self._push_waiting:
