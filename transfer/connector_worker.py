@@ -661,12 +661,9 @@ class PdConnectorWorker:
                 self._drop_peers({h.stats.peer for h in pending})
 
     def _drop_peers(self, names: set[str]) -> None:
-        for key, rem in list(self._remotes.items()):
-            if names & set(rem.peers.values()):
-                del self._remotes[key]  # the next request to it handshakes again
         engine = self.engine
 
-        def go() -> None:  # a disconnect may wait on the network: off the engine step
+        def go() -> list[Any]:  # a disconnect may wait on the network: off the engine step
             for name in names:
                 log.warning("PdConnector: peer %s still has transfers long after their "
                             "timeout; disconnecting it", name)
@@ -674,7 +671,13 @@ class PdConnectorWorker:
                     engine.remove_peer(name)
                 except Exception:
                     pass
-        self._bg.submit(go)
+            return []  # "no ranks": loads queued meanwhile fail (recompute)
+        fut = self._bg.submit(go)
+        for key, rem in list(self._remotes.items()):
+            if names & set(rem.peers.values()):
+                del self._remotes[key]
+                # requests to it wait for the disconnect, then handshake again
+                self._hs_futures.setdefault(key, fut)
 
     def _poll_sending(self, finished_req_ids: set[str]) -> set[str]:
         if not self._sending and not self._notifs and not self._push_waiting:
