@@ -4,9 +4,11 @@ Decode side (pull): for each planned request, make sure the prefill engine's
 workers are known (lazy gRPC handshake to its control server, in a background
 thread), then READ the remote blocks into the local ones -- per layer, with byte
 slices inside each block when prefill and decode TP differ
-(``transfer.layout.tp_read_plan``). The last READ to each remote rank carries the
-notification ``"<remote_request_id>:<expected>"``; the prefill worker frees the
-request's blocks once ``expected`` notifications arrived.
+(``transfer.layout.tp_read_plan``, head sizes from the cache's strides). Once the READs
+are seen done, each remote rank gets the notification
+``"<remote_request_id>:<expected>"``; the prefill worker frees the request's blocks
+once ``expected`` notifications arrived. A READ that timed out or failed is quarantined
+until the engine says it can no longer write. No hook waits or spins.
 
 Prefill side: holds finished requests' blocks until the notifications arrive, a
 ``Release`` comes through the scheduler, or the lease expires.
