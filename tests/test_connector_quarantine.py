@@ -147,3 +147,35 @@ def test_stuck_peer_is_disconnected_then_the_load_fails():
         d.engine = slow.real
         p.shutdown()
         d.shutdown()
+
+
+def test_nixl_read_counts_as_released_only_once_it_ended(monkeypatch):
+    """NIXL accepts releasing an active transfer while UCX goes on writing (measured
+    over TCP: blocks kept landing after the release). A timed-out READ is therefore
+    "released" only once NIXL reports it over, and by then every byte has landed."""
+    from transfer.errors import TransferFailedError
+    from transfer.nixl_engine import NixlTransferEngine
+    from transfer.peerproc import CacheConfig, make_cache, start_peer
+    monkeypatch.setenv("UCX_TLS", "tcp,self")  # a READ outlives its post (restored after)
+    cfg = CacheConfig(layers=2, num_blocks=160, block_len=256 * 1024, seed=1)
+    peer = start_peer("nixl", "peer-late", cfg, protocol="tcp")
+    eng = NixlTransferEngine("local-late")
+    try:
+        buf, caches = make_cache(CacheConfig(layers=2, num_blocks=160, block_len=256 * 1024,
+                                             seed=2))
+        eng.register_kv_caches(caches)
+        name = eng.add_peer(peer.info)
+        ref, _ = make_cache(cfg)
+        ids = list(range(160))
+        h = eng.read_blocks(name, ids, ids)
+        eng._on_timeout(h)  # the caller gave up at once, while the READ runs
+        with pytest.raises(TransferFailedError):
+            eng.poll(h)
+        deadline = time.monotonic() + 60
+        while not eng.released(h) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert h.native is None
+        assert torch.equal(buf, ref)  # nothing was still to land once released said so
+    finally:
+        eng.close()
+        peer.close()
