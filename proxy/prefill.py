@@ -62,6 +62,15 @@ class Pending:
     blocks: int
     nbytes: int
     created: float
+    lease_s: float | None = None  # the engine's KV lease (params' pd_kv_lease_s)
+
+
+def lease_hint(kv: dict) -> float | None:
+    """The prefill engine's KV lease in seconds (``pd_kv_lease_s``), if it sent one."""
+    v = kv.get("pd_kv_lease_s")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:
+        return None
+    return float(v)
 
 
 class PendingKV:
@@ -79,8 +88,11 @@ class PendingKV:
         return self.items.pop((peer, rid), None)
 
     def expire(self, ttl: float, now: float | None = None) -> int:
+        """Forget entries older than ``ttl`` or than their engine's lease (whichever
+        ends first: after the lease the engine has freed the blocks anyway)."""
         now = time.monotonic() if now is None else now
-        old = [k for k, p in self.items.items() if now - p.created > ttl]
+        old = [k for k, p in self.items.items()
+               if now - p.created > (min(ttl, p.lease_s) if p.lease_s else ttl)]
         for k in old:
             del self.items[k]
         return len(old)
@@ -320,7 +332,8 @@ class PrefillRole:
         usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
         tokens = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else 0
         blocks, nbytes = kv_size_hints(kv)
-        self.pending.add(rid, Pending(peer, tokens, blocks or 0, nbytes or 0, time.monotonic()))
+        self.pending.add(rid, Pending(peer, tokens, blocks or 0, nbytes or 0, time.monotonic(),
+                                      lease_hint(kv)))
 
     async def release(self, request: web.Request) -> web.Response:
         rid = request.headers.get("x-request-id", "")

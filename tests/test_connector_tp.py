@@ -117,3 +117,39 @@ def test_prefill_lease_expiry_frees_and_counts():
         assert st["expired_blocks"] == 4 and st["expired_reqs"] == 1
     finally:
         p.shutdown()
+
+
+def test_token_major_cache_refuses_heterogeneous_tp():
+    """A cache where a head is not one byte range of a block (NHD) is never sliced:
+    a peer with another TP size is refused at handshake with a clear reason."""
+    from transfer.connector_worker import PeerRefused
+    cfg = PdConfig.from_extra({"protocol": "rdma"}, env={})
+    d = PdConnectorWorker(cfg, engine_id="D", tp_rank=0, tp_size=2, compat=COMPAT)
+    p, _ = make_worker("P", 0, 1, seed=5)
+    try:
+        # FLASH_ATTN-style K/V split, token-major: [2, blocks, tokens, heads, dim]
+        d.register_kv_caches({f"model.layers.{i}.attn": torch.zeros(2, NB, N, HEADS // 2, HS)
+                              for i in range(LAYERS)})
+        assert d.bytes_per_head == 0
+        with pytest.raises(PeerRefused, match="HND") as e:
+            d._add_remote(("127.0.0.1", 1), [p.desc])
+        assert e.value.reason == "mismatch"
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_prefill_lease_runs_on_the_monotonic_clock(monkeypatch):
+    """A wall-clock step on the prefill host (NTP, an injected +1 h) does not end a
+    lease early: once the worker has it, only its monotonic clock counts."""
+    import transfer.connector_worker as cw
+    p, _ = make_worker("P", 0, 1, 6)
+    try:
+        p.start_load_kv(PdConnectorMetadata(send={"r": (time.time() + 30, 2)}))
+        real = time.time
+        monkeypatch.setattr(cw.time, "time", lambda: real() + 3600)
+        s, _, _ = p.get_transfer_results({"r"})
+        assert "r" not in s and "r" in p._sending
+    finally:
+        monkeypatch.undo()
+        p.shutdown()

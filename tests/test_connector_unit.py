@@ -379,3 +379,33 @@ def test_push_target_validation(target):
     from transfer.connector_meta import parse_push_target
     with pytest.raises(ParamsError):
         parse_push_target({"push_target": target}, allowed_hosts=["127.0.0.1", "h"])
+
+
+def test_push_lookup_asks_in_short_calls_on_its_own_executor():
+    """The lookup never holds a decode control-server thread for long: each
+    PushTarget call waits at most PUSH_TARGET_MAX_WAIT_MS (the server caps what a
+    client asks), the prefill re-asks until push_lookup_s; it runs on its own pool,
+    apart from notifications and releases."""
+    import threading
+    from transfer import control
+    from transfer.control import ControlServer, PushTarget
+    srv = ControlServer("127.0.0.1:0")
+    port = srv.start()
+    waits: list[float] = []
+    real_wait = srv.push_targets.wait_for
+    srv.push_targets.wait_for = lambda pid, t: (waits.append(t), real_wait(pid, t))[1]
+    try:
+        s = sched(transfer_mode="push", push_lookup_s=5)
+        target = PushTarget(engine_id="eng-x", dp_rank=0, tp_size=1, block_size=BS,
+                            num_tokens=40, first_block=0, block_ids=[1, 2, 3],
+                            expiry=time.time() + 30)
+        threading.Timer(1.2, srv.push_targets.register, ("push-9", target)).start()
+        assert s._lookup("127.0.0.1", port, "push-9").block_ids == [1, 2, 3]
+        assert len(waits) >= 2 and max(waits) <= control.PUSH_TARGET_MAX_WAIT_MS / 1e3
+        waits.clear()
+        from transfer.connector_control import control_client
+        assert control_client("127.0.0.1", port, 5).push_target("nope", wait_s=30) is None
+        assert waits == [control.PUSH_TARGET_MAX_WAIT_MS / 1e3]
+        assert s._lookups() is not s._background()
+    finally:
+        srv.stop()

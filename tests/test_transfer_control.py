@@ -87,3 +87,15 @@ def test_status_stats_stream_and_notify(server):
         assert c.transfer_status("nope")["state"] == "UNKNOWN"
         c.notify("d0", "p0", b"req-9:1")
     assert server.notes == [("d0", "p0", b"req-9:1")]
+
+
+def test_transfer_status_history_is_bounded(monkeypatch):
+    from transfer import control
+    monkeypatch.setattr(control, "MAX_STATUSES", 3)
+    srv = control.ControlServer("127.0.0.1:0")
+    for i in range(5):
+        srv.set_status(f"r{i}", "DONE", 10)
+    srv.note_notification("r5")
+    assert len(srv._statuses) == 3
+    assert srv.status("r0").state == "UNKNOWN" and srv.status("r4").state == "DONE"
+    assert srv.status("r5").notifications == 1

@@ -76,8 +76,7 @@ class PdConfig:
     transfer_timeout_s: float = 10.0  # a READ not done after this fails
     handshake_timeout_s: float = 5.0
     allowed_remote_hosts: list[str] | None = None  # None = any
-    spin_wait_us: float = 3000.0  # worker waits this long for a just-posted READ
-    enforce_compat: bool = True
+    spin_wait_us: float = 0.0  # worker may spin this long for a just-posted READ (0: never)
     backends: list[str] = field(default_factory=lambda: ["UCX"])
     nixl_progress_delay_us: int = 100  # NIXL progress-thread poll delay; 0 busy-polls a core
     push_wait_s: float = 30.0  # decode: how long a push request waits for the prefill's KV
@@ -290,6 +289,11 @@ class RecvJob:
     remote_ids: list[int]
     error: str = ""  # reason label when the scheduler already rejected it
     error_msg: str = ""
+    # time.monotonic() (one clock for every process of a host) when the scheduler
+    # allocated the blocks and when it put the job into a step's metadata
+    t_alloc: float = 0.0
+    t_meta: float = 0.0
+    t_start: float = 0.0  # worker: start_load_kv saw it
 
 
 @dataclass
@@ -335,6 +339,8 @@ def merge_result(a: dict | None, b: dict) -> dict:
         "backend": a.get("backend") or b.get("backend"),
         "error": a.get("error") or b.get("error", ""),
         "ranks": a.get("ranks", 1) + b.get("ranks", 1),
+        **({"stages_ms": a["stages_ms"], "t_reported": a.get("t_reported", 0.0)}
+           if "stages_ms" in a else {}),
     }
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
 
 _FINISHED_OK = ("FINISHED_LENGTH_CAPPED", "FINISHED_STOPPED")
-_LOOKUP_INLINE_WAIT_S = 0.05  # push lookup: blocking wait per scheduler call
+_LOOKUP_RPC_WAIT_S = 0.5  # push lookup: longest a PushTarget RPC holds a server thread
 
 
 @dataclass
@@ -106,6 +107,7 @@ class PdConnectorScheduler:
         self._bad_params_new = 0  # ... not yet reported in get_stats
         self._server = None
         self._bg: ThreadPoolExecutor | None = None
+        self._lookup_pool: ThreadPoolExecutor | None = None
         self.port = 0
         self.block_bytes = 0
         self.host = cfg.control_host
@@ -219,17 +221,9 @@ class PdConnectorScheduler:
                 params["do_remote_decode"] = False
                 return 0, False
             out = self._push_out[rid] = _PushOut(push_id, host, port)
-            out.lookup = self._background().submit(self._lookup, host, port, push_id)
+            out.lookup = self._lookups().submit(self._lookup, host, port, push_id)
         if out.lookup is not None:
-            if not out.lookup.done():
-                # the decode leg was sent at the same time and usually registered
-                # within milliseconds: a short wait here beats a round of empty
-                # engine steps (which also compete with the lookup thread for the GIL)
-                try:
-                    out.lookup.exception(timeout=_LOOKUP_INLINE_WAIT_S)
-                except Exception:  # TimeoutError / CancelledError
-                    pass
-            if not out.lookup.done():
+            if not out.lookup.done():  # never wait here: a later schedule call picks it up
                 return None, False
             try:
                 out.target = out.lookup.result()
@@ -250,9 +244,18 @@ class PdConnectorScheduler:
         return 0, False
 
     def _lookup(self, host: str, port: int, push_id: str) -> object | None:
+        """The decode side's registration of ``push_id`` (None: not there in
+        ``push_lookup_s``). Asked in short RPCs, so no call holds one of the decode
+        control server's threads for long."""
         from .connector_control import control_client
-        return control_client(host, port, self.cfg.handshake_timeout_s).push_target(
-            push_id, wait_s=self.cfg.push_lookup_s, timeout_s=self.cfg.handshake_timeout_s)
+        client = control_client(host, port, self.cfg.handshake_timeout_s)
+        deadline = time.monotonic() + self.cfg.push_lookup_s
+        while True:
+            left = deadline - time.monotonic()
+            wait = max(0.0, min(left, _LOOKUP_RPC_WAIT_S))
+            t = client.push_target(push_id, wait_s=wait, timeout_s=self.cfg.handshake_timeout_s)
+            if t is not None or left <= _LOOKUP_RPC_WAIT_S:
+                return t
 
     def _push_failed(self, out: _PushOut, reason: str) -> None:
         """Tell the decode side (best effort) so it recomputes now, not at its timeout."""
@@ -262,9 +265,17 @@ class PdConnectorScheduler:
                            f"push-fail:{out.push_id}:{reason}")
 
     def _background(self) -> ThreadPoolExecutor:
+        """Short control calls (notifications, releases)."""
         if self._bg is None:
             self._bg = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pd-bg")
         return self._bg
+
+    def _lookups(self) -> ThreadPoolExecutor:
+        """Long-held push lookups (up to ``push_lookup_s`` each), apart from
+        :meth:`_background` so they never delay a release or a push-fail notification."""
+        if self._lookup_pool is None:
+            self._lookup_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pd-lookup")
+        return self._lookup_pool
 
     def _plan_push_steps(self, scheduler_output: Any) -> dict[str, PushSendStep]:
         """Blocks each push request finishes writing in this step (``{}`` if none)."""
@@ -359,7 +370,7 @@ class PdConnectorScheduler:
             self._release_remote(src.host, src.port, src.request_id, src.engine_id)
             log.warning("PdConnector: request %s: %s", rid, e)
             return
-        self._recv[rid] = RecvJob(rid, src, lids, rids)
+        self._recv[rid] = RecvJob(rid, src, lids, rids, t_alloc=time.monotonic())
         self._recv_blocks[rid] = len(lids)
         self._gauges_dirty = True
 
@@ -398,6 +409,9 @@ class PdConnectorScheduler:
         with self._lock:
             release, self._release_in = self._release_in, set()
             push_fail, self._push_fail_in = self._push_fail_in, {}
+        now = time.monotonic()
+        for job in self._recv.values():
+            job.t_meta = now
         meta = PdConnectorMetadata(recv=self._recv, send=self._send, release=release,
                                    push_recv=self._push_recv,
                                    push_send=self._plan_push_steps(scheduler_output),
@@ -411,7 +425,11 @@ class PdConnectorScheduler:
     def update_connector_output(self, connector_output: Any) -> None:
         wm = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(wm, PdWorkerMeta):
+            now = time.monotonic()
             for rid, r in wm.results.items():
+                st = r.get("stages_ms")
+                if st is not None and "t_reported" in r:
+                    st["reported_to_scheduler"] = round((now - r.pop("t_reported")) * 1e3, 3)
                 self._results[rid] = r
             # results of requests aborted while their READ was in flight are never
             # popped by request_finished: keep the map bounded (oldest first)
@@ -484,6 +502,7 @@ class PdConnectorScheduler:
             "remote_dp_rank": self.dp_rank,
             "remote_block_size": self.block_size,
             "pd_kv_bytes": len(ids) * self.block_bytes,
+            "pd_kv_lease_s": self.cfg.kv_lease_s,  # the sidecar forgets pending KV after it
         }
 
     def _push_request_finished(self, request: "Request", params: dict
@@ -528,5 +547,6 @@ class PdConnectorScheduler:
         if self._server is not None:
             self._server.stop()
             self._server = None
-        if self._bg is not None:
-            self._bg.shutdown(wait=False)
+        for pool in (self._bg, self._lookup_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)

@@ -4,9 +4,11 @@ Decode side (pull): for each planned request, make sure the prefill engine's
 workers are known (lazy gRPC handshake to its control server, in a background
 thread), then READ the remote blocks into the local ones -- per layer, with byte
 slices inside each block when prefill and decode TP differ
-(``transfer.layout.tp_read_plan``). The last READ to each remote rank carries the
-notification ``"<remote_request_id>:<expected>"``; the prefill worker frees the
-request's blocks once ``expected`` notifications arrived.
+(``transfer.layout.tp_read_plan``, head sizes from the cache's strides). Once the READs
+are seen done, each remote rank gets the notification
+``"<remote_request_id>:<expected>"``; the prefill worker frees the request's blocks
+once ``expected`` notifications arrived. A READ that timed out or failed is quarantined
+until the engine says it can no longer write. No hook waits or spins.
 
 Prefill side: holds finished requests' blocks until the notifications arrive, a
 ``Release`` comes through the scheduler, or the lease expires.
@@ -36,6 +38,18 @@ from .amx import request_amx_tile_permission
 
 log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
 
+#: A quarantined load whose READs are still active this long (at least; or
+#: ``transfer_timeout_s`` if longer) gets its peer disconnected.
+QUARANTINE_DROP_MIN_S = 5.0
+
+
+class PeerRefused(ValueError):
+    """A handshake answer this worker cannot use; ``reason`` is a failure label."""
+
+    def __init__(self, reason: str, msg: str) -> None:
+        self.reason = reason
+        super().__init__(msg)
+
 
 @dataclass
 class _RemoteEngine:
@@ -51,11 +65,27 @@ class _Inflight:
     t0: float
     nbytes: int = 0
     descs: int = 0
+    t_posted: float = 0.0  # time.monotonic() once every READ was posted
+    t_done: float = 0.0  # ... when a poll saw them all done
+    notifs: list[tuple[str, str]] = field(default_factory=list)  # (peer, msg) once done
+
+
+@dataclass
+class _Quarantined:
+    """A load that failed or timed out while some of its READs may still write into
+    its local blocks: not reported to vLLM (which would reuse the blocks) until the
+    engine confirms every handle released, or the peer was removed."""
+
+    infl: _Inflight
+    reason: str
+    msg: str
+    since: float = field(default_factory=time.monotonic)
+    peers_dropped: bool = False
 
 
 @dataclass
 class _Sending:
-    expiry: float
+    deadline: float  # time.monotonic() of this host: a wall-clock step cannot move it
     nblocks: int
     released: bool = False
 
@@ -73,6 +103,9 @@ class _PushWrites:
     error: str = ""
     finished: bool = False  # the scheduler let the request go
     notified: bool = False
+    # layers saved while the decode peer's handshake was still in flight:
+    # (local ids, remote ids, layer), posted once it completes (never inside a forward wait)
+    deferred: list[tuple[list[int], list[int], int]] = field(default_factory=list)
 
 
 @dataclass
@@ -110,11 +143,13 @@ class PdConnectorWorker:
         self.regions: list[Any] = []
         self.heads_local = 1
         self.bytes_per_head = 0
+        self._cache_strides: tuple[int, ...] = ()
         self.stats = PdConnectorStats()
         self._remotes: dict[tuple[str, int], _RemoteEngine] = {}
         self._hs_futures: dict[tuple[str, int], Future] = {}
         self._waiting: dict[tuple[str, int], list[RecvJob]] = {}
         self._inflight: dict[str, _Inflight] = {}
+        self._quarantine: dict[str, _Quarantined] = {}
         self._done_recv: set[str] = set()
         self._failed_recv: set[str] = set()
         self._results: dict[str, dict[str, Any]] = {}
@@ -132,7 +167,7 @@ class PdConnectorWorker:
     # ------------------------------------------------------------ registration
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         from .control import RankDescriptor
-        from .layout import heads_per_rank
+        from .layout import head_slice_bytes, heads_per_rank
         from .select import create_engine
         name = f"pd-{self.engine_id}-tp{self.tp_rank}-{uuid.uuid4().hex[:8]}"
         first = next(iter(kv_caches.values()))
@@ -142,9 +177,12 @@ class PdConnectorWorker:
                                     progress_delay_us=self.cfg.nixl_progress_delay_us)
         self.regions = self.engine.register_kv_caches(kv_caches)
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}
+        self._cache_strides = tuple(first.stride())
         c = self.compat
         self.heads_local = heads_per_rank(c["num_kv_heads"], self.tp_size, c.get("is_mla", False))
-        self.bytes_per_head = self.regions[0].block_len // self.heads_local
+        # 0: a head is not one byte range of a block (token-major layout): no
+        # heterogeneous TP with this cache (refused when such a peer handshakes)
+        self.bytes_per_head = head_slice_bytes(first, self.heads_local)
         self.desc = RankDescriptor(
             engine_id=self.engine_id, peer=self.engine.local_info(), model_name=c["model"],
             dtype=c["dtype"], block_size=c["block_size"], kv_layout=c.get("kv_layout", "HND"),
@@ -158,13 +196,17 @@ class PdConnectorWorker:
     # ------------------------------------------------------------ per step
     def start_load_kv(self, meta: PdConnectorMetadata | None) -> None:
         if meta is not None:
+            now = time.monotonic()
             for rid, (expiry, nblocks) in meta.send.items():
-                self._sending[rid] = _Sending(expiry, nblocks)
+                # the scheduler stamped the lease end on this host's wall clock;
+                # from here on it is kept on the monotonic clock
+                self._sending[rid] = _Sending(now + max(0.0, expiry - time.time()), nblocks)
             for rid in meta.release:
                 s = self._sending.get(rid)
                 if s is not None:
                     s.released = True
             for job in meta.recv.values():
+                job.t_start = now
                 self._start_job(job)
             self._start_push(meta)
         self._advance_handshakes()
@@ -231,16 +273,14 @@ class PdConnectorWorker:
                 self._hs_futures[key] = self._bg.submit(self._handshake, st)
 
     def _push_peer(self, w: _PushWrites) -> str | None:
-        """The decode rank to WRITE to; waits (bounded) for a first handshake."""
+        """The decode rank to WRITE to, or None: handshake still in flight (``w.error``
+        empty: try again later) or impossible (``w.error`` set). Never waits."""
         st = w.step
         key = (st.host, st.port)
-        fut = self._hs_futures.get(key)
-        if fut is not None:
-            try:
-                fut.result(timeout=self.cfg.handshake_timeout_s)
-            except Exception:
-                pass
+        if key in self._hs_futures:
             self._advance_handshakes()
+            if key in self._hs_futures:
+                return None
         rem = self._remotes.get(key)
         if rem is None or rem.engine_id != st.engine_id:
             w.error = w.error or R_UNREACHABLE
@@ -249,6 +289,40 @@ class PdConnectorWorker:
             w.error = w.error or R_MISMATCH
             return None
         return rem.peers.get(self.tp_rank)
+
+    def _post_write(self, w: _PushWrites, peer: str, local_ids: list[int],
+                    remote_ids: list[int], layers: list[int]) -> None:
+        try:
+            h = self.engine.write_blocks(peer, local_ids, remote_ids, layers=layers,
+                                         request_id=w.step.req_id)
+        except Exception as e:
+            log.warning("PdConnector: push WRITE of %s failed: %s", w.step.req_id, e)
+            w.error = R_TRANSFER
+            return
+        w.handles.append(h)
+        w.nbytes += h.stats.bytes
+
+    def _flush_deferred(self, w: _PushWrites) -> None:
+        """Post the WRITEs of layers saved before the handshake completed."""
+        if not w.deferred or w.error:
+            w.deferred.clear()
+            return
+        peer = self._push_peer(w)
+        if peer is None:
+            if w.error:
+                w.deferred.clear()
+            return
+        if time.time() > w.step.expiry:
+            w.error = R_EXPIRED
+            w.deferred.clear()
+            return
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+        for lids, rids, layer in w.deferred:
+            groups.setdefault((tuple(lids), tuple(rids)), []).append(layer)
+        w.deferred.clear()
+        for (lids, rids), layers in groups.items():
+            if not w.error:
+                self._post_write(w, peer, list(lids), list(rids), layers)
 
     def save_layer(self, layer_name: str, meta: PdConnectorMetadata | None) -> None:
         """Post this layer's WRITEs for every push request of the step."""
@@ -267,18 +341,12 @@ class PdConnectorWorker:
             if now > st.expiry:
                 w.error = R_EXPIRED
                 continue
-            peer = self._push_peer(w)
+            peer = None if w.deferred else self._push_peer(w)
             if peer is None:
+                if not w.error:  # handshake in flight: WRITE this layer once it is done
+                    w.deferred.append((st.local_ids, st.remote_ids, layer))
                 continue
-            try:
-                h = self.engine.write_blocks(peer, st.local_ids, st.remote_ids, layers=[layer],
-                                             request_id=st.req_id)
-            except Exception as e:
-                log.warning("PdConnector: push WRITE of %s failed: %s", st.req_id, e)
-                w.error = R_TRANSFER
-                continue
-            w.handles.append(h)
-            w.nbytes += h.stats.bytes
+            self._post_write(w, peer, st.local_ids, st.remote_ids, [layer])
 
     def end_step(self, meta: PdConnectorMetadata | None) -> None:
         """``wait_for_save``: the forward is over; last chunks may now be reported."""
@@ -295,13 +363,20 @@ class PdConnectorWorker:
         """Prefill side: notify finished pushes; requests whose blocks may be freed."""
         freed: set[str] = set()
         for rid, w in list(self._push_writes.items()):
-            pending = False
+            if w.deferred:
+                self._flush_deferred(w)
+            pending = bool(w.deferred)
             for h in w.handles:
                 try:
                     if not self.engine.poll(h):
                         pending = True
                 except Exception:
                     w.error = w.error or R_TRANSFER
+                    # a failed WRITE may still be landing in the decode blocks: the
+                    # push-fail (after which the decode side recomputes into them)
+                    # waits until the engine says it is over
+                    if not self.engine.released(h):
+                        pending = True
             if pending:
                 continue
             if (w.final or w.error or w.finished) and not w.notified:
@@ -312,20 +387,39 @@ class PdConnectorWorker:
         return freed
 
     def _notify_push(self, w: _PushWrites) -> None:
-        w.notified = True
         st = w.step
+        peer = self._push_peer(w)
+        if peer is None and not w.error:
+            return  # handshake still in flight: notify on a later step
+        w.notified = True
         now = time.perf_counter()
         us, tail_us = (now - w.t0) * 1e6, (now - w.t_final) * 1e6 if w.t_final else 0.0
         ok = w.final and not w.error
         msg = (f"push:{st.push_id}:{w.nbytes}:{us:.0f}:{tail_us:.0f}" if ok else
                f"push-fail:{st.push_id}:{w.error or 'incomplete'}")
-        peer = self._push_peer(w)
         if peer is None:
-            return  # never reached the decode side: it times out and recomputes
+            # no NIXL path to the decode side: tell its control plane, so it recomputes
+            # now instead of at its push_wait_s timeout
+            self._notify_control(st.host, st.port, st.engine_id, msg)
+            return
         try:
             self.engine.send_notif(peer, msg)
         except Exception as e:
             log.warning("PdConnector: push notification for %s failed: %s", st.req_id, e)
+            self._notify_control(st.host, st.port, st.engine_id,
+                                 f"push-fail:{st.push_id}:{w.error or R_TRANSFER}")
+
+    def _notify_control(self, host: str, port: int, receiver: str, msg: str) -> None:
+        """Best effort, off the engine thread: a control-plane ``Notify``."""
+        me, timeout = self.engine_id, self.cfg.handshake_timeout_s
+
+        def go() -> None:
+            from .connector_control import send_notify
+            try:
+                send_notify(host, port, me, receiver, msg, timeout)
+            except Exception as e:
+                log.info("PdConnector: notification to %s:%s failed: %s", host, port, e)
+        self._bg.submit(go)
 
     def _on_push_notif(self, msg: str) -> None:
         """Decode side: ``push:<id>:<bytes>:<window µs>:<tail µs>`` or
@@ -383,7 +477,7 @@ class PdConnectorWorker:
             try:
                 rem = self._add_remote(key, reply)
             except Exception as e:
-                reason = R_MISMATCH if "mismatch" in str(e) else R_TRANSFER
+                reason = e.reason if isinstance(e, PeerRefused) else R_TRANSFER
                 for job in jobs:
                     self._fail(job, reason, str(e))
                 continue
@@ -402,7 +496,15 @@ class PdConnectorWorker:
             raise ValueError("prefill engine has no registered workers")
         eids = {d.engine_id for d in descs}
         if len(eids) != 1:
-            raise ValueError(f"mismatch: remote ranks disagree on engine id {sorted(eids)}")
+            raise PeerRefused(R_MISMATCH, f"remote ranks disagree on engine id {sorted(eids)}")
+        tp = descs[0].tp_size
+        if tp != self.tp_size and not self.bytes_per_head and not self.compat.get("is_mla"):
+            raise PeerRefused(
+                R_MISMATCH, f"prefill TP {tp} != decode TP {self.tp_size} needs a KV cache "
+                f"where each head is one byte range of a block (head-major, HND); this "
+                f"engine's cache is laid out {self.compat.get('kv_layout')} (strides "
+                f"{tuple(self._cache_strides)}): run both with the same TP size or "
+                f"VLLM_KV_CACHE_LAYOUT=HND")
         peers = {d.tp_rank: self.engine.add_peer(d.peer) for d in descs}
         rem = _RemoteEngine(descs[0].engine_id, descs[0].tp_size, peers)
         self._remotes[key] = rem
@@ -441,15 +543,18 @@ class PdConnectorWorker:
                 by_rank.setdefault(s.remote_rank, []).append(s)
             for p, slices in by_rank.items():
                 peer = rem.peers[p]
-                notif = f"{src.request_id}:{self._expected(p, rem.tp_size)}"
-                for i, s in enumerate(slices):
+                # the completion notification goes out once we saw the READs done,
+                # not attached to them: a READ without one completes inside its post
+                # (CMA/shared memory), one with it waits for a UCX flush, i.e. for
+                # the progress thread, and is only seen a step later
+                infl.notifs.append((peer, f"{src.request_id}:{self._expected(p, rem.tp_size)}"))
+                for s in slices:
                     whole = s.num_heads == self.heads_local and s.remote_offset == 0 and \
                         s.local_offset == 0 and rem.tp_size == self.tp_size
                     kw = {} if whole else {"local_slice": (s.local_offset, s.length),
                                            "remote_slice": (s.remote_offset, s.length)}
-                    h = self.engine.read_blocks(
-                        peer, job.local_ids, job.remote_ids, request_id=job.req_id,
-                        notif=notif if i == len(slices) - 1 else None, **kw)
+                    h = self.engine.read_blocks(peer, job.local_ids, job.remote_ids,
+                                                request_id=job.req_id, **kw)
                     infl.handles.append(h)
                     infl.nbytes += h.stats.bytes
                     infl.descs += h.stats.descriptors
@@ -459,10 +564,16 @@ class PdConnectorWorker:
         except Exception as e:
             from .errors import BlockIdError
             reason = R_BLOCK_RANGE if isinstance(e, BlockIdError) else R_TRANSFER
-            self._fail(job, reason, str(e))
+            if infl.handles:  # some READs of this request were posted: may still write
+                self._quarantine_load(infl, reason, str(e))
+            else:
+                self._fail(job, reason, str(e))
             return
+        infl.t_posted = time.monotonic()
         self._inflight[job.req_id] = infl
         self._posted_this_step = True
+        if all(h.done for h in infl.handles):  # completed inside the post
+            self._poll_inflight(only=job.req_id)
 
     def _fail(self, job: RecvJob, reason: str, msg: str, release: bool = True) -> None:
         log.warning("PdConnector: KV load of %s failed (%s): %s", job.req_id, reason, msg)
@@ -484,18 +595,28 @@ class PdConnectorWorker:
                     pass
             self._bg.submit(go)
 
-    def _poll_inflight(self) -> None:
-        now = time.perf_counter()
-        for rid, infl in list(self._inflight.items()):
+    def _send_done_notifs(self, infl: _Inflight) -> None:
+        """Tell the prefill ranks the READs are done (they free the blocks)."""
+        for peer, msg in infl.notifs:
             try:
-                done = all(self.engine.poll(h) for h in infl.handles)
+                self.engine.send_notif(peer, msg)
+            except Exception as e:  # its lease (or a Release) frees the blocks then
+                log.warning("PdConnector: completion notification %s failed: %s", msg, e)
+
+    def _poll_inflight(self, only: str | None = None) -> None:
+        now = time.perf_counter()
+        items = [(only, self._inflight[only])] if only else list(self._inflight.items())
+        for rid, infl in items:
+            try:
+                done = all([self.engine.poll(h) for h in infl.handles])
             except Exception as e:
                 del self._inflight[rid]
-                self._fail(infl.job, R_TRANSFER, str(e))
+                self._quarantine_load(infl, R_TRANSFER, str(e))
                 continue
             src = infl.job.src
             if done:
                 del self._inflight[rid]
+                self._send_done_notifs(infl)
                 if src.expiry is not None and time.time() > src.expiry:
                     # the prefill side may have reused the blocks while we read
                     self._fail(infl.job, R_EXPIRED, "READ completed after the lease expired")
@@ -504,11 +625,12 @@ class PdConnectorWorker:
                     if infl.handles else now - infl.t0
                 self.stats.record_transfer(infl.nbytes, secs, infl.descs)
                 self._done_recv.add(rid)
+                infl.t_done = time.monotonic()
                 self._results[rid] = {"bytes": infl.nbytes, "descriptors": infl.descs,
                                       "blocks": len(infl.job.local_ids),
                                       "ms": round(secs * 1e3, 4), "seconds": secs,
                                       "backend": _backend_of(infl.handles, self.engine),
-                                      "error": ""}
+                                      "error": "", "stages_ms": _stages(infl)}
             elif now - infl.t0 > self.cfg.transfer_timeout_s or \
                     (src.expiry is not None and time.time() > src.expiry):
                 del self._inflight[rid]
@@ -517,8 +639,52 @@ class PdConnectorWorker:
                         self.engine._on_timeout(h)
                     except Exception:
                         pass
-                self._fail(infl.job, R_TIMEOUT, f"READ not done after "
-                           f"{now - infl.t0:.3f} s", release=False)
+                self._quarantine_load(infl, R_TIMEOUT, f"READ not done after "
+                                      f"{now - infl.t0:.3f} s")
+
+    def _quarantine_load(self, infl: _Inflight, reason: str, msg: str) -> None:
+        """Fail ``infl`` once none of its READs can write any more (see _Quarantined)."""
+        self._quarantine[infl.job.req_id] = _Quarantined(infl, reason, msg)
+        self._poll_quarantine()
+
+    def _poll_quarantine(self) -> None:
+        for rid, q in list(self._quarantine.items()):
+            pending = []
+            for h in q.infl.handles:
+                try:
+                    if not self.engine.released(h):
+                        pending.append(h)
+                except Exception:
+                    pending.append(h)
+            if not pending:
+                del self._quarantine[rid]
+                self._fail(q.infl.job, q.reason, q.msg)
+                continue
+            if not q.peers_dropped and time.monotonic() - q.since > \
+                    max(self.cfg.transfer_timeout_s, QUARANTINE_DROP_MIN_S):
+                # still active a whole timeout later: treat the peer as gone, so the
+                # backend tears its connection (and the transfers on it) down
+                q.peers_dropped = True
+                self._drop_peers({h.stats.peer for h in pending})
+
+    def _drop_peers(self, names: set[str]) -> None:
+        engine = self.engine
+
+        def go() -> list[Any]:  # a disconnect may wait on the network: off the engine step
+            for name in names:
+                log.warning("PdConnector: peer %s still has transfers long after their "
+                            "timeout; disconnecting it", name)
+                try:
+                    engine.remove_peer(name)
+                except Exception:
+                    pass
+            return []  # "no ranks": loads queued meanwhile fail (recompute)
+        fut = self._bg.submit(go)
+        for key, rem in list(self._remotes.items()):
+            if names & set(rem.peers.values()):
+                del self._remotes[key]
+                # requests to it wait for the disconnect, then handshake again
+                self._hs_futures.setdefault(key, fut)
 
     def _poll_sending(self, finished_req_ids: set[str]) -> set[str]:
         if not self._sending and not self._notifs and not self._push_waiting:
@@ -538,12 +704,12 @@ class PdConnectorWorker:
                     st.count += 1
                     st.expected = n
         out: set[str] = set()
-        now = time.time()
+        mono = time.monotonic()
         for rid, s in list(self._sending.items()):
             st = self._notifs.get(rid)
             if (st is not None and st.count >= st.expected) or s.released:
                 out.add(rid)
-            elif now > s.expiry:
+            elif mono > s.deadline:
                 self.stats.record_expired(s.nblocks)
                 log.info("PdConnector: lease of %s expired, freeing %d blocks", rid, s.nblocks)
                 out.add(rid)
@@ -560,6 +726,8 @@ class PdConnectorWorker:
     def get_transfer_results(self, finished_req_ids: set[str]
                              ) -> tuple[set[str], set[str], set[str]]:
         self._advance_handshakes()
+        if self._quarantine:
+            self._poll_quarantine()
         if self._inflight:
             self._poll_inflight()
             if self._inflight and self._posted_this_step and self.cfg.spin_wait_us > 0:
@@ -576,6 +744,14 @@ class PdConnectorWorker:
             self._expire_pushes()
         recving, failed = self._done_recv, self._failed_recv
         self._done_recv, self._failed_recv = set(), set()
+        if recving:
+            now = time.monotonic()
+            for rid in recving:
+                r = self._results.get(rid)
+                st = r.get("stages_ms") if r else None
+                if st is not None:
+                    st["done_seen_to_reported"] = round((now - st.pop("_t_done")) * 1e3, 3)
+                    r["t_reported"] = now
         return sending, recving, failed
 
     def take_worker_meta(self) -> PdWorkerMeta | None:
@@ -598,3 +774,19 @@ class PdConnectorWorker:
                 self.engine.close()
             except Exception:
                 pass
+
+
+def _stages(infl: _Inflight) -> dict[str, float]:
+    """Milliseconds between the stages of one pull load (all ``time.monotonic()``):
+    scheduler allocation -> step metadata -> worker ``start_load_kv`` -> READs posted
+    -> completion seen by a poll (-> reported, added when returned to vLLM)."""
+    j = infl.job
+
+    def ms(a: float, b: float) -> float:
+        return round((b - a) * 1e3, 3) if a and b else -1.0
+    return {"alloc_to_meta": ms(j.t_alloc, j.t_meta), "meta_to_start": ms(j.t_meta, j.t_start),
+            "start_to_posted": ms(j.t_start, infl.t_posted),
+            "posted_to_done_seen": ms(infl.t_posted, infl.t_done),
+            "nixl_submit_to_done_seen": round(max((h.stats.transfer_us for h in infl.handles),
+                                                  default=0.0) / 1e3, 3),
+            "_t_done": infl.t_done}

@@ -106,6 +106,13 @@ HandshakeHook = Callable[[RankDescriptor], None]
 NotifyHook = Callable[[str, str, bytes], None]
 
 
+#: ``TransferStatus`` history kept per server (oldest forgotten first).
+MAX_STATUSES = 4096
+
+#: Longest one ``PushTarget`` call waits for a registration before answering "not found".
+PUSH_TARGET_MAX_WAIT_MS = 1000
+
+
 class _Servicer(pb_grpc.KVTransferControlServicer):
     def __init__(self, server: "ControlServer") -> None:
         self.s = server
@@ -162,7 +169,8 @@ class _Servicer(pb_grpc.KVTransferControlServicer):
 
 
     def PushTarget(self, request: pb.PushTargetRequest, context: Any) -> pb.PushTargetResponse:
-        wait_s = min(request.wait_ms, 60_000) / 1e3
+        # capped: a waiting lookup holds one of the server's threads (clients re-ask)
+        wait_s = min(request.wait_ms, PUSH_TARGET_MAX_WAIT_MS) / 1e3
         t = self.s.push_targets.wait_for(request.push_id, wait_s)
         if t is None:
             return pb.PushTargetResponse(found=False)
@@ -284,15 +292,24 @@ class ControlServer:
         self._server.stop(grace_s).wait(grace_s + 1.0)
 
     # -- status and stats
+    def _status_entry(self, request_id: str, state: str) -> _Status:
+        """The request's entry (under the lock); the oldest go beyond MAX_STATUSES."""
+        st = self._statuses.get(request_id)
+        if st is None:
+            while len(self._statuses) >= MAX_STATUSES:
+                self._statuses.pop(next(iter(self._statuses)))
+            st = self._statuses[request_id] = _Status(state=state)
+        return st
+
     def set_status(self, request_id: str, state: str, bytes: int = 0, error: str = "") -> None:
         """Record a request's transfer state (``PENDING``, ``DONE``, ``FAILED``)."""
         with self._lock:
-            st = self._statuses.setdefault(request_id, _Status())
+            st = self._status_entry(request_id, "UNKNOWN")
             st.state, st.bytes, st.error = state, bytes or st.bytes, error
 
     def note_notification(self, request_id: str) -> int:
         with self._lock:
-            st = self._statuses.setdefault(request_id, _Status(state="PENDING"))
+            st = self._status_entry(request_id, "PENDING")
             st.notifications += 1
             return st.notifications
 

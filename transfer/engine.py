@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .errors import TransferTimeoutError, UnknownPeerError
+from .errors import TransferError, TransferTimeoutError, UnknownPeerError
 from .layout import Region
 
 DEFAULT_WAIT_TIMEOUT_S = float(os.environ.get("PDSIDECAR_TRANSFER_TIMEOUT_S", "30"))
@@ -222,7 +222,20 @@ class TransferEngine(ABC):
         return self.wait(fn(peer, local_block_ids, remote_block_ids, **kw), timeout_s)
 
     def _on_timeout(self, handle: TransferHandle) -> None:
-        """Backend hook: try to cancel/release a timed-out transfer."""
+        """Backend hook: try to cancel/release a timed-out transfer (it may still run:
+        ask :meth:`released` before reusing its memory)."""
+
+    def released(self, handle: TransferHandle) -> bool:
+        """True once ``handle`` can no longer touch memory (completed, failed for good,
+        or cancelled and released by the backend); False while it may still write.
+        Never blocks. A timed-out or failed transfer's destination must not be reused
+        before this says True (or the peer was removed, see :meth:`remove_peer`).
+        Default: the transfer's own completion (a CUDA copy cannot be cancelled, it
+        ends by itself)."""
+        try:
+            return self.poll(handle)
+        except TransferError:
+            return True
 
     def add_stats_listener(self, fn: StatsListener) -> None:
         """Call ``fn(stats)`` for every finished (or failed) transfer."""

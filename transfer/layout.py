@@ -229,6 +229,37 @@ def _inner_block_bytes(
     return n * esize
 
 
+def head_slice_bytes(t: Any, heads: int) -> int:
+    """Bytes of one KV head inside one block of ``t`` (one layer's cache), read from
+    its strides; 0 when a head is not one contiguous range of each block region.
+
+    Logical shapes as vLLM hands them: ``[num_blocks, H, N, C]`` (K and V in C: CPU,
+    vLLM >= 0.33) or ``[2, num_blocks, N, H, D]`` (K/V split, e.g. FLASH_ATTN), each in
+    whatever physical order the layout chose (HND: heads outermost in a block; NHD:
+    tokens outermost). Head slices (heterogeneous TP) are only byte ranges when the
+    heads dim is the outermost inner dim of a block and the rest of the block is dense.
+    """
+    shape, strides = tuple(t.shape), tuple(t.stride())
+    esize = int(t.element_size())
+    split = len(shape) == 5 and shape[0] == 2
+    if heads == 1:  # one head (or MLA's latent): a slice is the whole block
+        return int(np.prod(shape[2:] if split else shape[1:])) * esize
+    if split:
+        inner, istr, hdim = shape[2:], strides[2:], 1  # [N, H, D]
+    elif len(shape) == 4:
+        inner, istr, hdim = shape[1:], strides[1:], 0  # [H, N, C]
+    else:
+        return 0
+    if inner[hdim] != heads:
+        return 0
+    rest = [(n, st) for i, (n, st) in enumerate(zip(inner, istr)) if i != hdim]
+    per_head = int(np.prod([n for n, _ in rest]))
+    extent = 1 + sum((n - 1) * st for n, st in rest if n > 1)
+    if istr[hdim] != per_head or extent != per_head:
+        return 0
+    return per_head * esize
+
+
 def regions_for_buffer(
     base_addr: int, num_layers: int, num_blocks: int, block_len: int,
     device_id: int = 0, layer_stride: int | None = None, prefix: str = "layer",

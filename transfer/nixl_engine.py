@@ -354,20 +354,61 @@ class NixlTransferEngine(PeerTableEngine):
         h.stats.state = state
         h.stats.error = error
         h.done = True
-        self._release(h.native)
-        h.native = None
+        # a handle NIXL would not release is kept (and parked): released() retries
+        h.native = None if self._release(h.native) else h.native
         self._publish(h.stats)
 
-    def _release(self, xh: Any) -> None:
+    def _release(self, xh: Any) -> bool:
         try:
             self.agent.release_xfer_handle(xh)
+            return True
         except Exception:
             self._stale.append(xh)  # still active in the backend; retried on close
+            return False
 
     def _on_timeout(self, handle: TransferHandle) -> None:
+        """Mark it failed, but keep NIXL's handle: NIXL accepts releasing an active
+        transfer while the backend goes on writing (measured: UCX over TCP, blocks kept
+        landing after the release), so only :meth:`released` lets it go, once NIXL
+        reports it over. Parked for :meth:`close` meanwhile."""
         with self._lock:
-            if not handle.done:
-                self._finish(handle, "ERR", "timed out")
+            if handle.done:
+                return
+            handle.stats.transfer_us = (time.perf_counter_ns() - handle.t_submit_ns) / 1e3
+            handle.stats.state, handle.stats.error, handle.done = "ERR", "timed out", True
+            if handle.native is not None and handle.post_after is None:
+                self._stale.append(handle.native)
+            self._publish(handle.stats)
+
+    def released(self, handle: TransferHandle) -> bool:
+        """True once NIXL reports the transfer over (done or failed) and its handle was
+        released, or it was never posted. False while NIXL still reports it active
+        (releasing an active transfer does not stop it, see :meth:`_on_timeout`)."""
+        with self._lock:
+            xh = handle.native
+            if xh is None:
+                return True
+            if handle.post_after is not None:
+                handle.post_after = None  # never posted: nothing moved, nothing will
+            else:
+                try:
+                    state = self.agent.check_xfer_state(xh)
+                except Exception:
+                    state = "ERR"
+                if state == "PROC":
+                    return False
+                if not handle.done:
+                    handle.stats.state = "DONE" if state == "DONE" else "ERR"
+                    handle.done = True
+            try:
+                self.agent.release_xfer_handle(xh)
+            except Exception:
+                return False
+            handle.native = None
+            self._stale = [x for x in self._stale if x is not xh]
+            if handle.stats.state == "PROC":
+                handle.stats.state, handle.done = "ERR", True
+            return True
 
     # ------------------------------------------------------------ notifications
     def get_new_notifs(self) -> dict[str, list[bytes]]:

@@ -157,6 +157,15 @@ class RoutingTransferEngine(TransferEngine):
     def poll(self, handle: TransferHandle) -> bool:
         return handle.extra.poll(handle)
 
+    def released(self, handle: TransferHandle) -> bool:
+        eng = handle.extra  # the sub-engine (IPC swaps it for its figures once done)
+        return eng.released(handle) if isinstance(eng, TransferEngine) else handle.done
+
+    def _on_timeout(self, handle: TransferHandle) -> None:
+        eng = handle.extra
+        if isinstance(eng, TransferEngine):
+            eng._on_timeout(handle)
+
     def get_new_notifs(self) -> dict[str, list[bytes]]:
         out: dict[str, list[bytes]] = {}
         for e in self._engines():

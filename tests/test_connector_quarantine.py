@@ -1,0 +1,181 @@
+"""A READ that may still write is never forgotten (issue 16).
+
+Worker halves over real NIXL agents in one process (as in test_connector_tp.py). The
+"delayed peer" holds the decode worker's READ back until the test lets it go: the
+real NIXL READ is posted only then, after the worker's ``transfer_timeout_s``, so
+its bytes land in the decode blocks late. The worker must not report the load
+(failed or finished) to vLLM before the engine confirms the READ is over: vLLM would
+hand those blocks to another request (or recompute into them) while the late copy
+still writes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("nixl._api")
+
+from transfer.connector_meta import R_TIMEOUT, PdConfig, RecvJob  # noqa: E402
+from transfer.connector_worker import PdConnectorWorker  # noqa: E402
+from transfer.engine import TransferHandle, TransferStats, new_transfer_id  # noqa: E402
+
+from test_connector_tp import COMPAT, HEADS, LAYERS, NB, N, HS, src_for  # noqa: E402
+
+
+class DelayedPeerEngine:
+    """Wraps the decode worker's real engine: READs go out only once ``gate`` is set
+    (a peer that answers late). Everything else is the real NIXL engine."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.gate = threading.Event()
+        self.held: list[tuple[TransferHandle, tuple, dict]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def read_blocks(self, peer, lids, rids, **kw):
+        h = TransferHandle(TransferStats(new_transfer_id(), kw.get("request_id", ""), peer,
+                                         "READ", "nixl", 0, 0, len(lids), 0, 0.0, 0.0))
+        self.held.append((h, (peer, lids, rids), kw))
+        return h
+
+    def _go(self, h) -> bool:
+        """The held READ, posted for real once the gate is open; True when done."""
+        if not self.gate.is_set():
+            return False
+        for i, (hh, args, kw) in enumerate(self.held):
+            if hh is h:
+                real = self.real.read_blocks(*args, **kw)
+                self.real.wait(real, 10)
+                self.held.pop(i)
+                h.done = True
+        return h.done
+
+    def poll(self, h) -> bool:
+        return h.done or self._go(h)
+
+    def released(self, h) -> bool:
+        return h.done or self._go(h)
+
+    def _on_timeout(self, h) -> None:
+        pass  # the peer cannot be cancelled: it writes when it answers
+
+    def remove_peer(self, name) -> None:
+        """Disconnecting the peer tears its transfers down (they end, unwritten)."""
+        self.real.remove_peer(name)
+        for h, (peer, _, _), _ in list(self.held):
+            if peer == name:
+                h.done = True
+        self.held = [x for x in self.held if x[1][0] != name]
+
+
+def make_worker(engine_id: str, seed: int, **extra):
+    cfg = PdConfig.from_extra({"protocol": "rdma", **extra}, env={})
+    w = PdConnectorWorker(cfg, engine_id=engine_id, tp_rank=0, tp_size=1, compat=COMPAT)
+    g = torch.Generator().manual_seed(seed)
+    caches = {f"model.layers.{i}.attn": torch.randn(NB, HEADS, N, 2 * HS, generator=g,
+                                                      dtype=torch.float32).half()
+              for i in range(LAYERS)}
+    w.register_kv_caches(caches)
+    return w, caches
+
+
+def test_timed_out_read_is_reported_only_after_it_ended():
+    (p, pc), (d, dc) = make_worker("P", 1), make_worker("D", 2, transfer_timeout_s=0.2)
+    slow = d.engine = DelayedPeerEngine(d.engine)
+    try:
+        rem = d._add_remote(("127.0.0.1", 1), [p.desc])
+        rids, lids = [4, 5], [1, 2]
+        d._submit(RecvJob("d", src_for(1, rids), lids, rids), rem)
+        # past the timeout, the peer still holding the READ: quarantined, not reported
+        deadline = time.monotonic() + 20
+        while "d" not in d._quarantine and time.monotonic() < deadline:
+            _, r, f = d.get_transfer_results(set())
+            assert "d" not in r and "d" not in f
+            time.sleep(0.01)
+        assert "d" in d._quarantine and "d" not in d._inflight
+        for _ in range(20):
+            _, r, f = d.get_transfer_results(set())
+            assert "d" not in r and "d" not in f
+        name = next(iter(pc))
+        assert not torch.equal(dc[name][1], pc[name][4])
+        slow.gate.set()  # the peer answers: the late copy lands
+        got = None
+        deadline = time.monotonic() + 20
+        while got is None and time.monotonic() < deadline:
+            _, r, f = d.get_transfer_results(set())
+            if "d" in r:
+                got = "failed" if "d" in f else "ok"
+            time.sleep(0.005)
+        assert got == "failed"
+        assert d.take_worker_meta().results["d"]["error"] == R_TIMEOUT
+        for name in pc:  # it did write late: reporting earlier would have been unsafe
+            assert torch.equal(dc[name][1], pc[name][4]) and torch.equal(dc[name][2], pc[name][5])
+        assert not d._quarantine
+    finally:
+        d.engine = slow.real
+        p.shutdown()
+        d.shutdown()
+
+
+def test_stuck_peer_is_disconnected_then_the_load_fails():
+    """A READ that never ends: some seconds after its timeout the worker disconnects
+    the peer (the backend tears its transfers down), forgets the engine (the next
+    request to it handshakes again) and only then fails the load."""
+    (p, _), (d, _) = make_worker("P", 3), make_worker("D", 4, transfer_timeout_s=0.2)
+    slow = d.engine = DelayedPeerEngine(d.engine)
+    try:
+        rem = d._add_remote(("127.0.0.1", 1), [p.desc])
+        d._submit(RecvJob("d", src_for(1, [3]), [3], [3]), rem)
+        got = None
+        deadline = time.monotonic() + 60
+        while got is None and time.monotonic() < deadline:
+            _, r, f = d.get_transfer_results(set())
+            if "d" in r:
+                got = "failed" if "d" in f else "ok"
+                assert p.desc.peer.name not in slow.real.peers()  # not before the drop
+            time.sleep(0.01)
+        assert got == "failed"
+        assert ("127.0.0.1", 1) not in d._remotes
+        assert d.take_worker_meta().results["d"]["error"] == R_TIMEOUT
+    finally:
+        d.engine = slow.real
+        p.shutdown()
+        d.shutdown()
+
+
+def test_nixl_read_counts_as_released_only_once_it_ended(monkeypatch):
+    """NIXL accepts releasing an active transfer while UCX goes on writing (measured
+    over TCP: blocks kept landing after the release). A timed-out READ is therefore
+    "released" only once NIXL reports it over, and by then every byte has landed."""
+    from transfer.errors import TransferFailedError
+    from transfer.nixl_engine import NixlTransferEngine
+    from transfer.peerproc import CacheConfig, make_cache, start_peer
+    monkeypatch.setenv("UCX_TLS", "tcp,self")  # a READ outlives its post (restored after)
+    cfg = CacheConfig(layers=2, num_blocks=160, block_len=256 * 1024, seed=1)
+    peer = start_peer("nixl", "peer-late", cfg, protocol="tcp")
+    eng = NixlTransferEngine("local-late")
+    try:
+        buf, caches = make_cache(CacheConfig(layers=2, num_blocks=160, block_len=256 * 1024,
+                                             seed=2))
+        eng.register_kv_caches(caches)
+        name = eng.add_peer(peer.info)
+        ref, _ = make_cache(cfg)
+        ids = list(range(160))
+        h = eng.read_blocks(name, ids, ids)
+        eng._on_timeout(h)  # the caller gave up at once, while the READ runs
+        with pytest.raises(TransferFailedError):
+            eng.poll(h)
+        deadline = time.monotonic() + 60
+        while not eng.released(h) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert h.native is None
+        assert torch.equal(buf, ref)  # nothing was still to land once released said so
+    finally:
+        eng.close()
+        peer.close()
