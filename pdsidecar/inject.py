@@ -64,6 +64,8 @@ DEFAULT_UCX_TLS = "rc,ud,sm,self,cuda_copy,cuda_ipc,tcp"
 # UCX's TCP transport listens on random ports unless pinned; deploy/base's
 # NetworkPolicies open exactly this range between the prefill and decode pods.
 DEFAULT_UCX_TCP_PORT_RANGE = "14700-14799"
+CONTROL_TLS_DIR = "/etc/pdsidecar/control-tls"
+CONTROL_TLS_VOLUME = "pd-control-tls"
 
 
 class InjectError(Exception):
@@ -83,6 +85,7 @@ class InjectOptions:
     control_port: int = 14600
     auth_secret: str | None = "pdsidecar-auth"  # Secret name, key `auth_secret_key`
     auth_secret_key: str = "token"
+    control_tls_secret: str | None = None  # Secret with ca.crt/tls.crt/tls.key: control-plane mTLS
     allowed_peers: str | None = None
     host_ipc: bool = False
     share_process_namespace: bool = True
@@ -124,7 +127,9 @@ def kv_transfer_config(options: InjectOptions) -> str:
             "protocol": options.protocol,
         },
     }
-    if options.auth_secret:  # the token comes from the Secret: refuse to run without it
+    if options.control_tls_secret:
+        cfg["kv_connector_extra_config"]["control_tls_dir"] = CONTROL_TLS_DIR
+    if options.auth_secret or options.control_tls_secret:  # refuse to run without them
         cfg["kv_connector_extra_config"]["require_control_auth"] = True
     return json.dumps(cfg, separators=(",", ":"))
 
@@ -271,6 +276,11 @@ def _connector_settings(c: dict, spec: dict, options: InjectOptions) -> None:
     if options.auth_secret:  # control-plane authentication (transfer.control_auth)
         _set_env(c, "PDSIDECAR_AUTH_TOKEN", value_from={
             "secretKeyRef": {"name": options.auth_secret, "key": options.auth_secret_key}})
+    if options.control_tls_secret:  # control-plane mutual TLS
+        _upsert(_sd(c, "volumeMounts", []),
+                {"name": CONTROL_TLS_VOLUME, "mountPath": CONTROL_TLS_DIR, "readOnly": True})
+        _upsert(_sd(spec, "volumes", []), {"name": CONTROL_TLS_VOLUME, "secret": {
+            "secretName": options.control_tls_secret, "defaultMode": 0o400}})
 
     if options.ipc_lock:
         sc = _sd(c, "securityContext", {})
@@ -563,6 +573,8 @@ def add_inject_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-port", type=int, default=d.control_port, help="connector gRPC control port (+ DP rank)")
     p.add_argument("--auth-secret", default=d.auth_secret, help="Secret with the shared sidecar token ('' = none)")
     p.add_argument("--auth-secret-key", default=d.auth_secret_key)
+    p.add_argument("--control-tls-secret", default=None,
+                   help="Secret with ca.crt/tls.crt/tls.key (pdsidecar control-certs): mutual TLS on the connector's control plane")
     p.add_argument("--allowed-peers", default=None, help="PDSIDECAR_ALLOWED_PEERS")
     p.add_argument("--host-ipc", action="store_true", help="set hostIPC (CUDA IPC across pods)")
     p.add_argument("--shm-size", default=d.shm_size, help="/dev/shm emptyDir sizeLimit")
@@ -578,7 +590,7 @@ def add_inject_arguments(p: argparse.ArgumentParser) -> None:
 def options_from_args(ns: argparse.Namespace) -> InjectOptions:
     names = {f.name for f in fields(InjectOptions)}
     kw = {k: v for k, v in vars(ns).items() if k in names}
-    for k in ("auth_secret", "ucx_tls", "ucx_tcp_port_range"):
+    for k in ("auth_secret", "ucx_tls", "ucx_tcp_port_range", "control_tls_secret"):
         if kw.get(k) == "":
             kw[k] = None
     return InjectOptions(**kw)

@@ -294,3 +294,69 @@ def test_host_key_file_is_private_and_shared(tmp_path):
     assert os.stat(os.path.join(d, "k")).st_mode & 0o077 == 0
     (tmp_path / "bad").write_bytes(b"short")
     assert hostproof._load_or_create(os.path.join(d, "bad")) is None
+
+
+# ------------------------------------------------------------------ mutual TLS
+
+
+@pytest.fixture(scope="module")
+def tls_dirs(tmp_path_factory):
+    from pdsidecar.k8s_certs import write_control_certs
+    good, other = tmp_path_factory.mktemp("tls-good"), tmp_path_factory.mktemp("tls-other")
+    write_control_certs(str(good))
+    write_control_certs(str(other))  # another CA: a stranger's valid-looking certificate
+    return str(good), str(other)
+
+
+def test_mtls_refuses_plaintext_and_foreign_certificates(tls_dirs):
+    from transfer.control_auth import TlsFiles
+    good, other = (TlsFiles.from_dir(d) for d in tls_dirs)
+    srv = ControlServer(tls=good, auth=ControlAuth(TOKEN))
+    srv.add_rank(_desc("p0"))
+    srv.push_targets.register("push-1", PushTarget("eng-d", 0, 1, BS, 40, 0, [4],
+                                                   time.time() + 60))
+    srv.start()
+    try:
+        for tls in (None, other):  # plaintext / a certificate from another CA
+            with ControlClient(srv.target, timeout_s=3, tls=tls, auth=ControlAuth(TOKEN)) as c:
+                with pytest.raises(HandshakeError):
+                    c.push_target("push-1")
+        no_cert = TlsFiles(good.ca, b"", b"")  # trusts the server, presents nothing
+        ch = grpc.secure_channel(srv.target, grpc.ssl_channel_credentials(no_cert.ca),
+                                 options=[("grpc.ssl_target_name_override", "pd-engine")])
+        with pytest.raises(grpc.RpcError):
+            ch.unary_unary(SERVICE + "PushTarget")(
+                pb.PushTargetRequest(push_id="push-1").SerializeToString(), timeout=3)
+        ch.close()
+        with ControlClient(srv.target, timeout_s=5, tls=good, auth=ControlAuth(TOKEN)) as c:
+            assert c.push_target("push-1").block_ids == [4]
+            assert c.handshake(_desc("d0")).peer.name == "p0"
+        # a certificate alone is not enough while the token check is on
+        with ControlClient(srv.target, timeout_s=5, tls=good) as c:
+            with pytest.raises(HandshakeError, match="refused"):
+                c.push_target("push-1")
+    finally:
+        srv.stop()
+
+
+def test_tls_config(tls_dirs, tmp_path):
+    good, _ = tls_dirs
+    cfg = PdConfig.from_extra({"control_tls_dir": good, "require_control_auth": True}, env={})
+    assert cfg.control_tls is not None and cfg.control_token is None
+    assert PdConfig.from_extra({}, env={"PD_CONTROL_TLS_DIR": good}).control_tls is not None
+    with pytest.raises(ValueError, match="ca.crt: No such file"):
+        PdConfig.from_extra({"control_tls_dir": str(tmp_path)}, env={})
+    with pytest.raises(ValueError, match="unknown"):
+        PdConfig.from_extra({"control_tls": "x"}, env={})
+
+
+def test_control_certs_cli(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "pdsidecar", "control-certs", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "create secret generic pdsidecar-control-tls" in out.stdout
+    assert os.stat(tmp_path / "tls.key").st_mode & 0o077 == 0
+    from transfer.control_auth import TlsFiles
+    assert TlsFiles.from_dir(str(tmp_path)).cert.startswith(b"-----BEGIN CERTIFICATE")

@@ -147,8 +147,14 @@ def test_rendered_vllm_args_parse(rendered, vllm_parse, overlay):
                 assert ns.port == 8200
             cfg = ns.kv_transfer_config
             assert (cfg.kv_connector, cfg.kv_connector_module_path, cfg.kv_role) == ("PdConnector", "transfer.connector", "kv_both")
-            assert cfg.kv_connector_extra_config == {"control_port": 14600, "protocol": prof.inject.protocol,
-                                                   "require_control_auth": True}
+            want = {"control_port": 14600, "protocol": prof.inject.protocol, "require_control_auth": True}
+            if prof.inject.control_tls_secret:  # mutual TLS from the mounted Secret
+                want["control_tls_dir"] = "/etc/pdsidecar/control-tls"
+                vols = {v["name"]: v for v in spec["volumes"]}
+                [m] = [m for m in kv.vllm_container(spec)["volumeMounts"]
+                       if m["mountPath"] == want["control_tls_dir"]]
+                assert vols[m["name"]]["secret"]["secretName"] == prof.inject.control_tls_secret
+            assert cfg.kv_connector_extra_config == want
 
 
 def _pod_specs_selected(docs, selector: dict):

@@ -288,3 +288,20 @@ def test_wired_through_pdsidecar_cli(capsys, monkeypatch):
     rc = cli.main(["inject", "--role", "decode"])
     out, _ = capsys.readouterr()
     assert rc == 0 and out == (GOLDEN / "pod.decode.yaml").read_text()
+
+
+def test_control_tls_secret_mounts_and_configures_mtls():
+    out = inject(_load("lws"), "prefill", InjectOptions(control_tls_secret="pd-tls"))
+    assert inject(out, "prefill", InjectOptions(control_tls_secret="pd-tls")) == out
+    for label, spec in kv.pod_templates(out):
+        c = kv.vllm_container(spec)
+        cfg = json.loads(_flag(kv.vllm_serve_args(c), "--kv-transfer-config"))["kv_connector_extra_config"]
+        assert cfg["control_tls_dir"] == "/etc/pdsidecar/control-tls" and cfg["require_control_auth"] is True
+        [m] = [m for m in c["volumeMounts"] if m["mountPath"] == cfg["control_tls_dir"]]
+        [v] = [v for v in spec["volumes"] if v["name"] == m["name"]]
+        assert v["secret"]["secretName"] == "pd-tls" and m["readOnly"] is True
+    # no Secret at all: no auth flag, no token env (a dev setup; the engine warns)
+    bare = inject(_load("pod"), "decode", InjectOptions(auth_secret=None))
+    c = bare["spec"]["containers"][0]
+    assert "require_control_auth" not in _flag(c["args"], "--kv-transfer-config")
+    assert all(e["name"] != "PDSIDECAR_AUTH_TOKEN" for e in c.get("env", []))

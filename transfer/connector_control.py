@@ -21,14 +21,17 @@ _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
 _auth: Any = None
 _auth_set = False
+_tls: Any = None
 
 
-def configure_auth(token: str | None) -> None:
-    """Use ``token`` (None = no authentication) for this process's control calls."""
-    global _auth, _auth_set
+def configure_auth(token: str | None, tls: Any = None) -> None:
+    """Use ``token`` (None = no authentication) and ``tls`` (a ``TlsFiles``, None =
+    plaintext) for this process's control calls and servers."""
+    global _auth, _auth_set, _tls
     from .control_auth import ControlAuth
     with _clients_lock:
         _auth = ControlAuth(token) if token else None
+        _tls = tls
         _auth_set = True
         for c in _clients.values():
             c.close()
@@ -37,13 +40,14 @@ def configure_auth(token: str | None) -> None:
 
 def control_auth() -> Any:
     """The process's ``ControlAuth`` (see :func:`configure_auth`), or None."""
-    global _auth, _auth_set
+    global _auth, _auth_set, _tls
     if not _auth_set:
-        from .control_auth import ControlAuth, load_token
-        token = load_token()
+        from .control_auth import ControlAuth, load_tls, load_token
+        token, tls = load_token(), load_tls()
         with _clients_lock:
             if not _auth_set:
                 _auth = ControlAuth(token) if token else None
+                _tls = tls
                 _auth_set = True
     return _auth
 
@@ -56,7 +60,8 @@ def control_client(host: str, port: int, timeout_s: float) -> Any:
     with _clients_lock:
         c = _clients.get(target)
         if c is None:
-            c = _clients[target] = ControlClient(target, timeout_s=timeout_s, auth=auth)
+            c = _clients[target] = ControlClient(target, timeout_s=timeout_s, auth=auth,
+                                                 tls=_tls)
         return c
 
 
@@ -104,7 +109,7 @@ def start_control_server(host: str, port: int, **kw: Any) -> Any:
 
     def make(p: int) -> Any:
         addr = f"[{host}]:{p}" if ":" in host else f"{host}:{p}"
-        return ctl.ControlServer(addr, auth=auth, grpc_options=(("grpc.so_reuseport", 0),),
+        return ctl.ControlServer(addr, auth=auth, tls=_tls, grpc_options=(("grpc.so_reuseport", 0),),
                                  thread_name_prefix="pd-control", **kw)
 
     srv = make(port)
@@ -118,11 +123,11 @@ def start_control_server(host: str, port: int, **kw: Any) -> Any:
             "using an ephemeral port instead", port, host)
         srv = make(0)
         srv.start()
-    if auth is None:
+    if auth is None and _tls is None:
         logger.warning(
             "PdConnector: the control plane on %s:%d is UNAUTHENTICATED: anyone who reaches "
             "it can release this engine's KV blocks, read push targets or handshake. Give "
             "every engine the shared token (PDSIDECAR_AUTH_TOKEN_FILE / PDSIDECAR_AUTH_TOKEN "
-            "or kv_connector_extra_config control_token_file; require_control_auth: true "
-            "refuses to start without one)", host, srv.port)
+            "or kv_connector_extra_config control_token_file, and/or control_tls_dir for mutual "
+            "TLS; require_control_auth: true refuses to start without one)", host, srv.port)
     return srv

@@ -98,7 +98,7 @@ class PdConnectorScheduler:
     # ------------------------------------------------------------ control plane
     def _start_server(self) -> None:
         from .connector_control import configure_auth, start_control_server
-        configure_auth(self.cfg.control_token)
+        configure_auth(self.cfg.control_token, self.cfg.control_tls)
         port = self.cfg.control_port + self.dp_rank if self.cfg.control_port else 0
         self._server = start_control_server(self.host, port, on_notify=self._on_notify)
         self.port = self._server.port

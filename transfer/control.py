@@ -30,7 +30,7 @@ from . import control_pb2 as pb
 from . import control_pb2_grpc as pb_grpc
 from . import hostproof
 from .control_auth import AUTH_KEY, RESP_KEY, AuthError, AuthInterceptor, ControlAuth, \
-    RefusalCounter, metadata_value
+    RefusalCounter, TlsFiles, metadata_value
 from .engine import PeerInfo, TransferStats
 from .errors import HandshakeError, HandshakeMismatchError
 from .layout import Region
@@ -269,7 +269,8 @@ class ControlServer:
     """Threaded gRPC server for one process's ranks (``add_rank`` each of them).
 
     ``auth`` (a :class:`ControlAuth`) turns per-call authentication on; refused calls
-    are counted in ``refused`` (by reason). ``grpc_options`` go to ``grpc.server``.
+    are counted in ``refused`` (by reason). ``tls`` (a :class:`TlsFiles`) serves mutual
+    TLS instead of plaintext. ``grpc_options`` go to ``grpc.server``.
     ``on_handshake(remote)`` runs after a successful compatibility check (e.g. to
     ``engine.add_peer(remote.peer)`` for push mode); ``on_notify(sender, receiver,
     msg)`` receives ``Notify`` calls (IPC-only setups without NIXL notifications).
@@ -279,10 +280,12 @@ class ControlServer:
     def __init__(self, address: str = "127.0.0.1:0", *, max_workers: int = 8,
                  on_handshake: HandshakeHook | None = None,
                  on_notify: NotifyHook | None = None, auth: ControlAuth | None = None,
+                 tls: TlsFiles | None = None,
                  grpc_options: tuple[tuple[str, Any], ...] = (),
                  thread_name_prefix: str = "kvx-control") -> None:
         self.address = address
         self.auth = auth
+        self.tls = tls
         self.refused = RefusalCounter()
         self.on_handshake = on_handshake
         self.on_notify = on_notify
@@ -304,7 +307,11 @@ class ControlServer:
 
     def start(self) -> int:
         """Bind and start serving; returns the bound port."""
-        self.port = self._server.add_insecure_port(self.address)
+        if self.tls is not None:
+            self.port = self._server.add_secure_port(self.address,
+                                                     self.tls.server_credentials())
+        else:
+            self.port = self._server.add_insecure_port(self.address)
         if not self.port:
             raise HandshakeError(f"cannot bind control server to {self.address}")
         self._server.start()
@@ -381,16 +388,23 @@ class ControlClient:
     """Blocking client; every call has an explicit timeout (``timeout_s``).
 
     With ``auth`` every call is signed and every unary answer's signature checked
-    (an unsigned or forged answer raises :class:`HandshakeError`).
+    (an unsigned or forged answer raises :class:`HandshakeError`). With ``tls`` the
+    channel is mutual TLS (the server's certificate must carry ``tls.server_name``).
     """
 
     target: str
     timeout_s: float = DEFAULT_RPC_TIMEOUT_S
     auth: ControlAuth | None = field(default=None, repr=False)
+    tls: TlsFiles | None = field(default=None, repr=False)
     _channel: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self._channel = grpc.insecure_channel(self.target)
+        if self.tls is not None:
+            self._channel = grpc.secure_channel(
+                self.target, self.tls.channel_credentials(),
+                options=[("grpc.ssl_target_name_override", self.tls.server_name)])
+        else:
+            self._channel = grpc.insecure_channel(self.target)
 
     def _call(self, name: str, req: Any, resp_cls: Any, timeout_s: float) -> Any:
         """One unary call with the exact request bytes signed and the answer checked."""

@@ -13,6 +13,11 @@ also knows the answer came from a token holder and belongs to its call. Errors a
 the ``StatsStream`` messages are not signed (errors only make the caller fall back;
 stats are informational).
 
+Optionally (``TlsFiles``, ``control_tls_dir``) the channel is mutual TLS: the server
+requires a client certificate signed by the deployment's CA and the client checks the
+server's (fixed name ``pd-engine``, since peers are dialled by IP). That adds
+confidentiality; the token check stays on top.
+
 Replay state is bounded: at most ``max_nonces`` nonces are remembered; when one is
 evicted early, its timestamp becomes a floor and every call signed at or before it
 is refused, so no evicted nonce can be replayed.
@@ -29,6 +34,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import grpc
@@ -52,6 +58,47 @@ REFUSAL_REASONS = (R_MISSING, R_MALFORMED, R_STALE, R_REPLAYED, R_BAD_SIGNATURE)
 
 ENV_TOKEN = "PDSIDECAR_AUTH_TOKEN"
 ENV_TOKEN_FILE = "PDSIDECAR_AUTH_TOKEN_FILE"
+ENV_TLS_DIR = "PD_CONTROL_TLS_DIR"
+TLS_SERVER_NAME = "pd-engine"  # pdsidecar.k8s_certs.CONTROL_CERT_NAME
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM bytes of the control plane's CA, engine certificate and key."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+    server_name: str = TLS_SERVER_NAME
+
+    @classmethod
+    def from_dir(cls, directory: str) -> "TlsFiles":
+        """``ca.crt``, ``tls.crt``, ``tls.key`` of ``directory`` (a mounted Secret)."""
+        out = {}
+        for fname in ("ca.crt", "tls.crt", "tls.key"):
+            try:
+                with open(os.path.join(directory, fname), "rb") as f:
+                    out[fname] = f.read()
+            except OSError as e:
+                raise ValueError(f"control TLS dir {directory}: {fname}: {e.strerror}") from None
+            if b"-----BEGIN" not in out[fname]:
+                raise ValueError(f"control TLS dir {directory}: {fname} is not PEM")
+        return cls(out["ca.crt"], out["tls.crt"], out["tls.key"])
+
+    def server_credentials(self) -> Any:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
+                                           require_client_auth=True)
+
+    def channel_credentials(self) -> Any:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)
+
+
+def load_tls(tls_dir: str = "", env: Mapping[str, str] | None = None) -> TlsFiles | None:
+    """``tls_dir``, else ``$PD_CONTROL_TLS_DIR``; None if neither is set."""
+    env = os.environ if env is None else env
+    d = tls_dir or env.get(ENV_TLS_DIR, "")
+    return TlsFiles.from_dir(d) if d else None
 
 
 class AuthError(Exception):
