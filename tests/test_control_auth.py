@@ -360,3 +360,17 @@ def test_control_certs_cli(tmp_path):
     assert os.stat(tmp_path / "tls.key").st_mode & 0o077 == 0
     from transfer.control_auth import TlsFiles
     assert TlsFiles.from_dir(str(tmp_path)).cert.startswith(b"-----BEGIN CERTIFICATE")
+
+
+def test_connector_keys_documented_and_read():
+    """Every kv_connector_extra_config key in README/docs is a PdConfig key and vice versa."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    keys = set(PdConfig.__dataclass_fields__) - {"control_token", "control_tls"}
+    for doc, heading in (("README.md", "### Connector (`kv_connector_extra_config`"),
+                         ("docs/connector.md", "### `kv_connector_extra_config` keys")):
+        text = (root / doc).read_text()
+        table = text[text.index(heading):].split("\n\n", 2)[1]
+        documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.M))
+        assert documented == keys, (doc, documented ^ keys)
