@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import tempfile
@@ -60,7 +61,13 @@ def host_key(directory: str | None = None) -> bytes | None:
     with _lock:
         if d in _cache:
             return _cache[d]
-        key = _load_or_create(os.path.join(d, f"pd-hostkey-v1-{os.getuid()}"))
+        path = os.path.join(d, f"pd-hostkey-v1-{os.getuid()}")
+        key = _load_or_create(path)
+        if key is None:
+            logging.getLogger("vllm.pdsidecar.connector").warning(
+                "PdConnector: no usable host key at %s (unwritable dir, or a file of another "
+                "size or owner): no peer is recognised as being on this host, so CUDA IPC is "
+                "not used (set %s to a private writable directory)", path, ENV_DIR)
         _cache[d] = key
         return key
 
