@@ -285,3 +285,15 @@ def test_network_policies_match_the_pods(rendered, overlay):
     assert _allows(pols["prefill"], labels["decode"], 8000) and not _allows(pols["prefill"], stranger, 8000)
     assert _allows(pols["decode"], stranger, 8000)
     assert _allows(pols["decode"], stranger, 9090) and _allows(pols["prefill"], stranger, 9090)
+
+
+def test_network_policy_schema_rejects_broken_objects(rendered):
+    import copy
+    pol = _by_kind(rendered["production"], "NetworkPolicy")[0]
+    assert kv.validate_object(pol) == []
+    bad = copy.deepcopy(pol)
+    bad["spec"]["ingress"][0]["ports"][1]["endPort"] = "14663"
+    assert kv.validate_object(bad)
+    bad = copy.deepcopy(pol)
+    bad["spec"]["ingress"][0]["fromm"] = bad["spec"]["ingress"][0].pop("from")
+    assert kv.validate_object(bad)
