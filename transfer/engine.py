@@ -48,7 +48,7 @@ class PeerInfo:
     regions: list[Region]
     host_id: str = field(default_factory=host_id)
     agent_metadata: bytes = b""  # NIXL agent blob
-    ipc_handles: bytes = b""  # pickled CUDA IPC handles (same host only)
+    ipc_handles: bytes = b""  # CUDA IPC handle message (transfer.ipc_handles; same host only)
     device_id: int = 0
     # local verdict, never sent: True only if the peer proved it shares this host
     # (``transfer.hostproof`` in the handshake); None = not from a handshake (in-process)
