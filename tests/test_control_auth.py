@@ -374,3 +374,32 @@ def test_connector_keys_documented_and_read():
         table = text[text.index(heading):].split("\n\n", 2)[1]
         documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.M))
         assert documented == keys, (doc, documented ^ keys)
+
+
+def test_flood_of_unsigned_calls_leaves_no_state(caplog):
+    srv = ControlServer(auth=ControlAuth(TOKEN))
+    srv.start()
+    try:
+        ch = grpc.insecure_channel(srv.target)
+        call = ch.unary_unary(SERVICE + "PushTarget")
+        for i in range(200):
+            with pytest.raises(grpc.RpcError):
+                call(pb.PushTargetRequest(push_id=f"p{i}", wait_ms=60_000).SerializeToString(),
+                     timeout=5, metadata=((AUTH_KEY, f"v1:{i}:{'n' * 24}:{'m' * 43}"),))
+        ch.close()
+        assert srv.refused.total == {"bad_signature": 200}
+        assert len(srv.auth.nonces) == 0 and len(srv.push_targets) == 0
+        # the log is rate-limited: the first few refusals, then every 1000th
+        assert sum("refused control call" in r.getMessage() for r in caplog.records) <= 5
+    finally:
+        srv.stop()
+
+
+def test_unauthenticated_server_warns(caplog):
+    import logging
+    from transfer.connector_control import configure_auth, start_control_server
+    configure_auth(None)
+    with caplog.at_level(logging.WARNING, logger="vllm.pdsidecar.connector"):
+        srv = start_control_server("127.0.0.1", 0)
+    srv.stop()
+    assert any("UNAUTHENTICATED" in r.getMessage() for r in caplog.records)
