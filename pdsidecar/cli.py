@@ -47,6 +47,7 @@ DELEGATED: dict[str, tuple[str, str, str]] = {
     "inject": ("pdsidecar.inject", "run_inject", "add the sidecar to Pod/Deployment/LeaderWorkerSet YAML"),
     "webhook": ("pdsidecar.webhook", "run_webhook", "mutating admission webhook that injects the sidecar"),
     "webhook-cert": ("pdsidecar.k8s_certs", "run_webhook_cert", "self-signed certificate for the webhook (dev)"),
+    "control-certs": ("pdsidecar.k8s_certs", "run_control_certs", "CA + engine certificate for control-plane mTLS"),
     "deploy-validate": ("pdsidecar.k8s_validate", "run_validate", "validate rendered manifests offline"),
     "deploy-manifests": ("pdsidecar.k8s_manifests", "run_manifests", "regenerate the LeaderWorkerSet manifests"),
 }

@@ -3,6 +3,10 @@
 Used by tests, `pdsidecar local` and `pdbench`. Each engine runs in its own process
 group (vLLM's engine core and workers outlive the API server by seconds), pinned to its
 own cores on CPU (`VLLM_CPU_OMP_THREADS_BIND`), with free ports picked here.
+
+Every engine started here gets the control-plane token of this process
+(`harness_token()`, random per process, as `PDSIDECAR_AUTH_TOKEN`) unless its env sets
+one, so engine pairs authenticate their gRPC control plane like a deployment does.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -30,6 +35,14 @@ ENGINE_SITE = str(Path(__file__).parent / "engine_site")
 
 class EngineError(Exception):
     """An engine could not be started or did not become ready."""
+
+
+_HARNESS_TOKEN = secrets.token_hex(24)
+
+
+def harness_token() -> str:
+    """The shared control-plane token of the engines this process starts."""
+    return _HARNESS_TOKEN
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -152,6 +165,8 @@ class Engine:
         )
         if c.cpu_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = c.cpu_bind
+        if not env.get("PDSIDECAR_AUTH_TOKEN") and not env.get("PDSIDECAR_AUTH_TOKEN_FILE"):
+            env["PDSIDECAR_AUTH_TOKEN"] = harness_token()
         env.update(c.env)
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != ENGINE_SITE]
         if c.amx_permission:

@@ -5,10 +5,14 @@ StatefulSet or LeaderWorkerSet, as a dict) and returns a new dict where
 
 * the pdsidecar proxy runs as a *native sidecar* (an initContainer with
   ``restartPolicy: Always``) listening on ``sidecar_port`` (8000) in front of
-  vLLM, which is moved to ``vllm_port`` (8200);
+  vLLM, which is moved to ``vllm_port`` (8200) and bound to ``127.0.0.1`` (the
+  sidecar is its only client; its probes become ``exec`` probes inside the pod);
 * the vLLM container gets ``--kv-transfer-config`` for our ``PdConnector``
   (added, or replacing an existing one), the ``/dev/shm`` memory volume, the
-  ``IPC_LOCK`` capability, UCX environment and optionally an RDMA device;
+  ``IPC_LOCK`` capability, UCX environment (TCP ports pinned to
+  ``ucx_tcp_port_range`` so a NetworkPolicy can name them) and optionally an RDMA
+  device; with an ``auth_secret``, the shared token (``PDSIDECAR_AUTH_TOKEN``) for
+  the connector's control plane, which then refuses to start without it;
 * the pod gets ``shareProcessNamespace`` (CUDA IPC between containers),
   optionally ``hostIPC``, the role label/annotation and Prometheus scrape
   annotations.
@@ -57,6 +61,11 @@ LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 
 DEFAULT_IMAGE = "ghcr.io/pdsidecar/pdsidecar:0.1.0"
 DEFAULT_UCX_TLS = "rc,ud,sm,self,cuda_copy,cuda_ipc,tcp"
+# UCX's TCP transport listens on random ports unless pinned; deploy/base's
+# NetworkPolicies open exactly this range between the prefill and decode pods.
+DEFAULT_UCX_TCP_PORT_RANGE = "14700-14799"
+CONTROL_TLS_DIR = "/etc/pdsidecar/control-tls"
+CONTROL_TLS_VOLUME = "pd-control-tls"
 
 
 class InjectError(Exception):
@@ -76,6 +85,7 @@ class InjectOptions:
     control_port: int = 14600
     auth_secret: str | None = "pdsidecar-auth"  # Secret name, key `auth_secret_key`
     auth_secret_key: str = "token"
+    control_tls_secret: str | None = None  # Secret with ca.crt/tls.crt/tls.key: control-plane mTLS
     allowed_peers: str | None = None
     host_ipc: bool = False
     share_process_namespace: bool = True
@@ -84,6 +94,7 @@ class InjectOptions:
     rdma_count: int = 1
     ucx_tls: str | None = DEFAULT_UCX_TLS
     ucx_net_devices: str | None = None  # e.g. "mlx5_0:1,mlx5_1:1"
+    ucx_tcp_port_range: str | None = DEFAULT_UCX_TCP_PORT_RANGE  # UCX_TCP_PORT_RANGE
     ipc_lock: bool = True
     sidecar_cpu_request: str = "500m"
     sidecar_memory_request: str = "512Mi"
@@ -116,6 +127,10 @@ def kv_transfer_config(options: InjectOptions) -> str:
             "protocol": options.protocol,
         },
     }
+    if options.control_tls_secret:
+        cfg["kv_connector_extra_config"]["control_tls_dir"] = CONTROL_TLS_DIR
+    if options.auth_secret or options.control_tls_secret:  # refuse to run without them
+        cfg["kv_connector_extra_config"]["require_control_auth"] = True
     return json.dumps(cfg, separators=(",", ":"))
 
 
@@ -256,6 +271,16 @@ def _connector_settings(c: dict, spec: dict, options: InjectOptions) -> None:
         _set_env(c, "UCX_TLS", options.ucx_tls)
     if options.ucx_net_devices:
         _set_env(c, "UCX_NET_DEVICES", options.ucx_net_devices)
+    if options.ucx_tcp_port_range:
+        _set_env(c, "UCX_TCP_PORT_RANGE", options.ucx_tcp_port_range)
+    if options.auth_secret:  # control-plane authentication (transfer.control_auth)
+        _set_env(c, "PDSIDECAR_AUTH_TOKEN", value_from={
+            "secretKeyRef": {"name": options.auth_secret, "key": options.auth_secret_key}})
+    if options.control_tls_secret:  # control-plane mutual TLS
+        _upsert(_sd(c, "volumeMounts", []),
+                {"name": CONTROL_TLS_VOLUME, "mountPath": CONTROL_TLS_DIR, "readOnly": True})
+        _upsert(_sd(spec, "volumes", []), {"name": CONTROL_TLS_VOLUME, "secret": {
+            "secretName": options.control_tls_secret, "defaultMode": 0o400}})
 
     if options.ipc_lock:
         sc = _sd(c, "securityContext", {})
@@ -289,6 +314,8 @@ def _move_vllm_port(c: dict, options: InjectOptions) -> None:
     old = _flag_value(args, "--port")
     old_port = int(old) if old and old.isdigit() else 8000
     args = _set_flag(args, "--port", str(options.vllm_port))
+    # the sidecar is vLLM's only client: nothing outside the pod reaches vLLM directly
+    args = _set_flag(args, "--host", "127.0.0.1")
     c[which] = args
     old_refs: set = {old_port}
     ports = c.get("ports") or []
@@ -303,6 +330,27 @@ def _move_vllm_port(c: dict, options: InjectOptions) -> None:
     new_ports.insert(0, {"name": "vllm-http", "containerPort": options.vllm_port, "protocol": "TCP"})
     c["ports"] = new_ports
     _fix_probe_ports(c, old_refs, options.vllm_port)
+    _exec_probes(c, options.vllm_port)
+
+
+def _exec_probes(c: dict, port: int) -> None:
+    """kubelet's httpGet probes come from the node, not from 127.0.0.1: probe vLLM
+    from inside its container instead (its image has python3)."""
+    for probe_key in ("livenessProbe", "readinessProbe", "startupProbe"):
+        p = c.get(probe_key)
+        if not isinstance(p, dict) or not isinstance(p.get("httpGet"), dict):
+            continue
+        h = p["httpGet"]
+        if h.get("port") != port:
+            continue
+        path = str(h.get("path") or "/")
+        if not path.startswith("/") or "'" in path or "\\" in path:
+            raise InjectError(f"{probe_key} path {path!r} cannot be turned into an exec probe")
+        del p["httpGet"]
+        p["exec"] = {"command": ["python3", "-c", (
+            "import urllib.request; urllib.request.urlopen("
+            f"'http://127.0.0.1:{port}{path}', timeout=5)")]}
+        p.setdefault("timeoutSeconds", 10)
 
 
 def _sidecar(role: str, options: InjectOptions) -> dict:
@@ -525,6 +573,8 @@ def add_inject_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-port", type=int, default=d.control_port, help="connector gRPC control port (+ DP rank)")
     p.add_argument("--auth-secret", default=d.auth_secret, help="Secret with the shared sidecar token ('' = none)")
     p.add_argument("--auth-secret-key", default=d.auth_secret_key)
+    p.add_argument("--control-tls-secret", default=None,
+                   help="Secret with ca.crt/tls.crt/tls.key (pdsidecar control-certs): mutual TLS on the connector's control plane")
     p.add_argument("--allowed-peers", default=None, help="PDSIDECAR_ALLOWED_PEERS")
     p.add_argument("--host-ipc", action="store_true", help="set hostIPC (CUDA IPC across pods)")
     p.add_argument("--shm-size", default=d.shm_size, help="/dev/shm emptyDir sizeLimit")
@@ -532,13 +582,15 @@ def add_inject_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rdma-count", type=int, default=d.rdma_count)
     p.add_argument("--ucx-tls", default=d.ucx_tls, help="UCX_TLS for the vLLM container ('' = unset)")
     p.add_argument("--ucx-net-devices", default=None, help="UCX_NET_DEVICES, e.g. mlx5_0:1")
+    p.add_argument("--ucx-tcp-port-range", default=d.ucx_tcp_port_range,
+                   help="UCX_TCP_PORT_RANGE for the vLLM container (the NetworkPolicy's range; '' = unset)")
     p.add_argument("--no-ipc-lock", dest="ipc_lock", action="store_false", help="do not add the IPC_LOCK capability")
 
 
 def options_from_args(ns: argparse.Namespace) -> InjectOptions:
     names = {f.name for f in fields(InjectOptions)}
     kw = {k: v for k, v in vars(ns).items() if k in names}
-    for k in ("auth_secret", "ucx_tls"):
+    for k in ("auth_secret", "ucx_tls", "ucx_tcp_port_range", "control_tls_secret"):
         if kw.get(k) == "":
             kw[k] = None
     return InjectOptions(**kw)

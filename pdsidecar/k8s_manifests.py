@@ -78,6 +78,7 @@ PRODUCTION = Profile(
         rdma_resource="rdma/ib",
         ucx_net_devices="mlx5_0:1,mlx5_1:1",
         shm_size="32Gi",
+        control_tls_secret="pdsidecar-control-tls",  # pdsidecar control-certs
     ),
 )
 

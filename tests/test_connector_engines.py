@@ -232,6 +232,39 @@ def test_bad_params_recompute(ours_pair, llama_dir, case):
     assert status == 200 and r["choices"][0]["text"] == ref
 
 
+def test_unauthenticated_release_refused_kv_still_read(ours_pair, llama_dir):
+    """A ``Notify release`` without the control token is refused and counted; the
+    prefill blocks stay, so the decode engine still reads them (issue 17)."""
+    import grpc
+
+    from transfer import control_pb2 as pb
+    from transfer.control import SERVICE
+    prompt = make_prompts(llama_dir, seed=5)[8]
+    ref = aggregated(ours_pair[0], prompt)
+    params = prefill(ours_pair, prompt)
+    msg = f"release:{params['remote_request_id']}".encode()
+    req = pb.NotifyRequest(sender="attacker", receiver=params["remote_engine_id"], message=msg)
+    ch = grpc.insecure_channel(f"{params['remote_host']}:{params['remote_port']}")
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            ch.unary_unary(SERVICE + "Notify")(req.SerializeToString(), timeout=10)
+    finally:
+        ch.close()
+    assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    status, r = decode(ours_pair, prompt, params)
+    assert status == 200, r
+    pt = r["kv_transfer_params"]["pd_transfer"]
+    assert pt["error"] == "" and pt["bytes"] > 0, pt
+    assert r["choices"][0]["text"] == ref
+    aggregated(ours_pair[0], prompt[:5], max_tokens=1)  # a step reports the scheduler's stats
+    deadline = time.monotonic() + 60
+    while metric(ours_pair[0], "pd_connector_control_refused_total") < 1 \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert metric(ours_pair[0], "pd_connector_control_refused_total") >= 1, \
+        "refused control call not counted"
+
+
 def test_abort_frees_blocks_on_both_sides(ours_pair, llama_dir):
     prompts = make_prompts(llama_dir, seed=4)[8:14]
     for i, p in enumerate(prompts):

@@ -147,7 +147,14 @@ def test_rendered_vllm_args_parse(rendered, vllm_parse, overlay):
                 assert ns.port == 8200
             cfg = ns.kv_transfer_config
             assert (cfg.kv_connector, cfg.kv_connector_module_path, cfg.kv_role) == ("PdConnector", "transfer.connector", "kv_both")
-            assert cfg.kv_connector_extra_config == {"control_port": 14600, "protocol": prof.inject.protocol}
+            want = {"control_port": 14600, "protocol": prof.inject.protocol, "require_control_auth": True}
+            if prof.inject.control_tls_secret:  # mutual TLS from the mounted Secret
+                want["control_tls_dir"] = "/etc/pdsidecar/control-tls"
+                vols = {v["name"]: v for v in spec["volumes"]}
+                [m] = [m for m in kv.vllm_container(spec)["volumeMounts"]
+                       if m["mountPath"] == want["control_tls_dir"]]
+                assert vols[m["name"]]["secret"]["secretName"] == prof.inject.control_tls_secret
+            assert cfg.kv_connector_extra_config == want
 
 
 def _pod_specs_selected(docs, selector: dict):
@@ -224,3 +231,69 @@ def test_crd_readme_names_sources():
     for f in (ROOT / "deploy" / "crds").glob("*.schema.json"):
         src = json.loads(f.read_text())["source"]
         assert src["repo"] in text and src["tag"] in text and src["path"] in text
+
+
+def _allows(policy: dict, from_labels: dict, port: int) -> bool:
+    """Whether one of `policy`'s ingress rules lets a same-namespace pod labelled
+    `from_labels` reach TCP `port`."""
+    for rule in policy["spec"].get("ingress") or []:
+        peers = rule.get("from")
+        if peers is not None and not any(
+                set(p.get("podSelector", {}).get("matchLabels", {}).items()) <= set(from_labels.items())
+                and "namespaceSelector" not in p and "ipBlock" not in p for p in peers):
+            continue
+        ports = rule.get("ports")
+        if ports is None or any(p["port"] <= port <= p.get("endPort", p["port"]) for p in ports):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_match_the_pods(rendered, overlay):
+    """vLLM on 127.0.0.1; control plane and UCX ports reachable only from the other role."""
+    docs = rendered[overlay]
+    pols = {d["spec"]["podSelector"]["matchLabels"]["pdsidecar.io/role"]: d
+            for d in _by_kind(docs, "NetworkPolicy")}
+    assert sorted(pols) == ["decode", "prefill"]
+    # the LWS controller adds leaderworkerset.sigs.k8s.io/name to every pod
+    labels = {r: {"pdsidecar.io/role": r, "leaderworkerset.sigs.k8s.io/name": f"pd-{r}"}
+              for r in ("prefill", "decode")}
+    stranger = {"app": "something-else"}
+    for role, other in (("prefill", "decode"), ("decode", "prefill")):
+        pol = pols[role]
+        assert pol["spec"]["policyTypes"] == ["Ingress"]
+        lws = _get(docs, "LeaderWorkerSet", f"pd-{role}")
+        for label, spec in kv.pod_templates(lws):
+            c = kv.vllm_container(spec)
+            args = kv.vllm_serve_args(c)
+            cfg = json.loads(args[args.index("--kv-transfer-config") + 1])
+            ctrl = cfg["kv_connector_extra_config"]["control_port"]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            lo, hi = (int(x) for x in env["UCX_TCP_PORT_RANGE"].split("-"))
+            for port in (ctrl, ctrl + 15, lo, hi):  # control_port + DP rank (16 ranks), UCX range
+                assert _allows(pol, labels[other], port), (role, port)
+                assert not _allows(pol, stranger, port), (role, port)
+            assert not _allows(pol, stranger, hi + 1)
+            if label != "worker":
+                assert args[args.index("--host") + 1] == "127.0.0.1"  # vLLM: sidecar only
+                vport = int(args[args.index("--port") + 1])
+                assert not _allows(pol, labels[other], vport) and not _allows(pol, stranger, vport)
+                assert all("httpGet" not in c.get(p, {}) for p in ("readinessProbe", "livenessProbe", "startupProbe"))
+            # same-LWS traffic (DP RPC, NCCL bootstrap) stays open
+            assert _allows(pol, labels[role], 5555)
+    # the prefill sidecar answers decode pods only; the decode sidecar answers everyone
+    assert _allows(pols["prefill"], labels["decode"], 8000) and not _allows(pols["prefill"], stranger, 8000)
+    assert _allows(pols["decode"], stranger, 8000)
+    assert _allows(pols["decode"], stranger, 9090) and _allows(pols["prefill"], stranger, 9090)
+
+
+def test_network_policy_schema_rejects_broken_objects(rendered):
+    import copy
+    pol = _by_kind(rendered["production"], "NetworkPolicy")[0]
+    assert kv.validate_object(pol) == []
+    bad = copy.deepcopy(pol)
+    bad["spec"]["ingress"][0]["ports"][1]["endPort"] = "14663"
+    assert kv.validate_object(bad)
+    bad = copy.deepcopy(pol)
+    bad["spec"]["ingress"][0]["fromm"] = bad["spec"]["ingress"][0].pop("from")
+    assert kv.validate_object(bad)

@@ -37,7 +37,8 @@ CONNECTOR = {
     "kv_connector_module_path": "transfer.connector",
     "kv_role": "kv_both",
     "kv_load_failure_policy": "recompute",
-    "kv_connector_extra_config": {"control_port": 14600, "protocol": "auto"},
+    "kv_connector_extra_config": {"control_port": 14600, "protocol": "auto",
+                                  "require_control_auth": True},
 }
 
 
@@ -82,7 +83,14 @@ def test_pod_contract(role):
     assert args.count("--kv-transfer-config") == 1 and not any(a.startswith("--port=") for a in args)
     assert json.loads(_flag(args, "--kv-transfer-config")) == CONNECTOR
     assert _flag(args, "--port") == "8200"
-    assert vllm["readinessProbe"]["httpGet"]["port"] == 8200
+    # vLLM listens on 127.0.0.1 only (the sidecar is its only client); kubelet probes
+    # come from the node, so they run inside the container
+    assert _flag(args, "--host") == "127.0.0.1"
+    assert "httpGet" not in vllm["readinessProbe"]
+    assert "http://127.0.0.1:8200/health" in vllm["readinessProbe"]["exec"]["command"][-1]
+    venv = {e["name"]: e.get("value", e.get("valueFrom")) for e in vllm["env"]}
+    assert venv["PDSIDECAR_AUTH_TOKEN"] == {"secretKeyRef": {"name": "pdsidecar-auth", "key": "token"}}
+    assert venv["UCX_TCP_PORT_RANGE"] == "14700-14799"
     assert {p["containerPort"] for p in vllm["ports"]} == {8200, 14600}
     assert "IPC_LOCK" in vllm["securityContext"]["capabilities"]["add"]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in vllm["volumeMounts"]
@@ -118,7 +126,8 @@ def test_options_rdma_hostipc_ucx():
     env = {e["name"]: e.get("value") for e in eng["env"]}
     assert env["UCX_NET_DEVICES"] == "mlx5_0:1,mlx5_1:1" and "rc" in env["UCX_TLS"]
     cfg = json.loads(_flag(eng["args"], "--kv-transfer-config"))
-    assert cfg["kv_connector_extra_config"] == {"control_port": 15000, "protocol": "rdma"}
+    assert cfg["kv_connector_extra_config"] == {"control_port": 15000, "protocol": "rdma",
+                                                 "require_control_auth": True}
     # command-form vLLM: flags go to args, command untouched
     assert eng["command"] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
     assert _flag(eng["args"], "--port") == "8200"
@@ -256,7 +265,8 @@ def test_rendered_args_parse_with_vllm(vllm_parse, name, role):
         assert cfg.kv_connector == "PdConnector"
         assert cfg.kv_connector_module_path == "transfer.connector"
         assert cfg.kv_role == "kv_both" and cfg.kv_load_failure_policy == "recompute"
-        assert cfg.kv_connector_extra_config == {"control_port": 14600, "protocol": "rdma"}
+        assert cfg.kv_connector_extra_config == {"control_port": 14600, "protocol": "rdma",
+                                                   "require_control_auth": True}
         if worker:
             assert ns.headless is True and ns.data_parallel_start_rank == 3
         else:
@@ -278,3 +288,20 @@ def test_wired_through_pdsidecar_cli(capsys, monkeypatch):
     rc = cli.main(["inject", "--role", "decode"])
     out, _ = capsys.readouterr()
     assert rc == 0 and out == (GOLDEN / "pod.decode.yaml").read_text()
+
+
+def test_control_tls_secret_mounts_and_configures_mtls():
+    out = inject(_load("lws"), "prefill", InjectOptions(control_tls_secret="pd-tls"))
+    assert inject(out, "prefill", InjectOptions(control_tls_secret="pd-tls")) == out
+    for label, spec in kv.pod_templates(out):
+        c = kv.vllm_container(spec)
+        cfg = json.loads(_flag(kv.vllm_serve_args(c), "--kv-transfer-config"))["kv_connector_extra_config"]
+        assert cfg["control_tls_dir"] == "/etc/pdsidecar/control-tls" and cfg["require_control_auth"] is True
+        [m] = [m for m in c["volumeMounts"] if m["mountPath"] == cfg["control_tls_dir"]]
+        [v] = [v for v in spec["volumes"] if v["name"] == m["name"]]
+        assert v["secret"]["secretName"] == "pd-tls" and m["readOnly"] is True
+    # no Secret at all: no auth flag, no token env (a dev setup; the engine warns)
+    bare = inject(_load("pod"), "decode", InjectOptions(auth_secret=None))
+    c = bare["spec"]["containers"][0]
+    assert "require_control_auth" not in _flag(c["args"], "--kv-transfer-config")
+    assert all(e["name"] != "PDSIDECAR_AUTH_TOKEN" for e in c.get("env", []))

@@ -5,6 +5,11 @@ The control server (``transfer.control.ControlServer``) runs in the engine-core
 ``Handshake`` (keyed by dp/tp rank). The decode side frees prefill blocks it will
 not read with ``Notify(sender=<decode engine id>, receiver=<prefill engine id>,
 message=b"release:<remote_request_id>")``. grpc is imported lazily.
+
+Authentication: :func:`configure_auth` (called by both connector halves with the
+token from ``PdConfig``) sets the :class:`transfer.control_auth.ControlAuth` every
+client and server of this process uses; without it, ``$PDSIDECAR_AUTH_TOKEN(_FILE)``
+of this process is used if set, else calls go unauthenticated.
 """
 
 from __future__ import annotations
@@ -14,16 +19,49 @@ from typing import Any
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
+_auth: Any = None
+_auth_set = False
+_tls: Any = None
+
+
+def configure_auth(token: str | None, tls: Any = None) -> None:
+    """Use ``token`` (None = no authentication) and ``tls`` (a ``TlsFiles``, None =
+    plaintext) for this process's control calls and servers."""
+    global _auth, _auth_set, _tls
+    from .control_auth import ControlAuth
+    with _clients_lock:
+        _auth = ControlAuth(token) if token else None
+        _tls = tls
+        _auth_set = True
+        for c in _clients.values():
+            c.close()
+        _clients.clear()
+
+
+def control_auth() -> Any:
+    """The process's ``ControlAuth`` (see :func:`configure_auth`), or None."""
+    global _auth, _auth_set, _tls
+    if not _auth_set:
+        from .control_auth import ControlAuth, load_tls, load_token
+        token, tls = load_token(), load_tls()
+        with _clients_lock:
+            if not _auth_set:
+                _auth = ControlAuth(token) if token else None
+                _tls = tls
+                _auth_set = True
+    return _auth
 
 
 def control_client(host: str, port: int, timeout_s: float) -> Any:
     """Cached ``transfer.control.ControlClient`` for ``host:port``."""
     from .control import ControlClient
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    auth = control_auth()
     with _clients_lock:
         c = _clients.get(target)
         if c is None:
-            c = _clients[target] = ControlClient(target, timeout_s=timeout_s)
+            c = _clients[target] = ControlClient(target, timeout_s=timeout_s, auth=auth,
+                                                 tls=_tls)
         return c
 
 
@@ -56,26 +94,23 @@ def start_control_server(host: str, port: int, **kw: Any) -> Any:
 
     gRPC binds with SO_REUSEPORT by default, so two engines on one host given the
     same ``control_port`` would both "bind" and share connections (a decode
-    handshake could land on the decode engine itself). Adapter: the server is
-    rebuilt with ``grpc.so_reuseport=0`` (``ControlServer`` takes no gRPC options
-    yet). If the port is taken, fall back to an ephemeral port (it is advertised
-    in the params) and log it. Returns the started server (``.port`` = bound port).
+    handshake could land on the decode engine itself): the server is built with
+    ``grpc.so_reuseport=0``. If the port is taken, fall back to an ephemeral port
+    (it is advertised in the params) and log it. The server authenticates calls
+    with :func:`control_auth` (a loud warning when there is none). Returns the
+    started server (``.port`` = bound port; ``.refused`` counts refused calls).
     """
     import logging
-    from concurrent import futures
-
-    import grpc
 
     from . import control as ctl
 
+    auth = control_auth()
+    logger = logging.getLogger("vllm.pdsidecar.connector")
+
     def make(p: int) -> Any:
         addr = f"[{host}]:{p}" if ":" in host else f"{host}:{p}"
-        srv = ctl.ControlServer(addr, **kw)
-        srv._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="pd-control"),
-            options=[("grpc.so_reuseport", 0)])
-        ctl.pb_grpc.add_KVTransferControlServicer_to_server(ctl._Servicer(srv), srv._server)
-        return srv
+        return ctl.ControlServer(addr, auth=auth, tls=_tls, grpc_options=(("grpc.so_reuseport", 0),),
+                                 thread_name_prefix="pd-control", **kw)
 
     srv = make(port)
     try:
@@ -83,9 +118,16 @@ def start_control_server(host: str, port: int, **kw: Any) -> Any:
     except Exception:
         if port == 0:
             raise
-        logging.getLogger("vllm.pdsidecar.connector").warning(
+        logger.warning(
             "PdConnector: control port %d on %s is in use (another engine on this host?); "
             "using an ephemeral port instead", port, host)
         srv = make(0)
         srv.start()
+    if auth is None and _tls is None:
+        logger.warning(
+            "PdConnector: the control plane on %s:%d is UNAUTHENTICATED: anyone who reaches "
+            "it can release this engine's KV blocks, read push targets or handshake. Give "
+            "every engine the shared token (PDSIDECAR_AUTH_TOKEN_FILE / PDSIDECAR_AUTH_TOKEN "
+            "or kv_connector_extra_config control_token_file, and/or control_tls_dir for mutual "
+            "TLS; require_control_auth: true refuses to start without one)", host, srv.port)
     return srv

@@ -81,6 +81,13 @@ class PdConfig:
     nixl_progress_delay_us: int = 100  # NIXL progress-thread poll delay; 0 busy-polls a core
     push_wait_s: float = 30.0  # decode: how long a push request waits for the prefill's KV
     push_lookup_s: float = 5.0  # prefill: how long to wait for the decode's registration
+    # control-plane authentication (transfer.control_auth): the shared token's file
+    # ("" = env PDSIDECAR_AUTH_TOKEN_FILE, else env PDSIDECAR_AUTH_TOKEN)
+    control_token_file: str = ""
+    require_control_auth: bool = False  # refuse to start without a token
+    control_tls_dir: str = ""  # mutual TLS: ca.crt, tls.crt, tls.key ("" = env PD_CONTROL_TLS_DIR)
+    control_token: str | None = field(default=None, repr=False)  # resolved; not a key
+    control_tls: Any = field(default=None, repr=False)  # resolved TlsFiles; not a key
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None, env: Mapping[str, str] | None = None
@@ -88,7 +95,7 @@ class PdConfig:
         import os
         env = os.environ if env is None else env
         extra = dict(extra or {})
-        known = set(cls.__dataclass_fields__)
+        known = set(cls.__dataclass_fields__) - {"control_token", "control_tls"}
         unknown = set(extra) - known
         if unknown:
             raise ValueError(f"PdConnector: unknown kv_connector_extra_config keys "
@@ -114,6 +121,15 @@ class PdConfig:
         cfg.kv_lease_s = float(cfg.kv_lease_s)
         if cfg.kv_lease_s <= cfg.lease_guard_s:
             raise ValueError("PdConnector: kv_lease_s must exceed lease_guard_s")
+        if not isinstance(cfg.require_control_auth, bool):
+            raise ValueError("PdConnector: require_control_auth must be true or false")
+        from .control_auth import load_tls, load_token
+        cfg.control_token = load_token(str(cfg.control_token_file or ""), env)
+        cfg.control_tls = load_tls(str(cfg.control_tls_dir or ""), env)
+        if cfg.require_control_auth and not cfg.control_token and cfg.control_tls is None:
+            raise ValueError("PdConnector: require_control_auth is set but neither a control "
+                             "token (control_token_file, PDSIDECAR_AUTH_TOKEN_FILE or "
+                             "PDSIDECAR_AUTH_TOKEN) nor control_tls_dir is configured")
         if not cfg.control_host:
             cfg.control_host = (env.get("PD_CONTROL_HOST") or env.get("VLLM_HOST_IP")
                                 or "127.0.0.1")

@@ -116,7 +116,8 @@ class PdConnectorScheduler:
 
     # ------------------------------------------------------------ control plane
     def _start_server(self) -> None:
-        from .connector_control import start_control_server
+        from .connector_control import configure_auth, start_control_server
+        configure_auth(self.cfg.control_token, self.cfg.control_tls)
         port = self.cfg.control_port + self.dp_rank if self.cfg.control_port else 0
         self._server = start_control_server(self.host, port, on_notify=self._on_notify)
         self.port = self._server.port
@@ -528,13 +529,16 @@ class PdConnectorScheduler:
             self._gauges_dirty = True
 
     def get_stats(self) -> PdConnectorStats | None:
-        if not self._gauges_dirty:
+        refused = self._server.refused.take() if self._server is not None else {}
+        if not self._gauges_dirty and not refused:
             return None
         self._gauges_dirty = False
         s = PdConnectorStats()
         for _ in range(self._bad_params_new):
             s.record_failure(R_BAD_PARAMS)
         self._bad_params_new = 0
+        for reason, n in refused.items():
+            s.record_control_refused(reason, n)
         s.set_gauge("pending_blocks", sum(n for _, n in self._pending.values()))
         s.set_gauge("pending_reqs", len(self._pending))
         s.set_gauge("recv_inflight_blocks", sum(self._recv_blocks.values()))

@@ -12,6 +12,9 @@ Prometheus names (prefix ``pd_connector_``):
   pd_connector_blocks_pending_pickup     gauge     prefill blocks held for a decode to read
   pd_connector_requests_pending_pickup   gauge     prefill requests held for a decode to read
   pd_connector_recv_blocks_inflight      gauge     decode blocks waiting for their READ
+  pd_connector_control_refused_total{reason} counter control-plane calls refused
+                                                   (missing, malformed, stale, replayed,
+                                                   bad_signature: transfer.control_auth)
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ _GAUGES = ("pending_blocks", "pending_reqs", "recv_inflight_blocks")
 
 
 def _empty() -> dict[str, Any]:
-    return {"xfer_s": [], "bytes": [], "descs": [], "failures": {},
+    return {"xfer_s": [], "bytes": [], "descs": [], "failures": {}, "control_refused": {},
             "expired_blocks": 0, "expired_reqs": 0,
             "pending_blocks": None, "pending_reqs": None, "recv_inflight_blocks": None}
 
@@ -58,6 +61,10 @@ class PdConnectorStats(KVConnectorStats):
         f = self.data["failures"]
         f[reason] = f.get(reason, 0) + 1
 
+    def record_control_refused(self, reason: str, n: int = 1) -> None:
+        r = self.data["control_refused"]
+        r[reason] = r.get(reason, 0) + int(n)
+
     def record_expired(self, nblocks: int) -> None:
         self.data["expired_blocks"] += int(nblocks)
         self.data["expired_reqs"] += 1
@@ -73,6 +80,8 @@ class PdConnectorStats(KVConnectorStats):
             d[k] = list(d[k]) + list(o.get(k, []))
         for r, n in (o.get("failures") or {}).items():
             d["failures"][r] = d["failures"].get(r, 0) + n
+        for r, n in (o.get("control_refused") or {}).items():
+            d["control_refused"][r] = d["control_refused"].get(r, 0) + n
         d["expired_blocks"] += o.get("expired_blocks", 0)
         d["expired_reqs"] += o.get("expired_reqs", 0)
         for g in _GAUGES:
@@ -83,6 +92,7 @@ class PdConnectorStats(KVConnectorStats):
     def is_empty(self) -> bool:
         d = self.data
         return (not d["xfer_s"] and not d["failures"] and not d["expired_blocks"]
+                and not d.get("control_refused")
                 and all(d.get(g) is None for g in _GAUGES))
 
     def reduce(self) -> dict[str, int | float]:
@@ -99,6 +109,7 @@ class PdConnectorStats(KVConnectorStats):
             "Throughput (GB/s)": round(tot_b / tot_s / 1e9, 3) if tot_s else 0.0,
             "Num failures": sum(d["failures"].values()),
             "Expired blocks": d["expired_blocks"],
+            "Refused control calls": sum((d.get("control_refused") or {}).values()),
         }
 
 
@@ -132,6 +143,10 @@ class PdPromMetrics(KVConnectorPromMetrics):
         self._fail = C(name="pd_connector_failures",
                        documentation="PdConnector failed KV loads by reason.",
                        labelnames=labelnames + ["reason"])
+        self._refused = C(name="pd_connector_control_refused",
+                          documentation="Control-plane calls refused (unauthenticated, "
+                                        "forged, stale or replayed), by reason.",
+                          labelnames=labelnames + ["reason"])
         self.expired_blocks = per_engine(C(
             name="pd_connector_expired_blocks",
             documentation="Prefill KV blocks freed unread after their lease expired.",
@@ -156,9 +171,12 @@ class PdPromMetrics(KVConnectorPromMetrics):
         }
         # pre-create reason children so the family is visible at 0
         from .connector_meta import REASONS
+        from .control_auth import REFUSAL_REASONS
         for idx, lv in pe.items():
             for r in REASONS:
                 self._fail.labels(*lv, r)
+            for r in REFUSAL_REASONS:
+                self._refused.labels(*lv, r)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         d = transfer_stats_data
@@ -174,6 +192,8 @@ class PdPromMetrics(KVConnectorPromMetrics):
         lv = self.per_engine_labelvalues[engine_idx]
         for r, n in (d.get("failures") or {}).items():
             self._fail.labels(*lv, r).inc(n)
+        for r, n in (d.get("control_refused") or {}).items():
+            self._refused.labels(*lv, r).inc(n)
         if d.get("expired_blocks"):
             self.expired_blocks[engine_idx].inc(d["expired_blocks"])
         if d.get("expired_reqs"):

@@ -163,6 +163,8 @@ class PdConnectorWorker:
         self._push_step: list[PushSendStep] = []  # prefill: this step's WRITE plans
         self._push_writes: dict[str, _PushWrites] = {}  # prefill: req -> WRITEs
         self._prepared_meta: Any = None
+        from .connector_control import configure_auth
+        configure_auth(cfg.control_token, cfg.control_tls)
 
     # ------------------------------------------------------------ registration
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:

@@ -4,6 +4,13 @@ The server runs in its own thread pool (``grpc.server``), so it fits processes w
 no asyncio loop (vLLM's engine core / scheduler). One server can serve many ranks,
 keyed ``(dp_rank, tp_rank)``. Clients use explicit per-call timeouts.
 
+Authentication (``transfer.control_auth``): with a :class:`ControlAuth` (the shared
+token) the server refuses unsigned, forged and replayed calls before any handler
+runs and signs its answers; the client signs its calls and checks the answers.
+Without one the plane is open to anyone who reaches the port (dev only; the
+connector warns). "Same host" is proven with ``transfer.hostproof`` in the handshake,
+never taken from the claimed ``host_id``.
+
 Generated code: ``control_pb2.py`` / ``control_pb2_grpc.py`` are committed; the
 regeneration command is at the top of ``control.proto`` (needs grpcio-tools; the
 generated code requires grpcio >= 1.85.1 and protobuf >= 7.35.1 at run time).
@@ -21,11 +28,15 @@ import grpc
 
 from . import control_pb2 as pb
 from . import control_pb2_grpc as pb_grpc
+from . import hostproof
+from .control_auth import AUTH_KEY, RESP_KEY, AuthError, AuthInterceptor, ControlAuth, \
+    RefusalCounter, TlsFiles, metadata_value
 from .engine import PeerInfo, TransferStats
 from .errors import HandshakeError, HandshakeMismatchError
 from .layout import Region
 
 PROTOCOL_VERSION = 1
+SERVICE = "/pdsidecar.transfer.v1.KVTransferControl/"
 DEFAULT_RPC_TIMEOUT_S = 5.0
 
 #: fields that must be equal on both sides of a handshake, in check order
@@ -71,12 +82,32 @@ class RankDescriptor:
                           device_id=r.device_id, layer=r.layer) for r in m.regions]
         peer = PeerInfo(name=m.agent_name, backend=m.backend, mem_type=m.mem_type,
                         regions=regions, host_id=m.host_id, agent_metadata=m.agent_metadata,
-                        ipc_handles=m.ipc_handles, device_id=m.device_id)
+                        ipc_handles=m.ipc_handles, device_id=m.device_id,
+                        same_host=False)  # until a host proof is verified
         return cls(engine_id=m.engine_id, peer=peer, model_name=m.model_name, dtype=m.dtype,
                    block_size=m.block_size, kv_layout=m.kv_layout, num_layers=m.num_layers,
                    num_kv_heads=m.num_kv_heads, head_size=m.head_size, is_mla=m.is_mla,
                    dp_rank=m.dp_rank, tp_rank=m.tp_rank, tp_size=m.tp_size,
                    protocol_version=m.protocol_version)
+
+
+def _content_digest(m: pb.RankInfo) -> bytes:
+    """Digest of a RankInfo without its host_proof (what the proof is bound to)."""
+    c = pb.RankInfo()
+    c.CopyFrom(m)
+    c.host_proof = b""
+    return hostproof.digest(c.SerializeToString(deterministic=True))
+
+
+def proven_info(desc: "RankDescriptor", role: bytes, challenge: bytes) -> pb.RankInfo:
+    """``desc`` as a RankInfo carrying our host proof for ``challenge``."""
+    m = desc.to_proto()
+    m.host_proof = hostproof.prove(role, challenge, _content_digest(m))
+    return m
+
+
+def proves_same_host(m: pb.RankInfo, role: bytes, challenge: bytes) -> bool:
+    return hostproof.verify(m.host_proof, role, challenge, _content_digest(m))
 
 
 def check_compat(local: RankDescriptor, remote: RankDescriptor) -> None:
@@ -125,6 +156,8 @@ class _Servicer(pb_grpc.KVTransferControlServicer):
                           f"no rank dp={key[0]} tp={key[1]} on this server "
                           f"(serving {sorted(self.s.ranks)})")
         remote = RankDescriptor.from_proto(request.initiator)
+        remote.peer.same_host = proves_same_host(request.initiator, hostproof.ROLE_INITIATOR,
+                                                 request.host_challenge)
         try:
             check_compat(target, remote)
         except HandshakeMismatchError as e:
@@ -137,7 +170,8 @@ class _Servicer(pb_grpc.KVTransferControlServicer):
                 self.s.on_handshake(remote)
             except Exception as e:  # the hook (e.g. add_peer) failed
                 context.abort(grpc.StatusCode.INTERNAL, f"handshake hook failed: {e}")
-        return pb.HandshakeResponse(target=target.to_proto())
+        return pb.HandshakeResponse(target=proven_info(target, hostproof.ROLE_TARGET,
+                                                       request.host_challenge))
 
     def TransferStatus(self, request: pb.TransferStatusRequest,
                        context: Any) -> pb.TransferStatusResponse:
@@ -242,6 +276,9 @@ class PushRegistry:
 class ControlServer:
     """Threaded gRPC server for one process's ranks (``add_rank`` each of them).
 
+    ``auth`` (a :class:`ControlAuth`) turns per-call authentication on; refused calls
+    are counted in ``refused`` (by reason). ``tls`` (a :class:`TlsFiles`) serves mutual
+    TLS instead of plaintext. ``grpc_options`` go to ``grpc.server``.
     ``on_handshake(remote)`` runs after a successful compatibility check (e.g. to
     ``engine.add_peer(remote.peer)`` for push mode); ``on_notify(sender, receiver,
     msg)`` receives ``Notify`` calls (IPC-only setups without NIXL notifications).
@@ -250,8 +287,14 @@ class ControlServer:
 
     def __init__(self, address: str = "127.0.0.1:0", *, max_workers: int = 8,
                  on_handshake: HandshakeHook | None = None,
-                 on_notify: NotifyHook | None = None) -> None:
+                 on_notify: NotifyHook | None = None, auth: ControlAuth | None = None,
+                 tls: TlsFiles | None = None,
+                 grpc_options: tuple[tuple[str, Any], ...] = (),
+                 thread_name_prefix: str = "kvx-control") -> None:
         self.address = address
+        self.auth = auth
+        self.tls = tls
+        self.refused = RefusalCounter()
         self.on_handshake = on_handshake
         self.on_notify = on_notify
         self.ranks: dict[tuple[int, int], RankDescriptor] = {}
@@ -260,8 +303,10 @@ class ControlServer:
         self._subs: list[queue.Queue] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        interceptors = [AuthInterceptor(auth, self.refused)] if auth is not None else []
         self._server = grpc.server(futures.ThreadPoolExecutor(
-            max_workers=max_workers, thread_name_prefix="kvx-control"))
+            max_workers=max_workers, thread_name_prefix=thread_name_prefix),
+            interceptors=interceptors, options=list(grpc_options))
         pb_grpc.add_KVTransferControlServicer_to_server(_Servicer(self), self._server)
         self.port = 0
 
@@ -270,7 +315,11 @@ class ControlServer:
 
     def start(self) -> int:
         """Bind and start serving; returns the bound port."""
-        self.port = self._server.add_insecure_port(self.address)
+        if self.tls is not None:
+            self.port = self._server.add_secure_port(self.address,
+                                                     self.tls.server_credentials())
+        else:
+            self.port = self._server.add_insecure_port(self.address)
         if not self.port:
             raise HandshakeError(f"cannot bind control server to {self.address}")
         self._server.start()
@@ -353,27 +402,59 @@ class ControlServer:
 
 @dataclass
 class ControlClient:
-    """Blocking client; every call has an explicit timeout (``timeout_s``)."""
+    """Blocking client; every call has an explicit timeout (``timeout_s``).
+
+    With ``auth`` every call is signed and every unary answer's signature checked
+    (an unsigned or forged answer raises :class:`HandshakeError`). With ``tls`` the
+    channel is mutual TLS (the server's certificate must carry ``tls.server_name``).
+    """
 
     target: str
     timeout_s: float = DEFAULT_RPC_TIMEOUT_S
+    auth: ControlAuth | None = field(default=None, repr=False)
+    tls: TlsFiles | None = field(default=None, repr=False)
     _channel: Any = field(default=None, repr=False)
-    _stub: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self._channel = grpc.insecure_channel(self.target)
-        self._stub = pb_grpc.KVTransferControlStub(self._channel)
+        if self.tls is not None:
+            self._channel = grpc.secure_channel(
+                self.target, self.tls.channel_credentials(),
+                options=[("grpc.ssl_target_name_override", self.tls.server_name)])
+        else:
+            self._channel = grpc.insecure_channel(self.target)
+
+    def _call(self, name: str, req: Any, resp_cls: Any, timeout_s: float) -> Any:
+        """One unary call with the exact request bytes signed and the answer checked."""
+        method = SERVICE + name
+        body = req.SerializeToString()
+        md, nonce = None, ""
+        if self.auth is not None:
+            value, nonce = self.auth.sign(method, body)
+            md = ((AUTH_KEY, value),)
+        fn = self._channel.unary_unary(method)  # bytes in, bytes out
+        try:
+            raw, call = fn.with_call(body, timeout=timeout_s, metadata=md)
+        except grpc.RpcError as e:
+            raise _map_rpc_error(e, self.target) from None
+        if self.auth is not None:
+            try:
+                self.auth.check_response(method, nonce, raw,
+                                         metadata_value(call.trailing_metadata(), RESP_KEY))
+            except AuthError as e:
+                raise HandshakeError(f"control answer from {self.target} refused: {e}") from None
+        return resp_cls.FromString(raw)
 
     def handshake(self, local: RankDescriptor, target_dp_rank: int = 0,
                   target_tp_rank: int = 0, timeout_s: float | None = None) -> RankDescriptor:
         """Send our descriptor, get the target rank's; raise on any mismatch."""
-        req = pb.HandshakeRequest(initiator=local.to_proto(), target_dp_rank=target_dp_rank,
-                                  target_tp_rank=target_tp_rank)
-        try:
-            resp = self._stub.Handshake(req, timeout=timeout_s or self.timeout_s)
-        except grpc.RpcError as e:
-            raise _map_rpc_error(e, self.target) from None
+        challenge = hostproof.new_challenge()
+        req = pb.HandshakeRequest(
+            initiator=proven_info(local, hostproof.ROLE_INITIATOR, challenge),
+            target_dp_rank=target_dp_rank, target_tp_rank=target_tp_rank,
+            host_challenge=challenge)
+        resp = self._call("Handshake", req, pb.HandshakeResponse, timeout_s or self.timeout_s)
         remote = RankDescriptor.from_proto(resp.target)
+        remote.peer.same_host = proves_same_host(resp.target, hostproof.ROLE_TARGET, challenge)
         check_compat(local, remote)
         return remote
 
@@ -381,33 +462,29 @@ class ControlClient:
                     timeout_s: float | None = None) -> PushTarget | None:
         """The decode engine's registration for ``push_id``; None if not there in ``wait_s``."""
         req = pb.PushTargetRequest(push_id=push_id, wait_ms=int(max(0.0, wait_s) * 1e3))
-        try:
-            resp = self._stub.PushTarget(req, timeout=(timeout_s or self.timeout_s) + wait_s)
-        except grpc.RpcError as e:
-            raise _map_rpc_error(e, self.target) from None
+        resp = self._call("PushTarget", req, pb.PushTargetResponse,
+                          (timeout_s or self.timeout_s) + wait_s)
         return PushTarget.from_proto(resp) if resp.found else None
 
     def transfer_status(self, request_id: str, timeout_s: float | None = None) -> dict[str, Any]:
-        try:
-            r = self._stub.TransferStatus(pb.TransferStatusRequest(request_id=request_id),
-                                          timeout=timeout_s or self.timeout_s)
-        except grpc.RpcError as e:
-            raise _map_rpc_error(e, self.target) from None
+        r = self._call("TransferStatus", pb.TransferStatusRequest(request_id=request_id),
+                       pb.TransferStatusResponse, timeout_s or self.timeout_s)
         return {"request_id": r.request_id, "state": r.state, "bytes": r.bytes,
                 "error": r.error, "notifications": r.notifications}
 
     def notify(self, sender: str, receiver: str, message: bytes,
                timeout_s: float | None = None) -> None:
-        try:
-            self._stub.Notify(pb.NotifyRequest(sender=sender, receiver=receiver,
-                                               message=message),
-                              timeout=timeout_s or self.timeout_s)
-        except grpc.RpcError as e:
-            raise _map_rpc_error(e, self.target) from None
+        self._call("Notify", pb.NotifyRequest(sender=sender, receiver=receiver, message=message),
+                   pb.NotifyResponse, timeout_s or self.timeout_s)
 
     def stats_stream(self, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
         """Yield per-transfer stats dicts; the stream ends after ``timeout_s``."""
-        call = self._stub.StatsStream(pb.StatsRequest(), timeout=timeout_s)
+        method = SERVICE + "StatsStream"
+        body = pb.StatsRequest().SerializeToString()
+        md = ((AUTH_KEY, self.auth.sign(method, body)[0]),) if self.auth is not None else None
+        fn = self._channel.unary_stream(method,
+                                        response_deserializer=pb.TransferStatsMsg.FromString)
+        call = fn(body, timeout=timeout_s, metadata=md)
         try:
             for m in call:
                 yield {f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}
@@ -435,6 +512,9 @@ def _map_rpc_error(e: grpc.RpcError, target: str) -> Exception:
             return HandshakeMismatchError(md["mismatch-field"], md.get("local"),
                                           md.get("remote"))
         return HandshakeError(details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return HandshakeError(f"control server {target} refused the call ({details}); "
+                              f"are both engines given the same control token?")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return HandshakeError(f"control server {target} unreachable ({code.name}): {details}")
     return HandshakeError(f"control call to {target} failed ({code.name}): {details}")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x15pdsidecar.transfer.v1\"\x88\x01\n\x06Region\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbase_addr\x18\x02 \x01(\x04\x12\x11\n\tblock_len\x18\x03 \x01(\x04\x12\x14\n\x0c\x62lock_stride\x18\x04 \x01(\x04\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x11\n\tdevice_id\x18\x06 \x01(\x05\x12\r\n\x05layer\x18\x07 \x01(\r\"\xb9\x03\n\x08RankInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\r\x12\x0f\n\x07tp_rank\x18\x04 \x01(\r\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x11\n\tkv_layout\x18\t \x01(\t\x12\x0f\n\x07host_id\x18\n \x01(\t\x12\x12\n\nagent_name\x18\x0b \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x0c \x01(\x0c\x12.\n\x07regions\x18\r \x03(\x0b\x32\x1d.pdsidecar.transfer.v1.Region\x12\x13\n\x0bipc_handles\x18\x0e \x01(\x0c\x12\x10\n\x08mem_type\x18\x0f \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x10 \x01(\t\x12\x12\n\nnum_layers\x18\x11 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x12 \x01(\r\x12\x11\n\thead_size\x18\x13 \x01(\r\x12\x0e\n\x06is_mla\x18\x14 \x01(\x08\x12\x11\n\tdevice_id\x18\x15 \x01(\x05\"v\n\x10HandshakeRequest\x12\x32\n\tinitiator\x18\x01 \x01(\x0b\x32\x1f.pdsidecar.transfer.v1.RankInfo\x12\x16\n\x0etarget_dp_rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_tp_rank\x18\x03 \x01(\r\"D\n\x11HandshakeResponse\x12/\n\x06target\x18\x01 \x01(\x0b\x32\x1f.pdsidecar.transfer.v1.RankInfo\"+\n\x15TransferStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"p\n\x16TransferStatusResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x15\n\rnotifications\x18\x05 \x01(\r\"\x0e\n\x0cStatsRequest\"\x98\x02\n\x10TransferStatsMsg\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04peer\x18\x03 \x01(\t\x12\n\n\x02op\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x64\x65scriptors\x18\x07 \x01(\r\x12\x12\n\nnum_blocks\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x12\n\nprepare_us\x18\n \x01(\x01\x12\x0f\n\x07post_us\x18\x0b \x01(\x01\x12\x13\n\x0btransfer_us\x18\x0c \x01(\x01\x12\x0c\n\x04gbps\x18\r \x01(\x01\x12\r\n\x05state\x18\x0e \x01(\t\x12\r\n\x05\x65rror\x18\x0f \x01(\t\"B\n\rNotifyRequest\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x10\n\x08receiver\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\x0c\"\x10\n\x0eNotifyResponse\"5\n\x11PushTargetRequest\x12\x0f\n\x07push_id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"\xcc\x01\n\x12PushTargetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x07 \x01(\r\x12\x11\n\tblock_ids\x18\x08 \x03(\r\x12\x0e\n\x06\x65xpiry\x18\t \x01(\x01\x12\x12\n\nrequest_id\x18\n \x01(\t2\xfb\x03\n\x11KVTransferControl\x12^\n\tHandshake\x12\'.pdsidecar.transfer.v1.HandshakeRequest\x1a(.pdsidecar.transfer.v1.HandshakeResponse\x12m\n\x0eTransferStatus\x12,.pdsidecar.transfer.v1.TransferStatusRequest\x1a-.pdsidecar.transfer.v1.TransferStatusResponse\x12]\n\x0bStatsStream\x12#.pdsidecar.transfer.v1.StatsRequest\x1a\'.pdsidecar.transfer.v1.TransferStatsMsg0\x01\x12U\n\x06Notify\x12$.pdsidecar.transfer.v1.NotifyRequest\x1a%.pdsidecar.transfer.v1.NotifyResponse\x12\x61\n\nPushTarget\x12(.pdsidecar.transfer.v1.PushTargetRequest\x1a).pdsidecar.transfer.v1.PushTargetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rcontrol.proto\x12\x15pdsidecar.transfer.v1\"\x88\x01\n\x06Region\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbase_addr\x18\x02 \x01(\x04\x12\x11\n\tblock_len\x18\x03 \x01(\x04\x12\x14\n\x0c\x62lock_stride\x18\x04 \x01(\x04\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x11\n\tdevice_id\x18\x06 \x01(\x05\x12\r\n\x05layer\x18\x07 \x01(\r\"\xcd\x03\n\x08RankInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\r\x12\x0f\n\x07tp_rank\x18\x04 \x01(\r\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x11\n\tkv_layout\x18\t \x01(\t\x12\x0f\n\x07host_id\x18\n \x01(\t\x12\x12\n\nagent_name\x18\x0b \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x0c \x01(\x0c\x12.\n\x07regions\x18\r \x03(\x0b\x32\x1d.pdsidecar.transfer.v1.Region\x12\x13\n\x0bipc_handles\x18\x0e \x01(\x0c\x12\x10\n\x08mem_type\x18\x0f \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x10 \x01(\t\x12\x12\n\nnum_layers\x18\x11 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x12 \x01(\r\x12\x11\n\thead_size\x18\x13 \x01(\r\x12\x0e\n\x06is_mla\x18\x14 \x01(\x08\x12\x11\n\tdevice_id\x18\x15 \x01(\x05\x12\x12\n\nhost_proof\x18\x16 \x01(\x0c\"\x8e\x01\n\x10HandshakeRequest\x12\x32\n\tinitiator\x18\x01 \x01(\x0b\x32\x1f.pdsidecar.transfer.v1.RankInfo\x12\x16\n\x0etarget_dp_rank\x18\x02 \x01(\r\x12\x16\n\x0etarget_tp_rank\x18\x03 \x01(\r\x12\x16\n\x0ehost_challenge\x18\x04 \x01(\x0c\"D\n\x11HandshakeResponse\x12/\n\x06target\x18\x01 \x01(\x0b\x32\x1f.pdsidecar.transfer.v1.RankInfo\"+\n\x15TransferStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"p\n\x16TransferStatusResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x15\n\rnotifications\x18\x05 \x01(\r\"\x0e\n\x0cStatsRequest\"\x98\x02\n\x10TransferStatsMsg\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04peer\x18\x03 \x01(\t\x12\n\n\x02op\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x64\x65scriptors\x18\x07 \x01(\r\x12\x12\n\nnum_blocks\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x12\n\nprepare_us\x18\n \x01(\x01\x12\x0f\n\x07post_us\x18\x0b \x01(\x01\x12\x13\n\x0btransfer_us\x18\x0c \x01(\x01\x12\x0c\n\x04gbps\x18\r \x01(\x01\x12\r\n\x05state\x18\x0e \x01(\t\x12\r\n\x05\x65rror\x18\x0f \x01(\t\"B\n\rNotifyRequest\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x10\n\x08receiver\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\x0c\"\x10\n\x0eNotifyResponse\"5\n\x11PushTargetRequest\x12\x0f\n\x07push_id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"\xcc\x01\n\x12PushTargetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x11\n\tengine_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x03 \x01(\r\x12\x0f\n\x07tp_size\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x07 \x01(\r\x12\x11\n\tblock_ids\x18\x08 \x03(\r\x12\x0e\n\x06\x65xpiry\x18\t \x01(\x01\x12\x12\n\nrequest_id\x18\n \x01(\t2\xfb\x03\n\x11KVTransferControl\x12^\n\tHandshake\x12\'.pdsidecar.transfer.v1.HandshakeRequest\x1a(.pdsidecar.transfer.v1.HandshakeResponse\x12m\n\x0eTransferStatus\x12,.pdsidecar.transfer.v1.TransferStatusRequest\x1a-.pdsidecar.transfer.v1.TransferStatusResponse\x12]\n\x0bStatsStream\x12#.pdsidecar.transfer.v1.StatsRequest\x1a\'.pdsidecar.transfer.v1.TransferStatsMsg0\x01\x12U\n\x06Notify\x12$.pdsidecar.transfer.v1.NotifyRequest\x1a%.pdsidecar.transfer.v1.NotifyResponse\x12\x61\n\nPushTarget\x12(.pdsidecar.transfer.v1.PushTargetRequest\x1a).pdsidecar.transfer.v1.PushTargetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGION']._serialized_start=41
   _globals['_REGION']._serialized_end=177
   _globals['_RANKINFO']._serialized_start=180
-  _globals['_RANKINFO']._serialized_end=621
-  _globals['_HANDSHAKEREQUEST']._serialized_start=623
-  _globals['_HANDSHAKEREQUEST']._serialized_end=741
-  _globals['_HANDSHAKERESPONSE']._serialized_start=743
-  _globals['_HANDSHAKERESPONSE']._serialized_end=811
-  _globals['_TRANSFERSTATUSREQUEST']._serialized_start=813
-  _globals['_TRANSFERSTATUSREQUEST']._serialized_end=856
-  _globals['_TRANSFERSTATUSRESPONSE']._serialized_start=858
-  _globals['_TRANSFERSTATUSRESPONSE']._serialized_end=970
-  _globals['_STATSREQUEST']._serialized_start=972
-  _globals['_STATSREQUEST']._serialized_end=986
-  _globals['_TRANSFERSTATSMSG']._serialized_start=989
-  _globals['_TRANSFERSTATSMSG']._serialized_end=1269
-  _globals['_NOTIFYREQUEST']._serialized_start=1271
-  _globals['_NOTIFYREQUEST']._serialized_end=1337
-  _globals['_NOTIFYRESPONSE']._serialized_start=1339
-  _globals['_NOTIFYRESPONSE']._serialized_end=1355
-  _globals['_PUSHTARGETREQUEST']._serialized_start=1357
-  _globals['_PUSHTARGETREQUEST']._serialized_end=1410
-  _globals['_PUSHTARGETRESPONSE']._serialized_start=1413
-  _globals['_PUSHTARGETRESPONSE']._serialized_end=1617
-  _globals['_KVTRANSFERCONTROL']._serialized_start=1620
-  _globals['_KVTRANSFERCONTROL']._serialized_end=2127
+  _globals['_RANKINFO']._serialized_end=641
+  _globals['_HANDSHAKEREQUEST']._serialized_start=644
+  _globals['_HANDSHAKEREQUEST']._serialized_end=786
+  _globals['_HANDSHAKERESPONSE']._serialized_start=788
+  _globals['_HANDSHAKERESPONSE']._serialized_end=856
+  _globals['_TRANSFERSTATUSREQUEST']._serialized_start=858
+  _globals['_TRANSFERSTATUSREQUEST']._serialized_end=901
+  _globals['_TRANSFERSTATUSRESPONSE']._serialized_start=903
+  _globals['_TRANSFERSTATUSRESPONSE']._serialized_end=1015
+  _globals['_STATSREQUEST']._serialized_start=1017
+  _globals['_STATSREQUEST']._serialized_end=1031
+  _globals['_TRANSFERSTATSMSG']._serialized_start=1034
+  _globals['_TRANSFERSTATSMSG']._serialized_end=1314
+  _globals['_NOTIFYREQUEST']._serialized_start=1316
+  _globals['_NOTIFYREQUEST']._serialized_end=1382
+  _globals['_NOTIFYRESPONSE']._serialized_start=1384
+  _globals['_NOTIFYRESPONSE']._serialized_end=1400
+  _globals['_PUSHTARGETREQUEST']._serialized_start=1402
+  _globals['_PUSHTARGETREQUEST']._serialized_end=1455
+  _globals['_PUSHTARGETRESPONSE']._serialized_start=1458
+  _globals['_PUSHTARGETRESPONSE']._serialized_end=1662
+  _globals['_KVTRANSFERCONTROL']._serialized_start=1665
+  _globals['_KVTRANSFERCONTROL']._serialized_end=2172
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,9 @@ class PeerInfo:
     agent_metadata: bytes = b""  # NIXL agent blob
     ipc_handles: bytes = b""  # CUDA IPC handle message (transfer.ipc_handles; same host only)
     device_id: int = 0
+    # local verdict, never sent: True only if the peer proved it shares this host
+    # (``transfer.hostproof`` in the handshake); None = not from a handshake (in-process)
+    same_host: bool | None = field(default=None, compare=False)
 
     @property
     def num_blocks(self) -> int:

@@ -3,8 +3,8 @@
 * ``rdma``: NIXL/UCX, UCX picks transports (default for CPU memory).
 * ``tcp``: NIXL with UCX forced onto TCP (``UCX_TLS=tcp,self``).
 * ``ipc``: CUDA IPC + batched copies; peers must be CUDA on this host.
-* ``auto``: IPC for peers that are CUDA on the same host (host ids compared at
-  handshake), NIXL otherwise.
+* ``auto``: IPC for peers that are CUDA on the same host (proven in the handshake,
+  ``transfer.hostproof``), NIXL otherwise.
 
 :func:`create_engine` returns one :class:`~transfer.engine.TransferEngine` whatever
 the choice, so callers stay backend-agnostic.
@@ -33,7 +33,7 @@ def resolve_protocol(protocol: str | None = None) -> str:
 
 def peer_backend(protocol: str, local: PeerInfo, remote: PeerInfo) -> str:
     """``"ipc"`` or ``"nixl"`` for one peer, given both sides' info."""
-    same_host_cuda = (local.host_id == remote.host_id and local.mem_type == "VRAM"
+    same_host_cuda = (same_host(local, remote) and local.mem_type == "VRAM"
                       and remote.mem_type == "VRAM" and bool(remote.ipc_handles))
     if protocol == "ipc":
         if not same_host_cuda:
@@ -44,6 +44,14 @@ def peer_backend(protocol: str, local: PeerInfo, remote: PeerInfo) -> str:
     if protocol == "auto" and same_host_cuda:
         return "ipc"
     return "nixl"
+
+
+def same_host(local: PeerInfo, remote: PeerInfo) -> bool:
+    """Whether ``remote`` is on this host: its handshake's verified host proof; the
+    claimed ``host_id`` counts only for info that never crossed the wire."""
+    if remote.same_host is not None:
+        return remote.same_host
+    return local.host_id == remote.host_id
 
 
 def create_engine(protocol: str | None = None, name: str | None = None,
