@@ -22,7 +22,12 @@ def _cmd_models_make(args: argparse.Namespace) -> int:
         overrides["num_kv_heads"] = max(1, args.hidden_size // 128)
         overrides["intermediate_size"] = args.hidden_size * 2
     try:
-        path = make_model(args.arch, args.out, seed=args.seed, **overrides)
+        if args.if_missing:
+            from pdsidecar.models import ensure_model
+
+            path = ensure_model(args.arch, args.out, seed=args.seed, **overrides)
+        else:
+            path = make_model(args.arch, args.out, seed=args.seed, **overrides)
     except ModelError as e:
         raise CliError(str(e)) from None
     print(f"{path}  sha256:{folder_digest(path)}")
@@ -69,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--layers", type=int, default=None, help="number of layers (default 4)")
     make.add_argument("--hidden-size", type=int, default=None, help="hidden size, a multiple of 128 (default 256)")
+    make.add_argument("--if-missing", action="store_true",
+                      help="keep the folder when it already holds this model (same arch, seed, sizes)")
     make.set_defaults(func=_cmd_models_make)
 
     from pdsidecar.local import add_local_arguments

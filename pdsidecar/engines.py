@@ -136,6 +136,10 @@ class Engine:
         )
         if c.cpu_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = c.cpu_bind
+        if _is_loopback_host(c.host):
+            # every engine of this harness is on this host: PdConnector may advertise
+            # 127.0.0.1 (it refuses to by default, see PdConfig.check_advertised)
+            env.setdefault("PD_ALLOW_LOOPBACK", "1")
         env.update(c.env)
         return env
 
@@ -227,6 +231,15 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def bind_cpus(spec: str | None) -> set[int] | None:

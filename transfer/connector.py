@@ -61,7 +61,7 @@ class PdConnector(KVConnectorBase_V1):
                  kv_cache_config: "KVCacheConfig | None" = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         ktc = vllm_config.kv_transfer_config
-        self.cfg = PdConfig.from_extra(ktc.kv_connector_extra_config)
+        self.cfg = PdConfig.from_extra(ktc.kv_connector_extra_config, kv_role=ktc.kv_role)
         pc = vllm_config.parallel_config
         self.engine_id = str(ktc.engine_id)
         if pc.pipeline_parallel_size > 1:
