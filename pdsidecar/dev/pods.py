@@ -255,11 +255,12 @@ class PodCluster:
         """Delete pod ``role``: stop its containers, remove its namespace."""
         self._remove(self.pods[role])
 
-    def restart(self, role: str) -> Pod:
-        """The pod comes back as a new pod with a new IP (Kubernetes semantics)."""
+    def restart(self, role: str, docs: list[dict] | None = None) -> Pod:
+        """The pod comes back as a new pod with a new IP (Kubernetes semantics);
+        ``docs``: changed manifests for the new pod."""
         self.stop(role)
         self._restarts += 1
-        return self.start(role)
+        return self.start(role, docs)
 
     def _write_hosts(self) -> None:
         self.net.write_hosts(service_hosts(self.docs, {r: p.ip for r, p in self.pods.items()}))
