@@ -113,7 +113,8 @@ class Pod:
         return next(c for c in self.spec.containers if c.is_engine)
 
     def _env(self, c: ContainerSpec) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_OWNED_PREFIXES)}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(_OWNED_PREFIXES) or k.startswith("PDSIDECAR_TEST_")}
         env.update(c.env)
         if c.is_engine and self.cpus:
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(self.cpus)))
