@@ -56,13 +56,23 @@ class Container:
         self.log_path = pod.log_dir / f"{pod.spec.name}-{spec.name}.log"
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            pod.cluster.net.exec_prefix(pod.key) + spec.argv, env=env, stdout=self._log,
+            pod.cluster.net.exec_prefix(pod.key, isolate=pod.cluster.isolate) + spec.argv, env=env, stdout=self._log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=_child_setup(cpus))
         self.cpus = cpus
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def main_pid(self) -> int:
+        """The container's own process (under ``unshare`` when pods are isolated)."""
+        if not self.pod.cluster.isolate:
+            return self.proc.pid
+        try:
+            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        return int(kids[0]) if kids else self.proc.pid
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -146,7 +156,7 @@ class Pod:
                 if cont.spec.kind != "init" and cont.spec.probe is not None:
                     self._wait_probe(cont, cont.spec.probe, self._deadline)
                     if cont.spec.is_engine and self.cpus:
-                        _unpin_threads(cont.proc.pid)  # like engines.Engine: API server floats once ready
+                        _unpin_threads(cont.main_pid())  # like engines.Engine: API server floats once ready
         except BaseException:
             self.stop()
             raise
@@ -189,7 +199,7 @@ class PodCluster:
 
     def __init__(self, overlay: str | Path = DEV_CPU, *, model_cache: str | Path | None = None,
                  log_dir: str | Path | None = None, docs: list[dict] | None = None,
-                 startup_timeout_s: float = 300.0):
+                 startup_timeout_s: float = 300.0, isolate: bool = True):
         from pdsidecar.local import DEFAULT_CACHE
 
         self.docs = docs if docs is not None else render_overlay(overlay)
@@ -199,6 +209,7 @@ class PodCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.token = _secrets.token_hex(24)
         self.startup_timeout_s = startup_timeout_s
+        self.isolate = isolate  # own IPC/PID namespaces and /dev/shm per container (netns.exec_prefix)
         self.pods: dict[str, Pod] = {}  # role -> pod
         # each role's engine on its own cores (what a CPU manager would give the pod)
         self._cores = dict(zip(("prefill", "decode"), (bind_cpus(s) for s in cpu_slices(2))))

@@ -207,16 +207,25 @@ def pod_spec(docs: list[dict], role: str, ip: str, *, secrets: dict[str, dict[st
     return pod
 
 
-def drop_env(docs: list[dict], role: str, container: str, var: str) -> list[dict]:
-    """A copy of ``docs`` without env ``var`` in ``container`` of ``pd-<role>`` (fault tests)."""
+def edit_env(docs: list[dict], role: str, container: str, *, drop: tuple[str, ...] = (),
+             set_: dict[str, str] | None = None) -> list[dict]:
+    """A copy of ``docs`` with env vars dropped from / set in ``container`` of ``pd-<role>``
+    (fault tests and transport runs: e.g. without PD_CONTROL_HOST, with UCX_TLS=tcp)."""
     import copy
 
     docs = copy.deepcopy(docs)
     for _, spec in kv.pod_templates(lws(docs, f"pd-{role}")):
         for c in (spec.get("containers") or []) + (spec.get("initContainers") or []):
             if c["name"] == container:
-                c["env"] = [e for e in c.get("env") or [] if e["name"] != var]
+                gone = set(drop) | set(set_ or {})
+                c["env"] = [e for e in c.get("env") or [] if e["name"] not in gone]
+                c["env"] += [{"name": k, "value": v} for k, v in (set_ or {}).items()]
     return docs
+
+
+def drop_env(docs: list[dict], role: str, container: str, var: str) -> list[dict]:
+    """A copy of ``docs`` without env ``var`` in ``container`` of ``pd-<role>``."""
+    return edit_env(docs, role, container, drop=(var,))
 
 
 def service_hosts(docs: list[dict], pods: dict[str, str]) -> dict[str, str]:
