@@ -142,3 +142,16 @@ def test_connector_refuses_loopback_when_peers_read(extra, env, role, refused):
             PdConfig.from_extra(extra, env=env, kv_role=role)
     else:
         PdConfig.from_extra(extra, env=env, kv_role=role)
+
+
+def test_local_pods_without_root_says_what_to_do(monkeypatch, capsys):
+    from pdsidecar import engines
+    from pdsidecar.cli import main
+
+    monkeypatch.setattr(engines, "vllm_available", lambda: True)
+    monkeypatch.setattr("pdsidecar.local.vllm_available", lambda: True)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert main(["local", "--pods", "--short"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pdsidecar: error: pods need root") and "sudo" in err and "drop --pods" in err
+    assert len(err.splitlines()) == 1
