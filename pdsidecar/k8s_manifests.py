@@ -111,6 +111,8 @@ DEV_CPU = Profile(
     env=[
         {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"},  # GiB of KV cache (CPU backend)
         {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "DO_NOT_TRACK", "value": "1"},
     ],
     inject=InjectOptions(image=SIDECAR_IMAGE, protocol="auto", shm_size="1Gi"),
     cpu="1",

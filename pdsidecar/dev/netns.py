@@ -58,6 +58,8 @@ def can_create() -> str | None:
                 "`sudo .venv/bin/pdsidecar local --pods`, or drop --pods to run on 127.0.0.1")
     if shutil.which("ip") is None:
         return "pods need the `ip` tool (iproute2): apt-get install iproute2"
+    if shutil.which("unshare") is None:
+        return "pods need `unshare` (util-linux): apt-get install util-linux"
     return None
 
 
