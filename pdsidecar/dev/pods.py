@@ -36,11 +36,28 @@ from typing import Any
 
 from pdsidecar.dev import netns
 from pdsidecar.dev.podspec import ContainerSpec, PodSpec, pod_spec, render_overlay, service_hosts
-from pdsidecar.engines import _child_setup, _unpin_threads, bind_cpus, cpu_slices, group_members
+from pdsidecar.engines import (_child_setup, _unpin_threads, bind_cpus, cpu_slices, group_members,
+                               set_parent_death_signal)
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DEV_CPU = REPO / "deploy" / "overlays" / "dev-cpu"
 _OWNED_PREFIXES = ("PD_", "PDSIDECAR_", "KV_TRANSFER_", "VLLM_", "UCX_", "POD_", "LWS_")
+
+
+def _container_setup(cpus: set[int] | None, isolate: bool):
+    """In the child before exec: die with the harness, start on the pod's cores.
+
+    Isolated containers run under ``unshare --fork``, which ignores SIGTERM while it waits,
+    so their death signal is SIGKILL (``--kill-child`` passes it on to the container)."""
+    if not isolate:
+        return _child_setup(cpus)
+
+    def setup() -> None:
+        set_parent_death_signal(signal.SIGKILL)
+        if cpus:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, cpus)
+    return setup
 
 
 class PodError(Exception):
@@ -58,7 +75,7 @@ class Container:
         self.proc = subprocess.Popen(
             pod.cluster.net.exec_prefix(pod.key, isolate=pod.cluster.isolate) + spec.argv, env=env, stdout=self._log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=_child_setup(cpus))
+            preexec_fn=_container_setup(cpus, pod.cluster.isolate))
         self.cpus = cpus
 
     def alive(self) -> bool:
