@@ -14,9 +14,11 @@ was reused. Cleanup, in order of what is guaranteed:
 1. normal exit, an exception, SIGTERM turned into an exception: :meth:`PodNetwork.close`
    stops every process inside the namespaces, deletes them and their ``/etc/netns``
    files;
-2. the harness killed outright (SIGKILL, OOM): a *reaper* process started with the
-   network (own session, so a group kill of the harness misses it) blocks reading a
-   pipe only the harness holds; the pipe's EOF wakes it and it does step 1's work;
+2. the harness killed outright (SIGKILL, OOM): the containers get SIGKILL from the
+   kernel (parent-death signal, see ``pdsidecar.dev.pods``), and a *reaper* process
+   started with the network (own session, so a group kill of the harness misses it)
+   blocks reading a pipe only the harness holds; the pipe's EOF wakes it and it does
+   step 1's work (kills whatever is still inside, deletes the namespaces);
 3. harness and reaper both gone (e.g. both SIGKILLed): the next :class:`PodNetwork`
    (or ``python -m pdsidecar.dev.netns --sweep``) removes every ``pdpods-*`` namespace
    whose harness is dead before it creates its own. A reboot empties ``/run/netns``.
