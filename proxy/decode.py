@@ -569,7 +569,8 @@ class DecodeRole:
                     state["path"] = "fallback"
                     return await self._decode_leg(request, api, retry_body, rid, t0, state, None)
                 t_first = time.perf_counter()
-                failed = self._observe_transfer(payload) if resp.status == 200 and pre is not None else None
+                # pull (pre) and push (no pre, path disagg) legs: did the KV load succeed?
+                failed = self._observe_transfer(payload) if resp.status == 200 and path == "disagg" else None
                 if failed is not None:
                     path = self._mark_recompute(state, out_headers, failed, rid)
                 self._observe_first(path, t0, t_send, t_first, pre)
@@ -589,7 +590,7 @@ class DecodeRole:
                 await out.prepare(request)
                 async for chunk in resp.content.iter_any():
                     await out.write(chunk)
-                    if pre is not None and b'"pd_transfer"' in chunk and state["path"] == "disagg":
+                    if path == "disagg" and b'"pd_transfer"' in chunk and state["path"] == "disagg":
                         # a vLLM that streams kv_transfer_params: headers are out, but the
                         # request is still counted by what happened
                         event = next((ln[5:].strip() for ln in chunk.split(b"\n")
