@@ -245,10 +245,15 @@ class PodCluster:
                    ) -> list[Pod]:
         """Start several pods; their engines load in parallel. On failure every pod of
         this call is removed again and PodError names the failing container."""
-        pods = []
+        pods: list[Pod] = []
         try:
+            # every pod gets its namespace and IP first, so Services resolve to all of them
+            # from the start (the decode Service is headless with publishNotReadyAddresses)
             for role in roles:
-                pods.append(self._launch(role, docs, ip))
+                pods.append(self._create(role, docs, ip))
+            self._write_hosts()
+            for pod in pods:
+                pod.launch(self.startup_timeout_s)
             for pod in pods:
                 pod.wait_ready()
         except BaseException:
@@ -257,7 +262,7 @@ class PodCluster:
             raise
         return pods
 
-    def _launch(self, role: str, docs: list[dict] | None, ip: str | None) -> Pod:
+    def _create(self, role: str, docs: list[dict] | None, ip: str | None) -> Pod:
         key = role if role not in self.net.pods else f"{role}-{self._restarts}"
         net_pod = self.net.add_pod(key, ip)
         spec = pod_spec(docs if docs is not None else self.docs, role, net_pod.ip,
@@ -265,12 +270,7 @@ class PodCluster:
                         volume_dirs={"models": self.model_cache})
         pod = Pod(self, key, spec, self._cores.get(role))
         self.pods[role] = pod
-        self._write_hosts()
-        try:
-            return pod.launch(self.startup_timeout_s)
-        except BaseException:
-            self._remove(pod)
-            raise
+        return pod
 
     def _remove(self, pod: Pod) -> None:
         pod.stop()
