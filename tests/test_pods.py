@@ -95,6 +95,147 @@ def test_pods_disaggregate_across_pods(cluster):
     assert delta("pd_kv_transferred_bytes_total") > 0  # the non-streaming answer's pd_transfer
 
 
+SLOW = pytest.mark.skipif(not os.environ.get("PDSIDECAR_SLOW"), reason="slow fault scenario: PDSIDECAR_SLOW=1")
+
+
+def _complete(cluster, d, model: str, n: int = 8) -> tuple[int, str | None, str, dict]:
+    st, h, body = cluster.post_json(d.url("http") + "/v1/completions",
+                                    {"model": model, "prompt": PROMPT, "max_tokens": n, "temperature": 0}, timeout=120)
+    return st, h.get("x-pd-path"), (body.get("choices") or [{}])[0].get("text"), body.get("kv_transfer_params") or {}
+
+
+def _signed_leg(cluster, claim: str, from_ns: str, model: str) -> int:
+    """A prefill leg signed with the real token, claiming ``claim`` as its identity."""
+    import json
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    from proxy import auth
+
+    p = cluster.pods["prefill"]
+    body = json.dumps({"model": model, "prompt": "x", "max_tokens": 1,
+                       "kv_transfer_params": {"do_remote_decode": True}}).encode()
+    rid = uuid.uuid4().hex
+    h = {**auth.sign(cluster.token, claim, rid, "/v1/completions", body), "x-request-id": rid,
+         "content-type": "application/json"}
+    with netns.entered(from_ns):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(p.url("http") + "/v1/completions", data=body,
+                                                               headers=h), timeout=60) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+
+def test_attacker_pod_refused_by_source_check_and_allowlist(cluster):
+    """A third pod with another IP and the stolen token: claiming the decode sidecar's
+    identity fails --peer-source-check, claiming its own fails the allowlist (the
+    decode Service); the decode pod itself is accepted."""
+    from pdsidecar.dev.local_pods import served_model
+
+    p, d = cluster.pods["prefill"], cluster.pods["decode"]
+    model = served_model(d)
+    attacker = cluster.net.add_pod("attacker")
+    try:
+        before = _metrics(cluster, p.url("metrics"))
+        assert _signed_leg(cluster, f"{d.ip}:8000", attacker.ns, model) == 403
+        assert _signed_leg(cluster, f"{attacker.ip}:8000", attacker.ns, model) == 403
+        assert _signed_leg(cluster, f"{d.ip}:8000", d.ns, model) == 200
+        after = _metrics(cluster, p.url("metrics"))
+        for reason in ("source_mismatch", "peer_not_allowed"):
+            assert _sum(after, "pd_auth_failures_total", reason=reason) - _sum(
+                before, "pd_auth_failures_total", reason=reason) == 1
+    finally:
+        cluster.net.remove_pod("attacker")
+
+
+@SLOW
+def test_prefill_link_down_falls_back_then_disaggregates(cluster):
+    from pdsidecar.dev.local_pods import aggregated, served_model
+
+    p, d = cluster.pods["prefill"], cluster.pods["decode"]
+    model = served_model(d)
+    ref = aggregated(cluster, p, model, PROMPT, 8, 120)
+    cluster.net.set_link("prefill", False)
+    try:
+        st, path, text, _ = _complete(cluster, d, model)
+        assert (st, path, text) == (200, "fallback", ref)
+    finally:
+        cluster.net.set_link("prefill", True)
+    st, path, text, kv = _complete(cluster, d, model)
+    assert (st, path, text) == (200, "disagg", ref)
+
+
+@SLOW
+def test_link_down_between_prefill_and_read_recomputes_and_frees(cluster):
+    """The prefill pod's cable is pulled after it answered the prefill leg, before the
+    decode engine READs: the load fails, the decode engine recomputes (same answer), and
+    once the link is back the prefill engine holds no blocks (lease)."""
+    import json
+    import time
+    import urllib.request
+    import uuid
+
+    from pdsidecar.dev.local_pods import aggregated, served_model
+    from proxy import auth
+
+    p, d = cluster.pods["prefill"], cluster.pods["decode"]
+    model = served_model(d)
+    ref = aggregated(cluster, p, model, PROMPT, 8, 120)
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 1,
+                       "kv_transfer_params": {"do_remote_decode": True}}).encode()
+    rid = uuid.uuid4().hex
+    h = {**auth.sign(cluster.token, f"{d.ip}:8000", rid, "/v1/completions", body), "x-request-id": rid,
+         "content-type": "application/json"}
+    with netns.entered(d.ns), urllib.request.urlopen(
+            urllib.request.Request(p.url("http") + "/v1/completions", data=body, headers=h), timeout=60) as r:
+        kvp = json.loads(r.read())["kv_transfer_params"]
+    assert kvp["remote_host"] == p.ip
+    port = d.engine.ports["vllm-http"]
+    cluster.net.set_link("prefill", False)
+    try:
+        st, _, out = cluster.post_json(f"http://127.0.0.1:{port}/v1/completions",
+                                       {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+                                        "kv_transfer_params": kvp}, timeout=120, ns=d.ns)
+    finally:
+        cluster.net.set_link("prefill", True)
+    assert st == 200 and out["choices"][0]["text"] == ref
+    assert out["kv_transfer_params"]["pd_transfer"]["error"]  # the answer says the load failed
+    pport = p.engine.ports["vllm-http"]
+    deadline = time.monotonic() + 60  # the prefill lease (30 s) frees unread blocks
+    while time.monotonic() < deadline:
+        pending = _sum(_metrics(cluster, f"http://127.0.0.1:{pport}", ns=p.ns), "pd_connector_blocks_pending_pickup")
+        if pending == 0:
+            break
+        time.sleep(1)
+    assert pending == 0
+
+
+@SLOW
+def test_prefill_restarted_with_new_ip(cluster):
+    """The prefill pod comes back with another IP: the decode sidecar's DNS refresh and
+    the decode engine's handshake follow it."""
+    import time
+
+    from pdsidecar.dev.local_pods import aggregated, served_model
+
+    old = cluster.pods["prefill"].ip
+    p = cluster.restart("prefill")
+    d = cluster.pods["decode"]
+    assert p.ip != old
+    model = served_model(d)
+    ref = aggregated(cluster, p, model, PROMPT, 8, 120)
+    deadline = time.monotonic() + 60  # the sidecar re-resolves every --dns-refresh (10 s)
+    while time.monotonic() < deadline:
+        st, path, text, kv = _complete(cluster, d, model)
+        assert st == 200 and text == ref  # never lost: fallback until the new IP is known
+        if path == "disagg":
+            break
+        time.sleep(1)
+    assert path == "disagg" and kv["pd_transfer"]["error"] == "" and kv["pd_transfer"]["bytes"] > 0
+
+
 def test_engine_without_pod_ip_refuses_to_start(cluster):
     """The same manifests with PD_CONTROL_HOST removed: the prefill engine would
     advertise 127.0.0.1 to decode engines in other pods; it refuses to start instead."""
