@@ -145,6 +145,9 @@ class Pod:
         env.update(c.env)
         if c.is_engine and self.cpus:
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(self.cpus)))
+        site = REPO / "pdsidecar" / "engine_site"  # the engine harness's start-up hooks (AMX), where present
+        if c.is_engine and site.is_dir():
+            env["PYTHONPATH"] = os.pathsep.join([str(site)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
