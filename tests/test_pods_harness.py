@@ -155,3 +155,31 @@ def test_local_pods_without_root_says_what_to_do(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("pdsidecar: error: pods need root") and "sudo" in err and "drop --pods" in err
     assert len(err.splitlines()) == 1
+
+
+@needs_root
+def test_pods_are_different_hosts_for_the_same_host_check():
+    """Two pods on one machine: separate UTS/IPC/PID namespaces and /dev/shm, so the
+    transfer layer's host id differs (as between Kubernetes pods) and protocol auto keeps
+    NIXL between them, even for CUDA caches."""
+    import subprocess
+    import sys
+
+    from transfer.engine import PeerInfo
+    from transfer.select import peer_backend
+
+    code = "import os; from transfer.engine import host_id; print(host_id()); print(sorted(os.listdir('/dev/shm')))"
+    with netns.PodNetwork() as net:
+        out = {}
+        for name in ("pd-prefill-0", "pd-decode-0"):
+            net.add_pod(name.split("-")[1])
+            r = subprocess.run(net.exec_prefix(name.split("-")[1], hostname=name) + [sys.executable, "-c", code],
+                               capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
+            assert r.returncode == 0, r.stderr
+            out[name] = r.stdout.splitlines()
+    (hp, shm_p), (hd, shm_d) = out["pd-prefill-0"], out["pd-decode-0"]
+    assert hp.startswith("pd-prefill-0/") and hd.startswith("pd-decode-0/") and hp != hd
+    assert shm_p == shm_d == "[]"  # a private, empty /dev/shm each
+    local = PeerInfo("d", "multi", "VRAM", [], host_id=hd)
+    remote = PeerInfo("p", "multi", "VRAM", [], host_id=hp, ipc_handles=b"handles")
+    assert peer_backend("auto", local, remote) == "nixl"

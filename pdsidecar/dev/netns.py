@@ -266,20 +266,26 @@ class PodNetwork:
                 f.truncate()
                 f.write(text)
 
-    def exec_prefix(self, name: str, *, isolate: bool = True, shm_size: str = "1g") -> list[str]:
+    def exec_prefix(self, name: str, *, isolate: bool = True, shm_size: str = "1g",
+                    hostname: str | None = None) -> list[str]:
         """Command prefix that runs a program inside pod ``name``.
 
-        ``isolate``: also its own IPC and PID namespaces and a private ``/dev/shm``, as
-        pods on different hosts (or any two Kubernetes pods) have, so shared-memory
-        transports (UCX sm/cma, CUDA IPC) cannot reach across pods. The program runs as
+        ``isolate``: also its own IPC, PID and UTS namespaces (hostname = ``hostname``,
+        default the pod name) and a private ``/dev/shm``, as pods on different hosts (or
+        any two Kubernetes pods) have, so shared-memory transports (UCX sm/cma, CUDA IPC)
+        cannot reach across pods and a "same host" check by hostname sees two hosts, as it
+        does in Kubernetes. The program runs as
         pid 1 of its PID namespace under ``unshare`` (same process group; ``unshare``
         forwards nothing, so stop the group)."""
         prefix = ["ip", "netns", "exec", self.pods[name].ns]
         if not isolate:
             return prefix
-        return prefix + ["unshare", "--ipc", "--pid", "--fork", "--kill-child", "--mount-proc", "--",
-                         "sh", "-c", f'mount -t tmpfs -o size={shm_size},mode=1777 podshm /dev/shm && exec "$@"',
-                         f"pod-{name}"]
+        host = hostname or name
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,62}", host):
+            raise NetnsError(f"bad hostname {host!r}")
+        return prefix + ["unshare", "--ipc", "--pid", "--uts", "--fork", "--kill-child", "--mount-proc", "--",
+                         "sh", "-c", f'mount -t tmpfs -o size={shm_size},mode=1777 podshm /dev/shm && '
+                                     f'hostname {host} && exec "$@"', f"pod-{name}"]
 
     def close(self) -> None:
         if self._closed:

@@ -73,7 +73,8 @@ class Container:
         self.log_path = pod.log_dir / f"{pod.spec.name}-{spec.name}.log"
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            pod.cluster.net.exec_prefix(pod.key, isolate=pod.cluster.isolate) + spec.argv, env=env, stdout=self._log,
+            pod.cluster.net.exec_prefix(pod.key, isolate=pod.cluster.isolate, hostname=pod.spec.name) + spec.argv,
+            env=env, stdout=self._log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=_container_setup(cpus, pod.cluster.isolate))
         self.cpus = cpus
