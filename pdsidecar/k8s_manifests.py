@@ -107,7 +107,10 @@ DEV_CPU = Profile(
     model=DEV_MODEL,
     gpus_per_pod=0,
     max_model_len=4096,
-    role_args={"prefill": ["--enforce-eager"], "decode": ["--enforce-eager"]},
+    # float32: a random-weight tiny model has near-flat logits, and bf16 flips greedy
+    # argmaxes between kernel paths (P/D output would differ from aggregated by chance)
+    role_args={"prefill": ["--enforce-eager", "--dtype", "float32"],
+               "decode": ["--enforce-eager", "--dtype", "float32"]},
     env=[
         {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"},  # GiB of KV cache (CPU backend)
         {"name": "HF_HUB_OFFLINE", "value": "1"},
