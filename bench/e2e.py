@@ -8,6 +8,9 @@ request, plus the KV bytes and transfer time the decode engine reports:
 * ``pd-ours``   prefill + decode engines (one core slice each), our ``PdConnector``,
                 a prefill and a decode ``pdsidecar`` in front
 * ``pd-stock``  the same with vLLM's stock ``NixlConnector``
+* ``pd-ours-pods``  ``deploy/overlays/dev-cpu`` as network-namespace pods (root): the
+                prefill and decode pods each with its own IP, KV crossing pods over UCX;
+                the client talks to the decode pod from the node side of the pod bridge
 
 The default workload is mixed: short, decode-heavy requests while long-prompt requests
 arrive (Poisson, ``--rate``), which is where P/D helps (decode ITL stays flat) and where
@@ -48,7 +51,7 @@ from bench.e2e_workload import (  # noqa: E402
     sweep_request,
 )
 
-CONFIGS = ("agg", "pd-ours", "pd-ours-push", "pd-stock", "pd-stock-push")
+CONFIGS = ("agg", "pd-ours", "pd-ours-push", "pd-stock", "pd-stock-push", "pd-ours-pods")
 PROG = "pdbench e2e"
 
 
@@ -57,8 +60,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("configurations")
     g.add_argument("--configs", default="agg,pd-ours,pd-stock",
                    help="comma list of agg, pd-ours, pd-ours-push, pd-stock (vLLM's NixlConnector), "
-                        "pd-stock-push (vLLM's NixlPushConnector) (default: agg,pd-ours,pd-stock, run one "
-                        "after another)")
+                        "pd-stock-push (vLLM's NixlPushConnector), pd-ours-pods (root: across network-namespace "
+                        "pods) (default: agg,pd-ours,pd-stock, run one after another)")
     g.add_argument("--gpu-util", default=None,
                    help="run the engines on the GPU, each with --gpu-memory-utilization GPU_UTIL (a P/D pair "
                         "shares the one GPU; engines start one after another); default: CPU engines")
@@ -278,6 +281,34 @@ class Target:
     cores: dict[str, str] = field(default_factory=dict)
     logs: list[str] = field(default_factory=list)
     stop: Callable[[], None] = lambda: None
+    netns: str | None = None              # network namespace the client must run in (pods)
+
+
+def start_pods_target(name: str, plan: Plan) -> Target:
+    """``pd-ours-pods``: the rendered dev-cpu overlay as pods (pdsidecar.dev.pods)."""
+    from pdsidecar.dev.local_pods import served_model
+    from pdsidecar.dev.netns import NetnsError, can_create
+    from pdsidecar.dev.pods import PodCluster, PodError
+    from pdsidecar.dev.podspec import PodSpecError
+
+    why = can_create()
+    if why:
+        raise RuntimeError(why)
+    cluster = PodCluster(log_dir=plan.log_dir, startup_timeout_s=plan.startup_timeout)
+    try:
+        p, d = cluster.start_many(["prefill", "decode"])
+    except (PodError, PodSpecError, NetnsError) as e:
+        cluster.close()
+        raise RuntimeError(str(e)) from None
+    except BaseException:
+        cluster.close()
+        raise
+    engine = f"http://{d.ip}:{d.engine.ports['vllm-http']}"
+    return Target(name, d.url("http"), served_model(d), f"P/D across pods {p.ip} -> {d.ip} (dev-cpu overlay)",
+                  "PdConnector", sidecar_url=d.url("http"), prefill_sidecar_url=p.url("http"),
+                  engine_kv_url=engine, cores={"prefill": ",".join(map(str, sorted(p.cpus or []))),
+                                               "decode": ",".join(map(str, sorted(d.cpus or [])))},
+                  logs=[str(cluster.log_dir)], stop=cluster.close, netns=cluster.outer)
 
 
 def _engine_configs(roles: tuple[str, ...], model: str, kv_cfg: dict | None, plan: Plan, stock: bool,
@@ -324,6 +355,8 @@ def _start(configs: list[Any], plan: Plan) -> list[Any]:
 def start_target(name: str, plan: Plan, model: str) -> Target:
     from pdsidecar.engines import stock_nixl_config
 
+    if name == "pd-ours-pods":
+        return start_pods_target(name, plan)
     common = dict(startup_timeout_s=plan.startup_timeout, max_model_len=plan.max_model_len)
     if name == "agg":
         (e,) = _start(_engine_configs(("agg",), model, None, plan, False, common), plan)
@@ -766,11 +799,17 @@ def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
         return c
     c.update(label=target.label, connector=target.connector, url=target.url, cores=target.cores, logs=target.logs,
              startup_s=time.perf_counter() - t_start)
+    import contextlib
+
+    from pdsidecar.dev.netns import entered
+
     try:
-        records, wall, (sc0, kv0) = asyncio.run(run_load(target, plan, name))
-        kv1 = asyncio.run(settled_kv(target.engine_kv_url))
-        sc1 = scrape(target.sidecar_url)
-        sweep = asyncio.run(run_sweep(target, plan, name)) if plan.sweep_tokens else None
+        # pods: this thread (and the event loops' worker threads it starts) in the pods' network
+        with entered(target.netns) if target.netns else contextlib.nullcontext():
+            records, wall, (sc0, kv0) = asyncio.run(run_load(target, plan, name))
+            kv1 = asyncio.run(settled_kv(target.engine_kv_url))
+            sc1 = scrape(target.sidecar_url)
+            sweep = asyncio.run(run_sweep(target, plan, name)) if plan.sweep_tokens else None
     finally:
         target.stop()
     c["load_after"] = os.getloadavg()

@@ -28,7 +28,12 @@ def _cmd_models_make(args: argparse.Namespace) -> int:
         overrides["num_kv_heads"] = max(1, args.hidden_size // 128)
         overrides["intermediate_size"] = args.hidden_size * 2
     try:
-        path = make_model(arch, args.out, seed=args.seed, device=args.device, **overrides)
+        if args.if_missing:
+            from pdsidecar.models import ensure_model
+
+            path = ensure_model(arch, args.out, seed=args.seed, **overrides)
+        else:
+            path = make_model(arch, args.out, seed=args.seed, device=args.device, **overrides)
     except ModelError as e:
         raise CliError(str(e)) from None
     print(f"{path}  sha256:{folder_digest(path)}")
@@ -82,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "mixtral-small-shape (8 experts, top-2); random weights")
     make.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                       help="where the random weights are drawn (cuda: fast for presets; bytes differ from cpu)")
+    make.add_argument("--if-missing", action="store_true",
+                      help="keep the folder when it already holds this model (same arch, seed, sizes)")
     make.set_defaults(func=_cmd_models_make)
 
     from pdsidecar.local import add_local_arguments

@@ -167,6 +167,10 @@ class Engine:
             env["VLLM_CPU_OMP_THREADS_BIND"] = c.cpu_bind
         if not env.get("PDSIDECAR_AUTH_TOKEN") and not env.get("PDSIDECAR_AUTH_TOKEN_FILE"):
             env["PDSIDECAR_AUTH_TOKEN"] = harness_token()
+        if _is_loopback_host(c.host):
+            # every engine of this harness is on this host: PdConnector may advertise
+            # 127.0.0.1 (it refuses to by default, see PdConfig.check_advertised)
+            env.setdefault("PD_ALLOW_LOOPBACK", "1")
         env.update(c.env)
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != ENGINE_SITE]
         if c.amx_permission:
@@ -295,6 +299,13 @@ def _vllm_is_cpu_build() -> bool:
         return True
     except metadata.PackageNotFoundError:
         return False
+def _is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def bind_cpus(spec: str | None) -> set[int] | None:

@@ -101,6 +101,10 @@ class InjectOptions:
     sidecar_cpu_limit: str = "2"
     sidecar_memory_limit: str = "2Gi"
     prefill_service: str = "pd-prefill-sidecar"  # decode default target host
+    # prefill default target host (= its allowlist of decode sidecars). Headless, so the
+    # name resolves to the decode pods' IPs, which the prefill sidecar matches against
+    # the signed x-pd-peer and the connection's source address.
+    decode_service: str = "pd-decode"
     extra: dict = field(default_factory=dict)
 
     def target_for(self, role: str) -> str | None:
@@ -108,6 +112,8 @@ class InjectOptions:
             return self.kv_target
         if role == "decode":
             return f"{self.prefill_service}:{self.sidecar_port}"
+        if role == "prefill":
+            return f"{self.decode_service}:{self.sidecar_port}"
         return None
 
 
@@ -565,8 +571,11 @@ def add_inject_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default=d.image, help="sidecar image")
     p.add_argument("--container", dest="vllm_container", default=None, help="name of the vLLM container (default: auto-detect)")
     p.add_argument("--protocol", default=d.protocol, choices=["rdma", "ipc", "tcp", "auto"], help="KV transfer protocol")
-    p.add_argument("--kv-target", default=None, help="KV_TRANSFER_TARGET (decode default: <prefill-service>:<sidecar-port>)")
+    p.add_argument("--kv-target", default=None, help="KV_TRANSFER_TARGET (decode default: <prefill-service>:<sidecar-port>; "
+                   "prefill default: <decode-service>:<sidecar-port>)")
     p.add_argument("--prefill-service", default=d.prefill_service, help="DNS name of the prefill sidecars (decode default target)")
+    p.add_argument("--decode-service", default=d.decode_service,
+                   help="headless DNS name of the decode pods (prefill default target = its allowlist)")
     p.add_argument("--sidecar-port", type=int, default=d.sidecar_port)
     p.add_argument("--metrics-port", type=int, default=d.metrics_port)
     p.add_argument("--vllm-port", type=int, default=d.vllm_port)

@@ -25,6 +25,7 @@ are up to date; ``run_manifests([])`` rewrites them.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,9 @@ class Profile:
     inject: InjectOptions = field(default_factory=InjectOptions)
     cpu: str = "16"
     memory: str = "200Gi"
+    volumes: list = field(default_factory=list)  # extra pod volumes
+    volume_mounts: list = field(default_factory=list)  # their mounts in the vllm container
+    init_containers: list = field(default_factory=list)  # run before the sidecar and vLLM
 
 
 PRODUCTION = Profile(
@@ -93,7 +97,50 @@ SINGLE_NODE = Profile(
     memory="64Gi",
 )
 
-PROFILES = {"production": PRODUCTION, "single-node": SINGLE_NODE}
+# CPU development size: what `pdsidecar local --pods` and the pod tests run on one
+# machine (pdsidecar.dev.pods), and what a CPU-only cluster can apply. Same base, env
+# contract, sidecar, ports and connector config as the GPU overlays; a generated tiny
+# model (an init container writes it into an emptyDir) and CPU vLLM flags.
+DEV_MODEL = "/models/tiny-llama"
+DEV_CPU = Profile(
+    replicas=1,
+    size=1,
+    model=DEV_MODEL,
+    gpus_per_pod=0,
+    max_model_len=4096,
+    # float32: a random-weight tiny model has near-flat logits, and bf16 flips greedy
+    # argmaxes between kernel paths (P/D output would differ from aggregated by chance)
+    role_args={"prefill": ["--enforce-eager", "--dtype", "float32"],
+               "decode": ["--enforce-eager", "--dtype", "float32"]},
+    env=[
+        {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"},  # GiB of KV cache (CPU backend)
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "DO_NOT_TRACK", "value": "1"},
+    ],
+    inject=InjectOptions(image=SIDECAR_IMAGE, protocol="auto", shm_size="1Gi"),
+    cpu="1",
+    memory="8Gi",
+    volumes=[{"name": "models", "emptyDir": {"sizeLimit": "1Gi"}}],
+    volume_mounts=[{"name": "models", "mountPath": "/models"}],
+    init_containers=[{
+        "name": "tiny-model",
+        "image": ENGINE_IMAGE,
+        "command": ["pdsidecar"],
+        "args": ["models", "make", "--arch", "llama", "--out", DEV_MODEL, "--if-missing"],
+        "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+    }],
+)
+
+PROFILES = {"production": PRODUCTION, "single-node": SINGLE_NODE, "dev-cpu": DEV_CPU}
+
+# The engine learns its pod IP for the KV control plane and NIXL (PdConnector reads
+# PD_CONTROL_HOST; vLLM's stock NixlConnector VLLM_NIXL_SIDE_CHANNEL_HOST). Without it
+# the connector would advertise 127.0.0.1 to decode engines in other pods.
+POD_IP_ENV = [
+    {"name": "PD_CONTROL_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    {"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+]
 
 
 def _vllm_args(role: str, p: Profile, *, leader: bool) -> list[str]:
@@ -106,7 +153,7 @@ def _vllm_args(role: str, p: Profile, *, leader: bool) -> list[str]:
         "--tensor-parallel-size", "1",
         "--enable-expert-parallel",
         "--data-parallel-size", "$(LWS_GROUP_SIZE)",
-        "--data-parallel-size-local", str(p.gpus_per_pod),
+        "--data-parallel-size-local", str(max(p.gpus_per_pod, 1)),
         "--data-parallel-address", "$(LWS_LEADER_ADDRESS)",
         "--data-parallel-rpc-port", str(DP_RPC_PORT),
         "--data-parallel-start-rank", "$(LWS_WORKER_INDEX)",
@@ -124,13 +171,18 @@ def _pod_template(name: str, role: str, p: Profile, *, leader: bool) -> dict:
         "env": [
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}},
             {"name": "VLLM_LOGGING_LEVEL", "value": "INFO"},
-        ] + [dict(e) for e in p.env],
+        ] + [copy.deepcopy(e) for e in POD_IP_ENV] + [dict(e) for e in p.env],
         "ports": [{"name": "dp-rpc", "containerPort": DP_RPC_PORT, "protocol": "TCP"}],
         "resources": {
-            "requests": {"cpu": p.cpu, "memory": p.memory, "nvidia.com/gpu": p.gpus_per_pod},
-            "limits": {"memory": p.memory, "nvidia.com/gpu": p.gpus_per_pod},
+            "requests": {"cpu": p.cpu, "memory": p.memory},
+            "limits": {"memory": p.memory},
         },
     }
+    if p.gpus_per_pod:
+        c["resources"]["requests"]["nvidia.com/gpu"] = p.gpus_per_pod
+        c["resources"]["limits"]["nvidia.com/gpu"] = p.gpus_per_pod
+    if p.volume_mounts:
+        c["volumeMounts"] = copy.deepcopy(p.volume_mounts)
     if leader:
         c["ports"].insert(0, {"name": "http", "containerPort": 8000, "protocol": "TCP"})
         c["startupProbe"] = {"httpGet": {"path": "/health", "port": 8000}, "periodSeconds": 10, "failureThreshold": 180}
@@ -141,14 +193,16 @@ def _pod_template(name: str, role: str, p: Profile, *, leader: bool) -> dict:
         "app.kubernetes.io/component": role,
         "app.kubernetes.io/part-of": "pdsidecar",
     }
-    return {
-        "metadata": {"labels": labels},
-        "spec": {
-            "serviceAccountName": "pdsidecar",
-            "terminationGracePeriodSeconds": 120,
-            "containers": [c],
-        },
+    spec: dict = {
+        "serviceAccountName": "pdsidecar",
+        "terminationGracePeriodSeconds": 120,
+        "containers": [c],
     }
+    if p.init_containers:
+        spec["initContainers"] = copy.deepcopy(p.init_containers)
+    if p.volumes:
+        spec["volumes"] = copy.deepcopy(p.volumes)
+    return {"metadata": {"labels": labels}, "spec": spec}
 
 
 def pattern5_lws(role: str, p: Profile) -> dict:

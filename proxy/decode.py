@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from pdsidecar.config import Endpoint
+from pdsidecar.metrics import KV_LOAD_FAILURE_REASONS
 
 from . import auth
 from .answer import REJECTED, AnswerRejected, check_prefill_kv, peer_engine_hosts, read_capped
@@ -90,6 +91,21 @@ def transfer_stats(kv: Any) -> tuple[float | None, float | None]:
     b = float(b) if isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 0 else None
     s = float(s) if isinstance(s, (int, float)) and not isinstance(s, bool) and s >= 0 else None
     return b, s
+
+
+def load_failure(kv: Any) -> str | None:
+    """The reason the decode engine's KV load failed, from its response's
+    `kv_transfer_params.pd_transfer.error` (PdConnector); None when it succeeded or the
+    connector reports nothing (vLLM's stock NixlConnector answers null)."""
+    if not isinstance(kv, dict):
+        return None
+    t = kv.get("pd_transfer")
+    if not isinstance(t, dict):
+        return None
+    err = t.get("error")
+    if not err:
+        return None
+    return err if isinstance(err, str) and err in KV_LOAD_FAILURE_REASONS else "other"
 
 
 class ReleaseReporter:
@@ -616,11 +632,13 @@ class DecodeRole:
                     state["path"] = "fallback"
                     return await self._decode_leg(request, api, retry_body, rid, t0, state, None)
                 t_first = time.perf_counter()
+                # pull (pre) and push (no pre, path disagg) legs: did the KV load succeed?
+                failed = self._observe_transfer(payload) if resp.status == 200 and path == "disagg" else None
+                if failed is not None:
+                    path = self._mark_recompute(state, out_headers, failed, rid)
                 self._observe_first(path, t0, t_send, t_first, pre)
                 reported = True
-                self._picked_up(pre, "picked_up" if resp.status == 200 else "released")
-                if resp.status == 200 and pre is not None:
-                    self._observe_transfer(payload)
+                self._picked_up(pre, "picked_up" if resp.status == 200 and failed is None else "released")
                 if resp.status != 200:
                     out_headers[PATH_HEADER] = path
                 state["status"] = resp.status
@@ -635,6 +653,14 @@ class DecodeRole:
                 await out.prepare(request)
                 async for chunk in resp.content.iter_any():
                     await out.write(chunk)
+                    if path == "disagg" and b'"pd_transfer"' in chunk and state["path"] == "disagg":
+                        # a vLLM that streams kv_transfer_params: headers are out, but the
+                        # request is still counted by what happened
+                        event = next((ln[5:].strip() for ln in chunk.split(b"\n")
+                                      if ln.startswith(b"data:") and b'"pd_transfer"' in ln), b"")
+                        failed = self._observe_transfer(event)
+                        if failed is not None:
+                            self._mark_recompute(state, out_headers, failed, rid)
                     if first:
                         first = False
                         self._observe_first(path, t0, t_send, time.perf_counter(), pre)
@@ -677,13 +703,25 @@ class DecodeRole:
         overhead = ttft - leg - (pre.seconds if pre is not None else 0.0)
         m.overhead.labels("decode").observe(max(overhead, 0.0))
 
-    def _observe_transfer(self, payload: bytes) -> None:
+    def _mark_recompute(self, state: dict, out_headers: dict[str, str], reason: str, rid: str) -> str:
+        """The decode engine recomputed a disaggregated request: label and count it so."""
+        state["path"] = out_headers[PATH_HEADER] = "recompute"
+        self.sc.metrics.kv_load_failures.labels(reason).inc()
+        log.warning("the decode engine could not load the prefill KV and recomputed the prompt",
+                    extra={"request_id": rid, "reason": reason, "peer": state.get("peer")})
+        return "recompute"
+
+    def _observe_transfer(self, payload: bytes) -> str | None:
+        """Record the connector-reported transfer; the load-failure reason, if any."""
         if b'"pd_transfer"' not in payload:
-            return
+            return None
         try:
             kv = json.loads(payload).get("kv_transfer_params")
         except (ValueError, AttributeError, RecursionError):
-            return
+            return None
+        failed = load_failure(kv)
+        if failed is not None:
+            return failed
         b, s = transfer_stats(kv)
         m = self.sc.metrics
         if b is not None:
@@ -693,6 +731,7 @@ class DecodeRole:
             m.kv_seconds.observe(s)
         if b is not None and s:
             m.kv_bps.observe(b / s)
+        return None
 
     # --------------------------------------------------------------- push mode
     async def _push(self, request: web.Request, api: str, body: dict, rid: str, t0: float, state: dict,

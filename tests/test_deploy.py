@@ -21,7 +21,7 @@ from pdsidecar.inject import inject
 from pdsidecar.k8s_manifests import PROFILES, overlay_documents
 
 ROOT = Path(__file__).resolve().parent.parent
-OVERLAYS = ["production", "single-node"]
+OVERLAYS = ["production", "single-node", "dev-cpu"]
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
 
@@ -120,10 +120,11 @@ def test_lws_shape_and_injection_fixpoint(rendered, overlay):
         assert inject(d, role, prof.inject) == d
         for label, spec in kv.pod_templates(d):
             c = kv.vllm_container(spec)
-            assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert c["resources"]["limits"].get("nvidia.com/gpu") == (prof.gpus_per_pod or None)
             if prof.inject.rdma_resource:
                 assert c["resources"]["limits"][prof.inject.rdma_resource] == 1
-            has_sidecar = [i["name"] for i in spec.get("initContainers", [])] == ["pdsidecar"]
+            # the sidecar is the one restartable init container (dev-cpu also runs a model maker first)
+            has_sidecar = [i["name"] for i in spec.get("initContainers", []) if i.get("restartPolicy") == "Always"] == ["pdsidecar"]
             assert has_sidecar == (label == "leader")
     if overlay == "production":
         assert prof.replicas * prof.size * 2 == 256  # seed: 256 GPUs for Pattern 5
@@ -173,6 +174,11 @@ def _pod_specs_selected(docs, selector: dict):
     return [spec for labels, spec in out if all(labels.get(k) == v for k, v in selector.items())]
 
 
+def _sidecar(spec):
+    [sc] = [c for c in spec.get("initContainers", []) if c["name"] == "pdsidecar"]
+    return sc
+
+
 def _ports(spec):
     return {(p.get("name"), p["containerPort"]) for c in spec.get("containers", []) + spec.get("initContainers", []) for p in c.get("ports", [])}
 
@@ -193,7 +199,7 @@ def test_cross_references(rendered, overlay):
     pool = _get(docs, "InferencePool", "pd-decode")
     specs = _pod_specs_selected(docs, pool["spec"]["selector"]["matchLabels"])
     assert specs and all(("http", pool["spec"]["targetPorts"][0]["number"]) in _ports(s) for s in specs)
-    assert all(s["initContainers"][0]["args"] == ["run", "--role", "decode"] for s in specs)
+    assert all(_sidecar(s)["args"] == ["run", "--role", "decode"] for s in specs)
     # ServiceMonitor finds both sidecar services and their metrics port
     sm = _get(docs, "ServiceMonitor", "pdsidecar")
     sel = sm["spec"]["selector"]["matchLabels"]
@@ -207,9 +213,16 @@ def test_cross_references(rendered, overlay):
     assert ref["namespace"] == wsvc["metadata"]["namespace"] and ref["port"] == wsvc["spec"]["ports"][0]["port"]
     # decode sidecars' KV_TRANSFER_TARGET is the prefill sidecar service
     dec = _get(docs, "LeaderWorkerSet", "pd-decode")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
-    env = {e["name"]: e.get("value") for e in dec["initContainers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in _sidecar(dec)["env"]}
     host, port = env["KV_TRANSFER_TARGET"].split(":")
     assert host in services and int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
+    # prefill sidecars' KV_TRANSFER_TARGET (= their allowlist) is a headless Service of the
+    # decode pods, so it resolves to the decode pod IPs their requests come from
+    pre = _get(docs, "LeaderWorkerSet", "pd-prefill")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
+    env = {e["name"]: e.get("value") for e in _sidecar(pre)["env"]}
+    host, port = env["KV_TRANSFER_TARGET"].split(":")
+    assert services[host]["spec"]["clusterIP"] == "None" and int(port) == 8000
+    assert services[host]["spec"]["selector"] == {"leaderworkerset.sigs.k8s.io/name": "pd-decode"}
     # service accounts referenced exist
     sas = {d["metadata"]["name"] for d in _by_kind(docs, "ServiceAccount")}
     for d in _by_kind(docs, "LeaderWorkerSet"):

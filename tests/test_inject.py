@@ -105,7 +105,8 @@ def test_pod_contract(role):
     assert env["PDSIDECAR_PORT"] == "8000" and env["PDSIDECAR_METRICS_PORT"] == "9090"
     assert env["KV_TRANSFER_PROTOCOL"] == "auto"
     assert env["PDSIDECAR_AUTH_TOKEN"] == {"secretKeyRef": {"name": "pdsidecar-auth", "key": "token"}}
-    assert ("KV_TRANSFER_TARGET" in env) == (role == "decode")
+    # seed contract: each role names the other's service (prefill: its allowlist)
+    assert env["KV_TRANSFER_TARGET"] == ("pd-prefill-sidecar:8000" if role == "decode" else "pd-decode:8000")
     assert sc["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert sc["livenessProbe"]["httpGet"]["path"] == "/health"
     assert sc["resources"]["limits"] and sc["resources"]["requests"]

@@ -67,7 +67,7 @@ class PdConnector(KVConnectorBase_V1):
         self._recv_block_ids: dict[str, list[int]] = {}
         self._load_error_blocks: set[int] = set()
         ktc = vllm_config.kv_transfer_config
-        self.cfg = PdConfig.from_extra(ktc.kv_connector_extra_config)
+        self.cfg = PdConfig.from_extra(ktc.kv_connector_extra_config, kv_role=ktc.kv_role)
         pc = vllm_config.parallel_config
         self.engine_id = str(ktc.engine_id)
         if pc.pipeline_parallel_size > 1:

@@ -88,10 +88,14 @@ class PdConfig:
     control_tls_dir: str = ""  # mutual TLS: ca.crt, tls.crt, tls.key ("" = env PD_CONTROL_TLS_DIR)
     control_token: str | None = field(default=None, repr=False)  # resolved; not a key
     control_tls: Any = field(default=None, repr=False)  # resolved TlsFiles; not a key
+    # advertise a loopback control address although peers read from this engine: only
+    # for single-host setups (env PD_ALLOW_LOOPBACK=1 does the same; the local harness
+    # sets it). Without it such an engine refuses to start (see check_advertised).
+    allow_loopback: bool = False
 
     @classmethod
-    def from_extra(cls, extra: Mapping[str, Any] | None, env: Mapping[str, str] | None = None
-                   ) -> "PdConfig":
+    def from_extra(cls, extra: Mapping[str, Any] | None, env: Mapping[str, str] | None = None,
+                   kv_role: str | None = None) -> "PdConfig":
         import os
         env = os.environ if env is None else env
         extra = dict(extra or {})
@@ -133,7 +137,39 @@ class PdConfig:
         if not cfg.control_host:
             cfg.control_host = (env.get("PD_CONTROL_HOST") or env.get("VLLM_HOST_IP")
                                 or "127.0.0.1")
+        if not isinstance(cfg.allow_loopback, bool):
+            raise ValueError("PdConnector: allow_loopback must be true or false")
+        if env.get("PD_ALLOW_LOOPBACK", "").lower() in ("1", "true", "yes"):
+            cfg.allow_loopback = True
+        cfg.check_advertised(kv_role)
         return cfg
+
+    def check_advertised(self, kv_role: str | None) -> None:
+        """Refuse a loopback control address on an engine that remote peers read from.
+
+        A prefill (``kv_producer``/``kv_both``) engine advertises ``control_host`` in
+        every answer; 127.0.0.1 sends a decode engine in another pod to its own
+        loopback, where the load fails and the prompt is silently recomputed."""
+        if kv_role not in ("kv_producer", "kv_both") or self.allow_loopback:
+            return
+        if is_loopback(self.control_host):
+            raise ValueError(
+                f"PdConnector: refusing to advertise loopback control address {self.control_host!r} with "
+                f"kv_role {kv_role}: peers in other pods could not reach it; set PD_CONTROL_HOST to the pod "
+                f"IP (env from fieldRef status.podIP) or kv_connector_extra_config.control_host, or "
+                f"allow_loopback: true / PD_ALLOW_LOOPBACK=1 when every engine runs on this host")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost."""
+    import ipaddress
+    h = host.strip("[]").lower()
+    if h in ("localhost", "localhost.localdomain") or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
 
 
 # ----------------------------------------------------------------- request params

@@ -1,0 +1,1 @@
+"""Development harnesses: the shipped manifests run as network-namespace pods on one machine."""
