@@ -37,9 +37,8 @@ from .connector_stats import PdConnectorStats
 
 log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
 
-#: A quarantined load whose READs are still active this long (at least; or
-#: ``transfer_timeout_s`` if longer) gets its peer disconnected.
-QUARANTINE_DROP_MIN_S = 5.0
+#: How often a load still quarantined (READs still active) is logged.
+QUARANTINE_WARN_S = 30.0
 
 
 class PeerRefused(ValueError):
@@ -73,13 +72,13 @@ class _Inflight:
 class _Quarantined:
     """A load that failed or timed out while some of its READs may still write into
     its local blocks: not reported to vLLM (which would reuse the blocks) until the
-    engine confirms every handle released, or the peer was removed."""
+    engine confirms every handle over (done, or failed: e.g. the peer died)."""
 
     infl: _Inflight
     reason: str
     msg: str
     since: float = field(default_factory=time.monotonic)
-    peers_dropped: bool = False
+    last_warn: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -655,31 +654,14 @@ class PdConnectorWorker:
                 del self._quarantine[rid]
                 self._fail(q.infl.job, q.reason, q.msg)
                 continue
-            if not q.peers_dropped and time.monotonic() - q.since > \
-                    max(self.cfg.transfer_timeout_s, QUARANTINE_DROP_MIN_S):
-                # still active a whole timeout later: treat the peer as gone, so the
-                # backend tears its connection (and the transfers on it) down
-                q.peers_dropped = True
-                self._drop_peers({h.stats.peer for h in pending})
-
-    def _drop_peers(self, names: set[str]) -> None:
-        engine = self.engine
-
-        def go() -> list[Any]:  # a disconnect may wait on the network: off the engine step
-            for name in names:
-                log.warning("PdConnector: peer %s still has transfers long after their "
-                            "timeout; disconnecting it", name)
-                try:
-                    engine.remove_peer(name)
-                except Exception:
-                    pass
-            return []  # "no ranks": loads queued meanwhile fail (recompute)
-        fut = self._bg.submit(go)
-        for key, rem in list(self._remotes.items()):
-            if names & set(rem.peers.values()):
-                del self._remotes[key]
-                # requests to it wait for the disconnect, then handshake again
-                self._hs_futures.setdefault(key, fut)
+            now = time.monotonic()
+            if now - q.last_warn > QUARANTINE_WARN_S:
+                # never forgotten: neither releasing nor disconnecting the peer stops
+                # a NIXL transfer (measured), only its end does (or the peer dying)
+                q.last_warn = now
+                log.warning("PdConnector: load of %s still quarantined after %.0f s: %d "
+                            "transfer(s) with %s still active", rid, now - q.since,
+                            len(pending), sorted({h.stats.peer for h in pending}))
 
     def _poll_sending(self, finished_req_ids: set[str]) -> set[str]:
         if not self._sending and not self._notifs and not self._push_waiting:
