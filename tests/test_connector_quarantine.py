@@ -146,3 +146,34 @@ def test_nixl_read_counts_as_released_only_once_it_ended(monkeypatch):
     finally:
         eng.close()
         peer.close()
+
+
+def test_rehandshake_keeps_a_peer_with_transfers_until_they_end():
+    """A re-handshake (e.g. another engine id at that address) retires the old peer, but
+    removes it only once no READ of a (quarantined) load uses it any more."""
+    (p, _), (d, _) = make_worker("P", 5), make_worker("D", 6, transfer_timeout_s=0.2)
+    slow = d.engine = DelayedPeerEngine(d.engine)
+    try:
+        rem = d._add_remote(("127.0.0.1", 1), [p.desc])
+        d._submit(RecvJob("d", src_for(1, [2]), [2], [2]), rem)
+        rem.peers = {0: "an-older-agent"}  # as if the address had served another engine
+        slow.real.peers = lambda: [p.desc.peer.name]  # (that agent was never added)
+        d._inflight["d"].handles[0].stats.peer = "an-older-agent"
+        d._add_remote(("127.0.0.1", 1), [p.desc])  # handshake again
+        assert d._retired == {"an-older-agent"}
+        deadline = time.monotonic() + 20
+        while "d" not in d._quarantine and time.monotonic() < deadline:
+            d.get_transfer_results(set())
+            time.sleep(0.01)
+        assert "d" in d._quarantine and d._retired == {"an-older-agent"}
+        slow.gate.set()
+        got = None
+        while got is None and time.monotonic() < deadline + 20:
+            _, r, f = d.get_transfer_results(set())
+            got = ("failed" if "d" in f else "ok") if "d" in r else None
+            time.sleep(0.005)
+        assert got == "failed" and not d._retired  # removed once no READ used it
+    finally:
+        d.engine = slow.real
+        p.shutdown()
+        d.shutdown()

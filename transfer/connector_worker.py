@@ -144,6 +144,7 @@ class PdConnectorWorker:
         self._waiting: dict[tuple[str, int], list[RecvJob]] = {}
         self._inflight: dict[str, _Inflight] = {}
         self._quarantine: dict[str, _Quarantined] = {}
+        self._retired: set[str] = set()  # peers to remove once no transfer uses them
         self._done_recv: set[str] = set()
         self._failed_recv: set[str] = set()
         self._results: dict[str, dict[str, Any]] = {}
@@ -481,11 +482,10 @@ class PdConnectorWorker:
     def _add_remote(self, key: tuple[str, int], descs: list[Any]) -> _RemoteEngine:
         old = self._remotes.pop(key, None)
         if old is not None:
-            for name in old.peers.values():
-                try:
-                    self.engine.remove_peer(name)
-                except Exception:
-                    pass
+            # a peer with READs still in flight (or quarantined) stays until they are
+            # over: NIXL cannot tell their state any more once the peer is removed
+            self._retired |= set(old.peers.values())
+            self._retire_idle_peers()
         if not descs:
             raise ValueError("prefill engine has no registered workers")
         eids = {d.engine_id for d in descs}
@@ -500,6 +500,7 @@ class PdConnectorWorker:
                 f"{tuple(self._cache_strides)}): run both with the same TP size or "
                 f"VLLM_KV_CACHE_LAYOUT=HND")
         peers = {d.tp_rank: self.engine.add_peer(d.peer) for d in descs}
+        self._retired -= set(peers.values())  # the same agent again: keep it
         rem = _RemoteEngine(descs[0].engine_id, descs[0].tp_size, peers)
         self._remotes[key] = rem
         return rem
@@ -641,6 +642,17 @@ class PdConnectorWorker:
         self._quarantine[infl.job.req_id] = _Quarantined(infl, reason, msg)
         self._poll_quarantine()
 
+    def _retire_idle_peers(self) -> None:
+        busy = {h.stats.peer for infl in [*self._inflight.values(),
+                                         *(q.infl for q in self._quarantine.values())]
+                for h in infl.handles}
+        for name in self._retired - busy:
+            self._retired.discard(name)
+            try:
+                self.engine.remove_peer(name)
+            except Exception:
+                pass
+
     def _poll_quarantine(self) -> None:
         for rid, q in list(self._quarantine.items()):
             pending = []
@@ -705,6 +717,8 @@ class PdConnectorWorker:
         self._advance_handshakes()
         if self._quarantine:
             self._poll_quarantine()
+        if self._retired:
+            self._retire_idle_peers()
         if self._inflight:
             self._poll_inflight()
             if self._inflight and self._posted_this_step and self.cfg.spin_wait_us > 0:
