@@ -65,13 +65,6 @@ class DelayedPeerEngine:
     def _on_timeout(self, h) -> None:
         pass  # the peer cannot be cancelled: it writes when it answers
 
-    def remove_peer(self, name) -> None:
-        """Disconnecting the peer tears its transfers down (they end, unwritten)."""
-        self.real.remove_peer(name)
-        for h, (peer, _, _), _ in list(self.held):
-            if peer == name:
-                h.done = True
-        self.held = [x for x in self.held if x[1][0] != name]
 
 
 def make_worker(engine_id: str, seed: int, **extra):
@@ -123,32 +116,6 @@ def test_timed_out_read_is_reported_only_after_it_ended():
         d.shutdown()
 
 
-def test_stuck_peer_is_disconnected_then_the_load_fails():
-    """A READ that never ends: some seconds after its timeout the worker disconnects
-    the peer (the backend tears its transfers down), forgets the engine (the next
-    request to it handshakes again) and only then fails the load."""
-    (p, _), (d, _) = make_worker("P", 3), make_worker("D", 4, transfer_timeout_s=0.2)
-    slow = d.engine = DelayedPeerEngine(d.engine)
-    try:
-        rem = d._add_remote(("127.0.0.1", 1), [p.desc])
-        d._submit(RecvJob("d", src_for(1, [3]), [3], [3]), rem)
-        got = None
-        deadline = time.monotonic() + 60
-        while got is None and time.monotonic() < deadline:
-            _, r, f = d.get_transfer_results(set())
-            if "d" in r:
-                got = "failed" if "d" in f else "ok"
-                assert p.desc.peer.name not in slow.real.peers()  # not before the drop
-            time.sleep(0.01)
-        assert got == "failed"
-        assert ("127.0.0.1", 1) not in d._remotes
-        assert d.take_worker_meta().results["d"]["error"] == R_TIMEOUT
-    finally:
-        d.engine = slow.real
-        p.shutdown()
-        d.shutdown()
-
-
 def test_nixl_read_counts_as_released_only_once_it_ended(monkeypatch):
     """NIXL accepts releasing an active transfer while UCX goes on writing (measured
     over TCP: blocks kept landing after the release). A timed-out READ is therefore
@@ -179,3 +146,34 @@ def test_nixl_read_counts_as_released_only_once_it_ended(monkeypatch):
     finally:
         eng.close()
         peer.close()
+
+
+def test_rehandshake_keeps_a_peer_with_transfers_until_they_end():
+    """A re-handshake (e.g. another engine id at that address) retires the old peer, but
+    removes it only once no READ of a (quarantined) load uses it any more."""
+    (p, _), (d, _) = make_worker("P", 5), make_worker("D", 6, transfer_timeout_s=0.2)
+    slow = d.engine = DelayedPeerEngine(d.engine)
+    try:
+        rem = d._add_remote(("127.0.0.1", 1), [p.desc])
+        d._submit(RecvJob("d", src_for(1, [2]), [2], [2]), rem)
+        rem.peers = {0: "an-older-agent"}  # as if the address had served another engine
+        slow.real.peers = lambda: [p.desc.peer.name]  # (that agent was never added)
+        d._inflight["d"].handles[0].stats.peer = "an-older-agent"
+        d._add_remote(("127.0.0.1", 1), [p.desc])  # handshake again
+        assert d._retired == {"an-older-agent"}
+        deadline = time.monotonic() + 20
+        while "d" not in d._quarantine and time.monotonic() < deadline:
+            d.get_transfer_results(set())
+            time.sleep(0.01)
+        assert "d" in d._quarantine and d._retired == {"an-older-agent"}
+        slow.gate.set()
+        got = None
+        while got is None and time.monotonic() < deadline + 20:
+            _, r, f = d.get_transfer_results(set())
+            got = ("failed" if "d" in f else "ok") if "d" in r else None
+            time.sleep(0.005)
+        assert got == "failed" and not d._retired  # removed once no READ used it
+    finally:
+        d.engine = slow.real
+        p.shutdown()
+        d.shutdown()

@@ -38,9 +38,8 @@ from .amx import request_amx_tile_permission
 
 log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
 
-#: A quarantined load whose READs are still active this long (at least; or
-#: ``transfer_timeout_s`` if longer) gets its peer disconnected.
-QUARANTINE_DROP_MIN_S = 5.0
+#: How often a load still quarantined (READs still active) is logged.
+QUARANTINE_WARN_S = 30.0
 
 
 class PeerRefused(ValueError):
@@ -74,13 +73,13 @@ class _Inflight:
 class _Quarantined:
     """A load that failed or timed out while some of its READs may still write into
     its local blocks: not reported to vLLM (which would reuse the blocks) until the
-    engine confirms every handle released, or the peer was removed."""
+    engine confirms every handle over (done, or failed: e.g. the peer died)."""
 
     infl: _Inflight
     reason: str
     msg: str
     since: float = field(default_factory=time.monotonic)
-    peers_dropped: bool = False
+    last_warn: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -150,6 +149,7 @@ class PdConnectorWorker:
         self._waiting: dict[tuple[str, int], list[RecvJob]] = {}
         self._inflight: dict[str, _Inflight] = {}
         self._quarantine: dict[str, _Quarantined] = {}
+        self._retired: set[str] = set()  # peers to remove once no transfer uses them
         self._done_recv: set[str] = set()
         self._failed_recv: set[str] = set()
         self._results: dict[str, dict[str, Any]] = {}
@@ -489,11 +489,10 @@ class PdConnectorWorker:
     def _add_remote(self, key: tuple[str, int], descs: list[Any]) -> _RemoteEngine:
         old = self._remotes.pop(key, None)
         if old is not None:
-            for name in old.peers.values():
-                try:
-                    self.engine.remove_peer(name)
-                except Exception:
-                    pass
+            # a peer with READs still in flight (or quarantined) stays until they are
+            # over: NIXL cannot tell their state any more once the peer is removed
+            self._retired |= set(old.peers.values())
+            self._retire_idle_peers()
         if not descs:
             raise ValueError("prefill engine has no registered workers")
         eids = {d.engine_id for d in descs}
@@ -508,6 +507,7 @@ class PdConnectorWorker:
                 f"{tuple(self._cache_strides)}): run both with the same TP size or "
                 f"VLLM_KV_CACHE_LAYOUT=HND")
         peers = {d.tp_rank: self.engine.add_peer(d.peer) for d in descs}
+        self._retired -= set(peers.values())  # the same agent again: keep it
         rem = _RemoteEngine(descs[0].engine_id, descs[0].tp_size, peers)
         self._remotes[key] = rem
         return rem
@@ -649,6 +649,17 @@ class PdConnectorWorker:
         self._quarantine[infl.job.req_id] = _Quarantined(infl, reason, msg)
         self._poll_quarantine()
 
+    def _retire_idle_peers(self) -> None:
+        busy = {h.stats.peer for infl in [*self._inflight.values(),
+                                         *(q.infl for q in self._quarantine.values())]
+                for h in infl.handles}
+        for name in self._retired - busy:
+            self._retired.discard(name)
+            try:
+                self.engine.remove_peer(name)
+            except Exception:
+                pass
+
     def _poll_quarantine(self) -> None:
         for rid, q in list(self._quarantine.items()):
             pending = []
@@ -662,31 +673,14 @@ class PdConnectorWorker:
                 del self._quarantine[rid]
                 self._fail(q.infl.job, q.reason, q.msg)
                 continue
-            if not q.peers_dropped and time.monotonic() - q.since > \
-                    max(self.cfg.transfer_timeout_s, QUARANTINE_DROP_MIN_S):
-                # still active a whole timeout later: treat the peer as gone, so the
-                # backend tears its connection (and the transfers on it) down
-                q.peers_dropped = True
-                self._drop_peers({h.stats.peer for h in pending})
-
-    def _drop_peers(self, names: set[str]) -> None:
-        engine = self.engine
-
-        def go() -> list[Any]:  # a disconnect may wait on the network: off the engine step
-            for name in names:
-                log.warning("PdConnector: peer %s still has transfers long after their "
-                            "timeout; disconnecting it", name)
-                try:
-                    engine.remove_peer(name)
-                except Exception:
-                    pass
-            return []  # "no ranks": loads queued meanwhile fail (recompute)
-        fut = self._bg.submit(go)
-        for key, rem in list(self._remotes.items()):
-            if names & set(rem.peers.values()):
-                del self._remotes[key]
-                # requests to it wait for the disconnect, then handshake again
-                self._hs_futures.setdefault(key, fut)
+            now = time.monotonic()
+            if now - q.last_warn > QUARANTINE_WARN_S:
+                # never forgotten: neither releasing nor disconnecting the peer stops
+                # a NIXL transfer (measured), only its end does (or the peer dying)
+                q.last_warn = now
+                log.warning("PdConnector: load of %s still quarantined after %.0f s: %d "
+                            "transfer(s) with %s still active", rid, now - q.since,
+                            len(pending), sorted({h.stats.peer for h in pending}))
 
     def _poll_sending(self, finished_req_ids: set[str]) -> set[str]:
         if not self._sending and not self._notifs and not self._push_waiting:
@@ -730,6 +724,8 @@ class PdConnectorWorker:
         self._advance_handshakes()
         if self._quarantine:
             self._poll_quarantine()
+        if self._retired:
+            self._retire_idle_peers()
         if self._inflight:
             self._poll_inflight()
             if self._inflight and self._posted_this_step and self.cfg.spin_wait_us > 0:

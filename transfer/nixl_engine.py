@@ -394,7 +394,9 @@ class NixlTransferEngine(PeerTableEngine):
                 try:
                     state = self.agent.check_xfer_state(xh)
                 except Exception:
-                    state = "ERR"
+                    # e.g. NOT_FOUND once the peer was removed: UCX may still be
+                    # writing (measured), so this does not count as over
+                    return False
                 if state == "PROC":
                     return False
                 if not handle.done:
