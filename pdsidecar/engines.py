@@ -102,9 +102,10 @@ class EngineConfig:
     stop_timeout_s: float = 20.0
     log_dir: str | None = None
     enforce_eager: bool = True
-    # vLLM's --dtype. None: "float32" for a tiny model made by pdsidecar.models (its
-    # random weights give near-flat logits, so bf16 rounding differences between two
-    # kernel paths flip greedy argmaxes; see tiny_model_dtype), vLLM's "auto" otherwise.
+    # vLLM's --dtype. None: "float32" for a model made by pdsidecar.models on the CPU
+    # build of vLLM (random weights give near-flat logits, so bf16 rounding differences
+    # between two kernel paths flip greedy argmaxes; see tiny_model_dtype), else vLLM's
+    # own choice. A --dtype in extra_args comes later and wins.
     dtype: str | None = None
     # every engine process asks for AMX tile permission at start-up (ENGINE_SITE's
     # sitecustomize; see transfer/amx.py): a no-op without `amx_tile`. Off only for the
