@@ -162,10 +162,11 @@ def ours_pair(engine_pool, llama_dir):
         pytest.skip(why)
     from transfer import connector as _c  # noqa: F401  (import errors surface here)
 
-    cfg = {"kv_connector": "PdConnector", "kv_connector_module_path": "transfer.connector",
-           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-           "kv_connector_extra_config": {"control_port": free_port()}}
-    return engine_pool.get("ours-llama", lambda: pd_pair_configs(llama_dir, cfg, log_dir=engine_pool.log_dir))
+    # the same config as test_connector_engines' "ours-llama" group (a pool group is
+    # reused by name: a different config here would change what those tests run on)
+    from test_connector_engines import ours_config
+    return engine_pool.get("ours-llama", lambda: pd_pair_configs(llama_dir, ours_config(),
+                                                                 log_dir=engine_pool.log_dir))
 
 
 @pytest.fixture(params=["stock", "ours"])
