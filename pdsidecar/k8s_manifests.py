@@ -148,17 +148,18 @@ def _vllm_args(role: str, p: Profile, *, leader: bool) -> list[str]:
         args += ["--port", "8000", "--served-model-name", p.model]
     else:
         args += ["--headless"]
-    args += [
-        "--tensor-parallel-size", "1",
-        "--enable-expert-parallel",
-        "--data-parallel-size", "$(LWS_GROUP_SIZE)",
-        "--data-parallel-size-local", str(max(p.gpus_per_pod, 1)),
-        "--data-parallel-address", "$(LWS_LEADER_ADDRESS)",
-        "--data-parallel-rpc-port", str(DP_RPC_PORT),
-        "--data-parallel-start-rank", "$(LWS_WORKER_INDEX)",
-        "--max-model-len", str(p.max_model_len),
-        "--gpu-memory-utilization", "0.9",
-    ]
+    args += ["--tensor-parallel-size", "1", "--enable-expert-parallel"]
+    if p.size > 1:
+        # a one-pod group is not data parallel: vLLM refuses --data-parallel-start-rank
+        # (external load balancing) when the DP size is 1 (seen running dev-cpu as pods)
+        args += [
+            "--data-parallel-size", "$(LWS_GROUP_SIZE)",
+            "--data-parallel-size-local", str(max(p.gpus_per_pod, 1)),
+            "--data-parallel-address", "$(LWS_LEADER_ADDRESS)",
+            "--data-parallel-rpc-port", str(DP_RPC_PORT),
+            "--data-parallel-start-rank", "$(LWS_WORKER_INDEX)",
+        ]
+    args += ["--max-model-len", str(p.max_model_len), "--gpu-memory-utilization", "0.9"]
     return args + list(p.role_args.get(role, []))
 
 

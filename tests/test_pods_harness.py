@@ -92,7 +92,8 @@ def test_dev_cpu_pod_specs_resolve_like_the_kubelet(rendered):
     eng = p.container("vllm")
     assert eng.is_engine and eng.env["PD_CONTROL_HOST"] == "10.77.0.2"
     assert eng.argv[1:4] == ["-m", "pdsidecar.dev.vllm_cli", "serve"] and eng.argv[4] == "/cache/m/tiny-llama"
-    assert eng.argv[eng.argv.index("--data-parallel-address") + 1] == "pd-prefill-0.pd-prefill.pdsidecar"
+    assert not [a for a in eng.argv if a.startswith("--data-parallel")]  # one pod per group: not DP
+    assert eng.argv[eng.argv.index("--dtype") + 1] == "float32"
     assert "$(" not in " ".join(eng.argv)
     assert eng.ports == {"vllm-http": 8200, "dp-rpc": 5555, "kv-control": 14600}
     assert "HF_TOKEN" not in eng.env  # optional secret that does not exist
