@@ -98,9 +98,10 @@ SINGLE_NODE = Profile(
 
 # CPU development size: what `pdsidecar local --pods` and the pod tests run on one
 # machine (pdsidecar.dev.pods), and what a CPU-only cluster can apply. Same base, env
-# contract, sidecar, ports and connector config as the GPU overlays; a generated tiny
-# model (an init container writes it into an emptyDir) and CPU vLLM flags.
-DEV_MODEL = "/models/tiny-llama"
+# contract, sidecar, ports, vLLM flags (expert parallel: the tiny model is a Mixtral, an
+# MoE like the real overlays' models) and connector config as the GPU overlays; a
+# generated tiny model (an init container writes it into an emptyDir) and CPU vLLM flags.
+DEV_MODEL = "/models/tiny-mixtral"
 DEV_CPU = Profile(
     replicas=1,
     size=1,
@@ -126,7 +127,7 @@ DEV_CPU = Profile(
         "name": "tiny-model",
         "image": ENGINE_IMAGE,
         "command": ["pdsidecar"],
-        "args": ["models", "make", "--arch", "llama", "--out", DEV_MODEL, "--if-missing"],
+        "args": ["models", "make", "--arch", "mixtral", "--out", DEV_MODEL, "--if-missing"],
         "volumeMounts": [{"name": "models", "mountPath": "/models"}],
     }],
 )

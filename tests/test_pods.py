@@ -22,12 +22,12 @@ CHAT = "Tell me about the river, the mountain and the forest."
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, llama_dir):
+def cluster(tmp_path_factory, mixtral_dir):
     pytest.importorskip("vllm", reason="vLLM is not installed")
     from pdsidecar.dev.pods import PodCluster
 
-    # llama_dir: the tiny model the pods' init container finds in the shared cache
-    with PodCluster(model_cache=os.path.dirname(llama_dir),
+    # mixtral_dir: the tiny model the pods' init container finds in the shared cache
+    with PodCluster(model_cache=os.path.dirname(mixtral_dir),
                     log_dir=tmp_path_factory.mktemp("pod-logs")) as c:
         c.start_many(["prefill", "decode"])
         yield c
