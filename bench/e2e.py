@@ -51,7 +51,7 @@ from bench.e2e_workload import (  # noqa: E402
     sweep_request,
 )
 
-CONFIGS = ("agg", "pd-ours", "pd-stock", "pd-ours-pods")
+CONFIGS = ("agg", "pd-ours", "pd-ours-push", "pd-stock", "pd-stock-push", "pd-ours-pods")
 PROG = "pdbench e2e"
 
 
@@ -59,8 +59,12 @@ PROG = "pdbench e2e"
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("configurations")
     g.add_argument("--configs", default="agg,pd-ours,pd-stock",
-                   help="comma list of agg, pd-ours, pd-stock, pd-ours-pods (root: across network-namespace "
-                        "pods) (default: agg,pd-ours,pd-stock, run one after another)")
+                   help="comma list of agg, pd-ours, pd-ours-push, pd-stock (vLLM's NixlConnector), "
+                        "pd-stock-push (vLLM's NixlPushConnector), pd-ours-pods (root: dev-cpu overlay across "
+                        "network-namespace pods) (default: agg,pd-ours,pd-stock, run one after another)")
+    g.add_argument("--gpu-util", default=None,
+                   help="run the engines on the GPU, each with --gpu-memory-utilization GPU_UTIL (a P/D pair "
+                        "shares the one GPU; engines start one after another); default: CPU engines")
     g.add_argument("--arch", default="llama", help="tiny generated model when --model is not given: llama|mixtral")
     g.add_argument("--model", default=None, help="model folder (default: the generated tiny model in the cache)")
     g.add_argument("--max-model-len", default="4096", help="engines' --max-model-len (default 4096)")
@@ -145,6 +149,7 @@ class Plan:
     log_dir: str | None
     sidecar_args: list[str]
     model_name: str | None
+    gpu_util: float | None = None
     arrivals: list[float] = field(default_factory=list)
 
 
@@ -254,9 +259,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise UsageError(f"prompt + output tokens reach {wl.max_total_tokens()} > --max-model-len {mml}")
     if sweep and max(sweep) + sweep_out > mml:
         raise UsageError(f"--sweep-tokens: {max(sweep)} + {sweep_out} output tokens > --max-model-len {mml}")
+    gpu = _num(args.gpu_util, "gpu-util", float, 0, lo_open=True)
+    if gpu is not None and gpu > 0.5:
+        raise UsageError(f"--gpu-util: a P/D pair shares one GPU, so at most 0.5, got {args.gpu_util}")
     return Plan(configs, connect, args.model, args.arch, wl, rate, conc, nreq, dur, warm, seed, rto, sto, mml,
                 sweep, sweep_n, sweep_out, args.json, args.plot, args.title, not args.no_progress, args.strict,
-                args.log_dir, list(args.sidecar_arg), args.model_name)
+                args.log_dir, list(args.sidecar_arg), args.model_name, gpu)
 
 
 # ============================================================================ targets
@@ -303,32 +311,82 @@ def start_pods_target(name: str, plan: Plan) -> Target:
                   logs=[str(cluster.log_dir)], stop=cluster.close, netns=cluster.outer)
 
 
+def _engine_configs(roles: tuple[str, ...], model: str, kv_cfg: dict | None, plan: Plan, stock: bool,
+                    common: dict[str, Any]) -> list[Any]:
+    """One EngineConfig per role: CPU engines pinned to their own cores, or GPU engines
+    sharing the GPU (``--gpu-util``). Each engine gets its own control / side-channel port."""
+    import copy
+
+    from pdsidecar.engines import EngineConfig, cpu_slices, free_port
+
+    binds = cpu_slices(len(roles))
+    out = []
+    for role, bind in zip(roles, binds):
+        cfg = copy.deepcopy(kv_cfg)
+        if cfg and "kv_connector_extra_config" in cfg and not stock:
+            cfg["kv_connector_extra_config"]["control_port"] = free_port()
+        env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())} if stock else {}
+        if plan.gpu_util is None:
+            out.append(EngineConfig(model=model, name=role, kv_transfer_config=cfg, cpu_bind=bind, env=env,
+                                    log_dir=plan.log_dir, **common))
+        else:
+            out.append(EngineConfig(model=model, name=role, kv_transfer_config=cfg, cpu_bind=None,
+                                    pin_process=False, env=env, log_dir=plan.log_dir,
+                                    extra_args=["--gpu-memory-utilization", str(plan.gpu_util)], **common))
+    return out
+
+
+def _start(configs: list[Any], plan: Plan) -> list[Any]:
+    from pdsidecar.engines import Engine, start_engines
+
+    if plan.gpu_util is None:
+        return start_engines(configs)
+    engines: list[Any] = []
+    try:  # one after another: vLLM's memory profiling assumes a quiet GPU
+        for c in configs:
+            engines.append(Engine(c).start().wait_ready())
+    except BaseException:
+        for e in engines:
+            e.stop()
+        raise
+    return engines
+
+
 def start_target(name: str, plan: Plan, model: str) -> Target:
-    from pdsidecar.engines import (Engine, EngineConfig, cpu_slices, pd_pair_configs, start_engines,
-                                   stock_nixl_config)
+    from pdsidecar.engines import stock_nixl_config
 
     if name == "pd-ours-pods":
         return start_pods_target(name, plan)
     common = dict(startup_timeout_s=plan.startup_timeout, max_model_len=plan.max_model_len)
     if name == "agg":
-        bind = cpu_slices(1)[0]
-        e = Engine(EngineConfig(model=model, name="agg", cpu_bind=bind, log_dir=plan.log_dir, **common))
-        e.start().wait_ready()
-        return Target(name, e.url, e.model_name, "aggregated (one engine)", "-", cores={"engine": bind},
-                      logs=[str(e.log_path)], stop=e.stop)
+        (e,) = _start(_engine_configs(("agg",), model, None, plan, False, common), plan)
+        return Target(name, e.url, e.model_name, "aggregated (one engine)", "-",
+                      cores={"engine": e.config.cpu_bind or "gpu"}, logs=[str(e.log_path)], stop=e.stop)
     from pdsidecar.local_sidecars import start_sidecars
 
-    if name == "pd-ours":
+    push = name.endswith("-push")
+    if name.startswith("pd-ours"):
         from pdsidecar.local import connector_config
 
         label, kv_cfg = connector_config("ours")
+        if push:
+            kv_cfg["kv_connector_extra_config"]["transfer_mode"] = "push"
+            label = "PdConnector push (ours)"
         stock = False
     else:
-        label, kv_cfg, stock = "NixlConnector (stock vLLM)", stock_nixl_config(), True
-    binds = cpu_slices(2)
-    prefill, decode = start_engines(pd_pair_configs(model, kv_cfg, stock=stock, log_dir=plan.log_dir, **common))
+        kv_cfg, stock = stock_nixl_config(), True
+        if plan.gpu_util is not None:
+            kv_cfg.pop("kv_buffer_device", None)  # GPU: KV stays in VRAM
+        if push:
+            kv_cfg["kv_connector"] = "NixlPushConnector"
+        label = f"{kv_cfg['kv_connector']} (stock vLLM)"
+    prefill, decode = _start(_engine_configs(("prefill", "decode"), model, kv_cfg, plan, stock, common), plan)
+    extra = list(plan.sidecar_args)
+    if push and not stock:
+        port = decode.config.kv_transfer_config["kv_connector_extra_config"]["control_port"]
+        extra += ["--transfer-mode", "push", "--push-target", f"127.0.0.1:{port}"]
     try:
-        sc = start_sidecars(prefill, decode, extra_decode_args=plan.sidecar_args)
+        sc = start_sidecars(prefill, decode, extra_decode_args=extra)
     except BaseException:
         prefill.stop()
         decode.stop()
@@ -341,7 +399,7 @@ def start_target(name: str, plan: Plan, model: str) -> Target:
 
     return Target(name, sc.decode_url, decode.model_name, f"P/D, {label}, sidecars", label.split(" ")[0],
                   sidecar_url=sc.decode_url, prefill_sidecar_url=sc.prefill_url, engine_kv_url=decode.url,
-                  cores={"prefill": binds[0], "decode": binds[1]},
+                  cores={"prefill": prefill.config.cpu_bind or "gpu", "decode": decode.config.cpu_bind or "gpu"},
                   logs=[str(prefill.log_path), str(decode.log_path), str(sc.decode.log_path),
                         str(sc.prefill.log_path)], stop=stop)
 

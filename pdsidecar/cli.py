@@ -11,9 +11,15 @@ from pdsidecar.errors import CliError
 
 
 def _cmd_models_make(args: argparse.Namespace) -> int:
-    from pdsidecar.models import ModelError, folder_digest, make_model
+    from pdsidecar.models import PRESETS, ModelError, folder_digest, make_model
 
-    overrides = {}
+    overrides: dict = {}
+    arch = args.arch
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise CliError(f"--preset: unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+        overrides = dict(PRESETS[args.preset])
+        arch = overrides.pop("arch")
     if args.layers is not None:
         overrides["num_layers"] = args.layers
     if args.hidden_size is not None:
@@ -22,12 +28,12 @@ def _cmd_models_make(args: argparse.Namespace) -> int:
         overrides["num_kv_heads"] = max(1, args.hidden_size // 128)
         overrides["intermediate_size"] = args.hidden_size * 2
     try:
-        if args.if_missing:
+        if args.if_missing and args.device == "cpu":
             from pdsidecar.models import ensure_model
 
-            path = ensure_model(args.arch, args.out, seed=args.seed, **overrides)
+            path = ensure_model(arch, args.out, seed=args.seed, **overrides)
         else:
-            path = make_model(args.arch, args.out, seed=args.seed, **overrides)
+            path = make_model(arch, args.out, seed=args.seed, device=args.device, **overrides)
     except ModelError as e:
         raise CliError(str(e)) from None
     print(f"{path}  sha256:{folder_digest(path)}")
@@ -74,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--layers", type=int, default=None, help="number of layers (default 4)")
     make.add_argument("--hidden-size", type=int, default=None, help="hidden size, a multiple of 128 (default 256)")
+    make.add_argument("--preset", default=None,
+                      help="real-shaped model instead of a tiny one: llama3-8b-shape (32 layers, 8 KV "
+                           "heads, head dim 128), llama3-8b-kv (its KV cache, little compute) or "
+                           "mixtral-small-shape (8 experts, top-2); random weights")
+    make.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                      help="where the random weights are drawn (cuda: fast for presets; bytes differ from cpu)")
     make.add_argument("--if-missing", action="store_true",
                       help="keep the folder when it already holds this model (same arch, seed, sizes)")
     make.set_defaults(func=_cmd_models_make)

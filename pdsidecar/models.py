@@ -64,6 +64,22 @@ class TinyModelSpec:
         return self.hidden_size // self.num_heads
 
 
+# Real-shaped presets (random weights; KV cache and compute of the real model): for GPU
+# benchmarks. Both fit one 80 GB GPU twice (two engines at --gpu-memory-utilization 0.35).
+PRESETS: dict[str, dict] = {
+    # Llama-3-8B: 32 layers, 32 heads, 8 KV heads, head dim 128, bf16 (~14 GB of weights)
+    "llama3-8b-shape": dict(arch="llama", hidden_size=4096, num_layers=32, num_heads=32,
+                            num_kv_heads=8, intermediate_size=14336, initializer_range=0.02),
+    # Llama-3-8B's KV cache (32 layers x 8 KV heads x 128, 128 KiB per token) with little
+    # compute (hidden 1024, ~0.7 GB of weights): KV-transfer benchmarks, fast to start
+    "llama3-8b-kv": dict(arch="llama", hidden_size=1024, num_layers=32, num_heads=8,
+                         num_kv_heads=8, intermediate_size=2048, initializer_range=0.02),
+    # a small Mixtral: 16 layers, 8 experts top-2, 8 KV heads, head dim 128 (~9 GB)
+    "mixtral-small-shape": dict(arch="mixtral", hidden_size=2048, num_layers=16, num_heads=16,
+                                num_kv_heads=8, intermediate_size=5632, initializer_range=0.02),
+}
+
+
 def _corpus(seed: int, lines: int = 4000) -> list[str]:
     rng = random.Random(seed)
     out = []
@@ -136,11 +152,11 @@ def _build_config(spec: TinyModelSpec, vocab: int, bos: int, eos: int):
     return MixtralConfig(num_local_experts=spec.num_experts, num_experts_per_tok=spec.experts_per_token, **common)
 
 
-def _build_weights(spec: TinyModelSpec, config, out: Path) -> None:
+def _build_weights(spec: TinyModelSpec, config, out: Path, device: str = "cpu") -> None:
     import torch
     from safetensors.torch import save_file
 
-    gen = torch.Generator().manual_seed(spec.seed)
+    gen = torch.Generator(device=device).manual_seed(spec.seed)
     dtype = getattr(torch, spec.dtype)
     with torch.device("meta"):
         if spec.arch == "llama":
@@ -154,8 +170,8 @@ def _build_weights(spec: TinyModelSpec, config, out: Path) -> None:
         if name.endswith("norm.weight") or "layernorm" in name:
             t = torch.ones(shape, dtype=torch.float32)
         else:
-            t = torch.randn(shape, generator=gen, dtype=torch.float32) * spec.initializer_range
-        tensors[name] = t.to(dtype).contiguous()
+            t = torch.randn(shape, generator=gen, dtype=torch.float32, device=device) * spec.initializer_range
+        tensors[name] = t.to(dtype).contiguous().cpu()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -186,10 +202,12 @@ def _checkpoint_shapes(state_dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def make_model(arch: str, out: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+def make_model(arch: str, out: str | os.PathLike, seed: int = 0, device: str = "cpu", **overrides) -> Path:
     """Build a tiny `arch` model folder at `out` and return its path.
 
     Overrides change `TinyModelSpec` fields (e.g. num_layers=8 for a deeper cache).
+    `device="cuda"` draws the random weights on the GPU (fast for the real-shaped
+    presets); the same seed gives the same bytes on the same device kind only.
     """
     if arch not in ARCHS:
         raise ModelError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
@@ -217,8 +235,9 @@ def make_model(arch: str, out: str | os.PathLike, seed: int = 0, **overrides) ->
     (path / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}, indent=2) + "\n"
     )
-    _build_weights(spec, config, path)
-    (path / "pdsidecar-model.json").write_text(json.dumps(_marker(arch, seed, overrides), sort_keys=True) + "\n")
+    _build_weights(spec, config, path, device)
+    marker = _marker(arch, seed, overrides) | ({"device": device} if device != "cpu" else {})
+    (path / "pdsidecar-model.json").write_text(json.dumps(marker, sort_keys=True) + "\n")
     return path
 
 

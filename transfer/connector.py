@@ -1,4 +1,4 @@
-"""``PdConnector``: pdsidecar's vLLM KV-transfer connector (vLLM 0.32, KVConnectorBase_V1).
+"""``PdConnector``: pdsidecar's vLLM KV-transfer connector (vLLM 0.26-0.34, KVConnectorBase_V1).
 
 Load it with::
 
@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from vllm.distributed.kv_transfer.kv_connector.v1 import base as _vllm_base
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
                                                                 KVConnectorRole)
 
 from .connector_meta import CONNECTOR_NAME, PdConfig, PdHandshakeMetadata
+from .vllm_compat import (LEGACY_FAILURE_REPORTING, TransferResults, check_vllm_version)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -59,7 +61,11 @@ class PdConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig | None" = None) -> None:
+        check_vllm_version()
         super().__init__(vllm_config, role, kv_cache_config)
+        # vLLM < 0.27 learns of failed loads only from block ids (see vllm_compat)
+        self._recv_block_ids: dict[str, list[int]] = {}
+        self._load_error_blocks: set[int] = set()
         ktc = vllm_config.kv_transfer_config
         self.cfg = PdConfig.from_extra(ktc.kv_connector_extra_config, kv_role=ktc.kv_role)
         pc = vllm_config.parallel_config
@@ -99,6 +105,10 @@ class PdConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._connector_metadata if self.has_connector_metadata() else None
+        if LEGACY_FAILURE_REPORTING and meta is not None:
+            for jobs in (meta.recv, meta.push_recv):
+                for rid, job in jobs.items():
+                    self._recv_block_ids[rid] = list(job.local_ids)
         self.connector_worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -114,14 +124,24 @@ class PdConnector(KVConnectorBase_V1):
         self.connector_worker.end_step(meta)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
-        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+        """vLLM >= 0.27: finished sending / receiving and failed receiving, by request."""
         s, r, f = self.connector_worker.get_transfer_results(finished_req_ids)
-        return KVConnectorTransferResults(finished_sending=s, finished_recving=r,
-                                          failed_recving=f)
+        return TransferResults(finished_sending=s, finished_recving=r, failed_recving=f)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        res = self.get_transfer_results(finished_req_ids)
-        return res.finished_sending or None, res.finished_recving or None
+        """vLLM < 0.27 (no ``get_transfer_results``): a failed load is reported as
+        finished here and its blocks through :meth:`get_block_ids_with_load_errors`
+        in the same step, so vLLM recomputes them (``kv_load_failure_policy``)."""
+        s, r, f = self.connector_worker.get_transfer_results(finished_req_ids)
+        for rid in r:
+            ids = self._recv_block_ids.pop(rid, ())
+            if rid in f:
+                self._load_error_blocks.update(ids)
+        return s or None, r or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._load_error_blocks = self._load_error_blocks, set()
+        return out
 
     def build_connector_worker_meta(self) -> Any:
         return self.connector_worker.take_worker_meta()

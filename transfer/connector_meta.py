@@ -293,6 +293,7 @@ class PushRecvJob:
     push_id: str
     num_blocks: int
     expiry: float  # wall clock; after it the load fails (policy decides)
+    local_ids: list[int] = field(default_factory=list)  # blocks the WRITEs fill
 
 
 @dataclass

@@ -66,6 +66,21 @@ class _PushOut:
     final_sent: bool = False
 
 
+
+def _external_ids(request: "Request", blocks: Any, num_external_tokens: int,
+                  block_size: int) -> list[int]:
+    """Local block ids that were to receive the ``num_external_tokens`` remote tokens.
+
+    A rejected load still names them: vLLM releases before 0.27 learn of a failed
+    load only from these ids (``get_block_ids_with_load_errors``)."""
+    if num_external_tokens <= 0:
+        return []
+    # the external tokens end the prompt (get_num_new_matched_tokens asks for
+    # num_prompt_tokens - num_computed_tokens); local prefix hits are whole blocks
+    first = (request.num_prompt_tokens - num_external_tokens) // block_size
+    last = -(-request.num_prompt_tokens // block_size)
+    return [b.block_id for b in blocks.blocks[0][first:last]]
+
 class PdConnectorScheduler:
     def __init__(self, cfg: PdConfig, *, engine_id: str, block_size: int, tp_size: int,
                  dp_rank: int, start_server: bool = True) -> None:
@@ -287,7 +302,9 @@ class PdConnectorScheduler:
         if is_push(params):
             if self.cfg.transfer_mode != "push":
                 if num_external_tokens > 0:
-                    self._recv[rid] = RecvJob(rid, None, [], [], R_BAD_PARAMS,
+                    self._recv[rid] = RecvJob(rid, None, _external_ids(request, blocks,
+                                              num_external_tokens, self.block_size), [],
+                                              R_BAD_PARAMS,
                                               "push mode not accepted (transfer_mode=pull)")
                 return
             self._register_push(request, params, blocks, num_external_tokens)
@@ -297,7 +314,8 @@ class PdConnectorScheduler:
                                       guard_s=self.cfg.lease_guard_s)
         except ParamsError as e:
             if num_external_tokens > 0:
-                self._recv[rid] = RecvJob(rid, None, [], [], e.reason, str(e))
+                self._recv[rid] = RecvJob(rid, None, _external_ids(
+                    request, blocks, num_external_tokens, self.block_size), [], e.reason, str(e))
             log.warning("PdConnector: request %s: invalid kv_transfer_params: %s", rid, e)
             return
         if num_external_tokens == 0:
@@ -315,7 +333,8 @@ class PdConnectorScheduler:
             lids, rids = plan_block_read(src, request.num_prompt_tokens, self.block_size,
                                          local_ids, hit)
         except ParamsError as e:
-            self._recv[rid] = RecvJob(rid, src, [], [], e.reason, str(e))
+            self._recv[rid] = RecvJob(rid, src, _external_ids(
+                request, blocks, num_external_tokens, self.block_size), [], e.reason, str(e))
             self._release_remote(src.host, src.port, src.request_id, src.engine_id)
             log.warning("PdConnector: request %s: %s", rid, e)
             return
@@ -332,7 +351,8 @@ class PdConnectorScheduler:
             push_id = parse_push_id(params)
         except ParamsError as e:
             if num_external_tokens > 0:
-                self._recv[rid] = RecvJob(rid, None, [], [], e.reason, str(e))
+                self._recv[rid] = RecvJob(rid, None, _external_ids(
+                    request, blocks, num_external_tokens, self.block_size), [], e.reason, str(e))
             return
         need = math.ceil(request.num_prompt_tokens / self.block_size)
         local_ids = [b.block_id for b in blocks.blocks[0]] if num_external_tokens else []
@@ -347,7 +367,8 @@ class PdConnectorScheduler:
             self._server.push_targets.register(push_id, target)
         if num_external_tokens > 0:
             self._push_ids[rid] = push_id
-            self._push_recv[rid] = PushRecvJob(rid, push_id, need - hit, expiry)
+            self._push_recv[rid] = PushRecvJob(rid, push_id, need - hit, expiry,
+                                               local_ids=local_ids[hit:need])
             self._recv_blocks[rid] = need - hit
             self._gauges_dirty = True
 

@@ -81,6 +81,16 @@ class _Notifs:
     t: float = field(default_factory=time.monotonic)
 
 
+def _backend_of(handles: list[Any], engine: Any) -> str:
+    """The backend that moved a request (``ipc``/``nixl``; the routing engine tags
+    each handle with the engine it chose)."""
+    for h in handles:
+        b = getattr(h.extra, "backend", None)
+        if isinstance(b, str):
+            return b
+    return engine.backend
+
+
 class PdConnectorWorker:
     def __init__(self, cfg: PdConfig, *, engine_id: str, tp_rank: int, tp_size: int,
                  compat: dict[str, Any], dp_rank: int = 0) -> None:
@@ -492,7 +502,7 @@ class PdConnectorWorker:
                 self._results[rid] = {"bytes": infl.nbytes, "descriptors": infl.descs,
                                       "blocks": len(infl.job.local_ids),
                                       "ms": round(secs * 1e3, 4), "seconds": secs,
-                                      "backend": self.engine.backend,
+                                      "backend": _backend_of(infl.handles, self.engine),
                                       "error": ""}
             elif now - infl.t0 > self.cfg.transfer_timeout_s or \
                     (src.expiry is not None and time.time() > src.expiry):

@@ -48,7 +48,7 @@ class PeerInfo:
     regions: list[Region]
     host_id: str = field(default_factory=host_id)
     agent_metadata: bytes = b""  # NIXL agent blob
-    ipc_handles: bytes = b""  # pickled CUDA IPC handles (same host only)
+    ipc_handles: bytes = b""  # CUDA IPC handle message (transfer.ipc_handles; same host only)
     device_id: int = 0
 
     @property
@@ -98,6 +98,9 @@ class TransferHandle:
     notif: bytes = b""
     done: bool = False
     extra: Any = None
+    # NIXL WRITE from a CUDA cache: posted once this event (recorded on the caller's
+    # stream, i.e. after the layer's cache write) has completed; see NixlTransferEngine
+    post_after: Any = None
 
     @property
     def request_id(self) -> str:

@@ -8,14 +8,15 @@ of equal geometry) reading the peer's blocks into ours; a WRITE scatters ours in
 the peer's. Completion = a CUDA event on a private stream; notifications go through
 ``notifier(peer, msg)`` (the NIXL agent, or the control plane) once the copy is done.
 
-``ipc_handles`` are pickled torch reductions: exchange them only between trusted
-processes of one deployment. CPU tensors work in one process (tests, the torch
-fallback): peers registered in this process are mapped directly.
+``ipc_handles`` is a plain message of raw ``CUipcMemHandle`` bytes
+(:mod:`transfer.ipc_handles`): nothing from a peer is unpickled or called, and a
+peer counts as same-host only once its handles open on one of our GPUs. CPU tensors
+work in one process (tests, the torch fallback): peers registered in this process
+are mapped directly.
 """
 
 from __future__ import annotations
 
-import pickle
 import threading
 import time
 import uuid
@@ -173,6 +174,9 @@ class IpcTransferEngine(PeerTableEngine):
         self._local_nblocks = 0
         self._all_layers: tuple = ()
         self.device: Any = None
+        self._handles = b""  # our exported IPC handle message (VRAM only)
+        self._ipc_api: Any = None
+        self._mapped: dict[str, list[int]] = {}  # peer -> opened allocation bases
         _LOCAL_ENGINES[self.name] = self
 
     # ------------------------------------------------------------ registration
@@ -232,24 +236,20 @@ class IpcTransferEngine(PeerTableEngine):
             raise UnregisteredMemoryError("no memory registered: call register_* first")
         handles = b""
         if self.mem_type == "VRAM":
-            from torch.multiprocessing.reductions import reduce_tensor
-            handles = pickle.dumps([(s.ptr, s.nbytes, reduce_tensor(s.tensor))
-                                    for s in self._storages])
+            handles = self._export_handles()
         return PeerInfo(name=self.name, backend=self.backend, mem_type=self.mem_type,
                         regions=list(self.regions), ipc_handles=handles,
                         device_id=self.regions[0].device_id)
 
     def add_peer(self, info: PeerInfo) -> str:
         with self._lock:
-            if info.ipc_handles:
-                try:
-                    raw = pickle.loads(info.ipc_handles)
-                    storages = []
-                    for ptr, nbytes, (fn, args) in raw:
-                        storages.append(_Storage(ptr, nbytes, fn(*args)))
-                except Exception as e:
-                    raise TransferError(
-                        f"cannot map CUDA IPC handles of peer {info.name!r}: {e}") from e
+            if info.name in _LOCAL_ENGINES and _LOCAL_ENGINES[info.name] is not self \
+                    and info.ipc_handles == _LOCAL_ENGINES[info.name]._handles:
+                # a peer of this very process (tests): its memory is ours already
+                owner = _LOCAL_ENGINES[info.name]
+                storages = [_Storage(s.ptr, s.nbytes, s.tensor) for s in owner._storages]
+            elif info.ipc_handles:
+                storages = self._open_handles(info)
             else:
                 owner = _LOCAL_ENGINES.get(info.name)
                 if owner is None:
@@ -273,6 +273,60 @@ class IpcTransferEngine(PeerTableEngine):
                         pass  # geometry mismatch: reported by the first transfer
             return info.name
 
+    def _export_handles(self) -> bytes:
+        """Our allocations as an :mod:`transfer.ipc_handles` message (made once)."""
+        if self._handles:
+            return self._handles
+        from . import ipc_handles
+        from .ipc_cuda import IpcMemApi, device_uuid
+        api = self._ipc_api or IpcMemApi()
+        self._ipc_api = api
+        exports = []
+        for s in self._storages:
+            offset, handle = api.export(s.ptr)
+            exports.append(ipc_handles.IpcExport(s.ptr, s.nbytes, offset, handle))
+        self._handles = ipc_handles.encode(device_uuid(self.device), exports)
+        return self._handles
+
+    def _open_handles(self, info: PeerInfo) -> list[_Storage]:
+        """Map a peer's exported allocations; fails unless they open on our GPUs."""
+        from . import ipc_handles
+        try:
+            uuid_, exports = ipc_handles.decode(info.ipc_handles)
+        except ipc_handles.IpcHandleError as e:
+            raise TransferError(f"peer {info.name!r}: {e}") from e
+        if self.device is None or self.device.type != "cuda":
+            raise TransferError(f"peer {info.name!r} is CUDA memory; ours is not")
+        from .ipc_cuda import IpcMemApi, byte_tensor, local_device_uuids
+        if uuid_ not in local_device_uuids():
+            raise TransferError(f"peer {info.name!r}: its GPU is not one of this host's")
+        api = self._ipc_api or IpcMemApi()
+        self._ipc_api = api
+        storages, opened = [], []
+        try:
+            for e in exports:
+                base = api.open(e.handle)
+                opened.append(base)
+                storages.append(_Storage(e.ptr, e.nbytes,
+                                         byte_tensor(base + e.offset, e.nbytes, self.device)))
+        except Exception as e:
+            for base in opened:
+                try:
+                    api.close(base)
+                except Exception:
+                    pass
+            raise TransferError(f"cannot map CUDA IPC handles of peer {info.name!r}: {e}") \
+                from e
+        self._mapped[info.name] = opened
+        return storages
+
+    def _unmap(self, name: str) -> None:
+        for base in self._mapped.pop(name, ()):
+            try:
+                self._ipc_api.close(base)
+            except Exception:
+                pass
+
     def _view_remote(self, storages: Sequence[_Storage], r: Region) -> Any:
         for s in storages:
             if s.ptr <= r.base_addr < s.ptr + s.nbytes:
@@ -286,6 +340,9 @@ class IpcTransferEngine(PeerTableEngine):
         with self._lock:
             if self._peers.pop(name, None) is None:
                 raise UnknownPeerError(name, list(self._peers))
+            if self._stream is not None:
+                self._stream.synchronize()  # no copy may still touch the mapping
+            self._unmap(name)
 
     # ------------------------------------------------------------ transfers
     def _submit(self, op: str, peer: str, local_ids: Any, remote_ids: Any,
@@ -321,6 +378,7 @@ class IpcTransferEngine(PeerTableEngine):
                 ops, stream = self._ops, self._stream_handle
                 rec = stream if self._driver else self._stream
                 ops.ensure_context()  # this thread may not have used CUDA yet
+                self._wait_for_compute()
                 if slot.ev_start is not None:
                     ops.record(slot.ev_start, rec)
                 if self._driver:
@@ -408,11 +466,27 @@ class IpcTransferEngine(PeerTableEngine):
     def _copy_torch(self, plan: "_Plan", sids: np.ndarray, dids: np.ndarray) -> None:
         torch = self._torch
         ctx = torch.cuda.stream(self._stream) if self._stream is not None else _nullctx()
+        if self._stream is not None:
+            self._wait_for_compute()
         with ctx:
             sid = torch.from_numpy(sids).to(self.device)
             did = torch.from_numpy(dids).to(self.device)
             for sv, dv in zip(plan.src_views, plan.dst_views):
                 dv.index_copy_(0, did, sv.index_select(0, sid))
+
+    def _wait_for_compute(self) -> None:
+        """Order the copy after the work already queued on the caller's stream.
+
+        From ``save_kv_layer`` that is the layer's cache write, still running on the
+        compute stream: the copy stream waits for it on the device (an event), so a
+        push never sends half-written KV and the host never blocks the forward pass.
+        """
+        cur = self._torch.cuda.current_stream(self.device)
+        if self._driver:
+            self._ops.record(self._dep_ev, int(cur.cuda_stream))
+            self._ops.stream_wait(self._stream_handle, self._dep_ev)
+        else:
+            self._stream.wait_stream(cur)
 
     # ------------------------------------------------------------ id staging slots
     def _init_device_path(self) -> None:
@@ -422,6 +496,7 @@ class IpcTransferEngine(PeerTableEngine):
         self._stream_handle = int(self._stream.cuda_stream)
         self._ops = make_ops(self.device)
         self._driver = isinstance(self._ops, DriverOps)
+        self._dep_ev = self._ops.new_event(False) if self._driver else None
         self._alloc_slots(256)
 
     def _alloc_slots(self, cap: int) -> None:
@@ -544,6 +619,8 @@ class IpcTransferEngine(PeerTableEngine):
             self._peers.clear()
             if self._stream is not None:
                 self._stream.synchronize()
+            for name in list(self._mapped):
+                self._unmap(name)
             _LOCAL_ENGINES.pop(self.name, None)
 
 

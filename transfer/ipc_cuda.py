@@ -52,12 +52,15 @@ class DriverOps:
         except AttributeError:
             self._ev_elapsed = lib.cuEventElapsedTime
         self._ev_elapsed.argtypes = [ctypes.POINTER(ctypes.c_float), vp, vp]
+        self._wait_ev = lib.cuStreamWaitEvent
+        self._wait_ev.argtypes = [vp, vp, ctypes.c_uint]
         self._ctx_get = lib.cuCtxGetCurrent
         self._ctx_get.argtypes = [ctypes.POINTER(vp)]
         self._err_str = lib.cuGetErrorString
         self._err_str.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         for f in (self._memcpy, self._ev_create, self._ev_record, self._ev_query,
-                  self._ev_sync, self._ev_destroy, self._ev_elapsed, self._ctx_get):
+                  self._ev_sync, self._ev_destroy, self._ev_elapsed, self._ctx_get,
+                  self._wait_ev):
             f.restype = ctypes.c_int
         self._ctx = ctypes.c_void_p()
         self.ensure_context()
@@ -94,6 +97,12 @@ class DriverOps:
         rc = self._ev_record(ev, stream)
         if rc:
             self._check(rc, "cuEventRecord")
+
+    def stream_wait(self, stream: int, ev: Any) -> None:
+        """Work queued on ``stream`` from now on waits for ``ev`` (device side)."""
+        rc = self._wait_ev(stream, ev, 0)
+        if rc:
+            self._check(rc, "cuStreamWaitEvent")
 
     def query(self, ev: Any) -> bool:
         rc = self._ev_query(ev)
@@ -158,3 +167,85 @@ def make_ops(device: Any) -> Any:
         except Exception:
             pass
     return TorchOps(device)
+
+
+CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1
+
+
+class IpcMemApi:
+    """CUDA IPC through the driver API: export a device range as a raw 64-byte handle,
+    open a peer's handle (this is what proves the peer shares this host's GPUs)."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        vp, u64 = ctypes.c_void_p, ctypes.c_uint64
+        self._range = getattr(lib, "cuMemGetAddressRange_v2", None) or lib.cuMemGetAddressRange
+        self._range.argtypes = [ctypes.POINTER(u64), ctypes.POINTER(ctypes.c_size_t), u64]
+        self._get = lib.cuIpcGetMemHandle
+        self._get.argtypes = [ctypes.c_char_p, u64]
+        self._open = getattr(lib, "cuIpcOpenMemHandle_v2", None) or lib.cuIpcOpenMemHandle
+        self._open.argtypes = [ctypes.POINTER(u64), ctypes.c_char * 64, ctypes.c_uint]
+        self._close = lib.cuIpcCloseMemHandle
+        self._close.argtypes = [u64]
+        self._err_str = lib.cuGetErrorString
+        self._err_str.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        for f in (self._range, self._get, self._open, self._close):
+            f.restype = ctypes.c_int
+        del vp
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != CUDA_SUCCESS:
+            s = ctypes.c_char_p()
+            self._err_str(rc, ctypes.byref(s))
+            raise CudaCallError(f"{what} failed: CUDA error {rc} "
+                                f"({(s.value or b'?').decode()})")
+
+    def export(self, ptr: int) -> tuple[int, bytes]:
+        """``(offset of ptr in its allocation, handle of that allocation)``."""
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        self._check(self._range(ctypes.byref(base), ctypes.byref(size), ptr),
+                    "cuMemGetAddressRange")
+        buf = ctypes.create_string_buffer(64)
+        self._check(self._get(buf, base.value), "cuIpcGetMemHandle")
+        return ptr - base.value, buf.raw
+
+    def open(self, handle: bytes) -> int:
+        """Map a peer's allocation; returns its base address in this process."""
+        h = (ctypes.c_char * 64).from_buffer_copy(handle)
+        out = ctypes.c_uint64()
+        self._check(self._open(ctypes.byref(out), h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
+                    "cuIpcOpenMemHandle")
+        return int(out.value)
+
+    def close(self, base: int) -> None:
+        self._check(self._close(base), "cuIpcCloseMemHandle")
+
+
+def device_uuid(device: Any) -> bytes:
+    """16-byte UUID of a torch CUDA device."""
+    import torch
+    u = torch.cuda.get_device_properties(device).uuid
+    raw = getattr(u, "bytes", None)
+    if isinstance(raw, (bytes, bytearray)) and len(raw) >= 16:
+        return bytes(raw[:16])
+    return bytes.fromhex(str(u).removeprefix("GPU-").replace("-", ""))[:16]
+
+
+def local_device_uuids() -> dict[bytes, int]:
+    """UUID -> device index of every GPU this process can see."""
+    import torch
+    return {device_uuid(i): i for i in range(torch.cuda.device_count())}
+
+
+class _CudaArray:
+    """``__cuda_array_interface__`` over a raw device range (to view it as a tensor)."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
+                                         "data": (ptr, False), "version": 3}
+
+
+def byte_tensor(ptr: int, nbytes: int, device: Any) -> Any:
+    """A uint8 torch tensor viewing ``nbytes`` at device address ``ptr`` (no copy)."""
+    import torch
+    return torch.as_tensor(_CudaArray(ptr, nbytes), device=device)

@@ -108,7 +108,13 @@ class RoutingTransferEngine(TransferEngine):
         if self.nixl is not None and info.agent_metadata:
             self.nixl.add_peer(info)  # always: notifications, and the fallback path
         if choice == "ipc":
-            self.ipc.add_peer(info)
+            try:  # the handles opening on our GPU is what proves "same host"
+                self.ipc.add_peer(info)
+            except TransferError:
+                if self.protocol == "ipc" or self.nixl is None:
+                    raise
+                choice = "nixl"
+        if choice == "ipc":
             self._route[info.name] = self.ipc
         else:
             if self.nixl is None:

@@ -90,3 +90,79 @@ def test_nixl_vram_and_auto_routing():
         r.close()
     finally:
         peer.close()
+
+
+def test_ipc_handles_are_plain_and_forged_ones_fall_back(ipc_peer):
+    """Handles travel as raw CUipcMemHandle bytes (no pickle); a forged message or one
+    whose handle does not open on our GPU is refused, and ``auto`` then routes NIXL."""
+    from transfer import ipc_handles
+    from transfer.errors import TransferError
+    from transfer.ipc import IpcTransferEngine
+    uuid_, exports = ipc_handles.decode(ipc_peer.info.ipc_handles)
+    assert exports and all(len(e.handle) == 64 for e in exports)
+    _, caches = make_cache(CacheConfig(L, NB, BL, mem="VRAM", seed=3))
+    eng = IpcTransferEngine("gpu-forged")
+    eng.register_kv_caches(caches)
+    forged = ipc_handles.encode(uuid_, [ipc_handles.IpcExport(e.ptr, e.nbytes, e.offset,
+                                                              bytes(64)) for e in exports])
+    bad = [forged, b"\x80\x04pickle", ipc_handles.encode(b"\x01" * 16, exports)]
+    import dataclasses
+    for raw in bad:
+        with pytest.raises(TransferError):
+            eng.add_peer(dataclasses.replace(ipc_peer.info, ipc_handles=raw))
+    eng.close()
+
+
+def test_copy_waits_for_work_queued_on_the_compute_stream(ipc_peer):
+    """A WRITE posted right after a (slow) kernel that fills the block on the caller's
+    stream carries the filled bytes, not the stale ones: the copy stream waits for the
+    caller's stream on the device (the push path posts from ``save_kv_layer``)."""
+    from transfer.ipc import IpcTransferEngine
+    buf, caches = make_cache(CacheConfig(L, NB, BL, mem="VRAM", seed=12))
+    eng = IpcTransferEngine("gpu-order", use_triton=True)
+    eng.register_kv_caches(caches)
+    eng.add_peer(ipc_peer.info)
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        for rnd in range(3):
+            buf[:, 7].fill_(0x11)  # poison, then a long kernel, then the real KV
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of device time on the compute stream
+            buf[:, 7].fill_(0x60 + rnd)
+            h = eng.write_blocks(ipc_peer.name, [7], [90 + rnd])
+    deadline = __import__("time").monotonic() + 30
+    while not eng.poll(h) and __import__("time").monotonic() < deadline:
+        pass
+    torch.cuda.synchronize()
+    for rnd in range(3):
+        got = _remote(ipc_peer, [90 + rnd])
+        assert (got == 0x60 + rnd).all(), f"round {rnd}: stale bytes pushed"
+    eng.close()
+
+
+def test_nixl_vram_write_posts_after_the_compute_stream():
+    """Over NIXL (cross-host push) a WRITE out of a CUDA cache is posted only once the
+    work queued before it on the caller's stream is done; the forward never blocks."""
+    pytest.importorskip("nixl")
+    import time
+
+    from transfer.nixl_engine import NixlTransferEngine
+    peer = PeerProcess("auto", "gpu-target-order", CacheConfig(L, NB, BL, mem="VRAM", seed=13))
+    try:
+        buf, caches = make_cache(CacheConfig(L, NB, BL, mem="VRAM", seed=14))
+        n = NixlTransferEngine("gpu-nixl-order")
+        n.register_kv_caches(caches)
+        n.add_peer(peer.info)
+        compute = torch.cuda.Stream()
+        with torch.cuda.stream(compute):
+            buf[:, 3].fill_(0x11)
+            torch.cuda._sleep(400_000_000)
+            buf[:, 3].fill_(0x5A)
+            h = n.write_blocks(peer.name, [3], [77])
+        assert h.post_after is not None  # the kernel was still running: post deferred
+        deadline = time.monotonic() + 60
+        while not n.poll(h) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert h.done and (_remote(peer, [77]) == 0x5A).all()
+        n.close()
+    finally:
+        peer.close()
