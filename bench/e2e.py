@@ -60,8 +60,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("configurations")
     g.add_argument("--configs", default="agg,pd-ours,pd-stock",
                    help="comma list of agg, pd-ours, pd-ours-push, pd-stock (vLLM's NixlConnector), "
-                        "pd-stock-push (vLLM's NixlPushConnector), pd-ours-pods (root: across network-namespace "
-                        "pods) (default: agg,pd-ours,pd-stock, run one after another)")
+                        "pd-stock-push (vLLM's NixlPushConnector), pd-ours-pods (root: dev-cpu overlay across "
+                        "network-namespace pods) (default: agg,pd-ours,pd-stock, run one after another)")
     g.add_argument("--gpu-util", default=None,
                    help="run the engines on the GPU, each with --gpu-memory-utilization GPU_UTIL (a P/D pair "
                         "shares the one GPU; engines start one after another); default: CPU engines")

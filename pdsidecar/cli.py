@@ -28,7 +28,7 @@ def _cmd_models_make(args: argparse.Namespace) -> int:
         overrides["num_kv_heads"] = max(1, args.hidden_size // 128)
         overrides["intermediate_size"] = args.hidden_size * 2
     try:
-        if args.if_missing:
+        if args.if_missing and args.device == "cpu":
             from pdsidecar.models import ensure_model
 
             path = ensure_model(arch, args.out, seed=args.seed, **overrides)

@@ -99,9 +99,10 @@ SINGLE_NODE = Profile(
 
 # CPU development size: what `pdsidecar local --pods` and the pod tests run on one
 # machine (pdsidecar.dev.pods), and what a CPU-only cluster can apply. Same base, env
-# contract, sidecar, ports and connector config as the GPU overlays; a generated tiny
-# model (an init container writes it into an emptyDir) and CPU vLLM flags.
-DEV_MODEL = "/models/tiny-llama"
+# contract, sidecar, ports, vLLM flags (expert parallel: the tiny model is a Mixtral, an
+# MoE like the real overlays' models) and connector config as the GPU overlays; a
+# generated tiny model (an init container writes it into an emptyDir) and CPU vLLM flags.
+DEV_MODEL = "/models/tiny-mixtral"
 DEV_CPU = Profile(
     replicas=1,
     size=1,
@@ -127,7 +128,7 @@ DEV_CPU = Profile(
         "name": "tiny-model",
         "image": ENGINE_IMAGE,
         "command": ["pdsidecar"],
-        "args": ["models", "make", "--arch", "llama", "--out", DEV_MODEL, "--if-missing"],
+        "args": ["models", "make", "--arch", "mixtral", "--out", DEV_MODEL, "--if-missing"],
         "volumeMounts": [{"name": "models", "mountPath": "/models"}],
     }],
 )
@@ -149,17 +150,18 @@ def _vllm_args(role: str, p: Profile, *, leader: bool) -> list[str]:
         args += ["--port", "8000", "--served-model-name", p.model]
     else:
         args += ["--headless"]
-    args += [
-        "--tensor-parallel-size", "1",
-        "--enable-expert-parallel",
-        "--data-parallel-size", "$(LWS_GROUP_SIZE)",
-        "--data-parallel-size-local", str(max(p.gpus_per_pod, 1)),
-        "--data-parallel-address", "$(LWS_LEADER_ADDRESS)",
-        "--data-parallel-rpc-port", str(DP_RPC_PORT),
-        "--data-parallel-start-rank", "$(LWS_WORKER_INDEX)",
-        "--max-model-len", str(p.max_model_len),
-        "--gpu-memory-utilization", "0.9",
-    ]
+    args += ["--tensor-parallel-size", "1", "--enable-expert-parallel"]
+    if p.size > 1:
+        # a one-pod group is not data parallel: vLLM refuses --data-parallel-start-rank
+        # (external load balancing) when the DP size is 1 (seen running dev-cpu as pods)
+        args += [
+            "--data-parallel-size", "$(LWS_GROUP_SIZE)",
+            "--data-parallel-size-local", str(max(p.gpus_per_pod, 1)),
+            "--data-parallel-address", "$(LWS_LEADER_ADDRESS)",
+            "--data-parallel-rpc-port", str(DP_RPC_PORT),
+            "--data-parallel-start-rank", "$(LWS_WORKER_INDEX)",
+        ]
+    args += ["--max-model-len", str(p.max_model_len), "--gpu-memory-utilization", "0.9"]
     return args + list(p.role_args.get(role, []))
 
 

@@ -139,9 +139,13 @@ def test_rendered_vllm_args_parse(rendered, vllm_parse, overlay):
             idx = 0 if label == "leader" else prof.size - 1
             env = kv.lws_env(worker_index=idx, size=prof.size, name=name, ns="pdsidecar")
             ns = vllm_parse(kv.expand_vars(kv.vllm_serve_args(kv.vllm_container(spec)), env))
-            assert ns.data_parallel_size == prof.size and ns.data_parallel_size_local == 1
-            assert ns.data_parallel_start_rank == idx and ns.data_parallel_rpc_port == 5555
-            assert ns.data_parallel_address == f"{name}-0.{name}.pdsidecar"
+            assert ns.data_parallel_size == prof.size
+            if prof.size > 1:
+                assert ns.data_parallel_size_local == 1
+                assert ns.data_parallel_start_rank == idx and ns.data_parallel_rpc_port == 5555
+                assert ns.data_parallel_address == f"{name}-0.{name}.pdsidecar"
+            else:  # vLLM refuses --data-parallel-start-rank with DP size 1
+                assert ns.data_parallel_start_rank is None and ns.data_parallel_address is None
             assert ns.enable_expert_parallel and ns.tensor_parallel_size == 1
             assert ns.headless == (label == "worker")
             if label == "leader":

@@ -22,12 +22,12 @@ CHAT = "Tell me about the river, the mountain and the forest."
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, llama_dir):
+def cluster(tmp_path_factory, mixtral_dir):
     pytest.importorskip("vllm", reason="vLLM is not installed")
     from pdsidecar.dev.pods import PodCluster
 
-    # llama_dir: the tiny model the pods' init container finds in the shared cache
-    with PodCluster(model_cache=os.path.dirname(llama_dir),
+    # mixtral_dir: the tiny model the pods' init container finds in the shared cache
+    with PodCluster(model_cache=os.path.dirname(mixtral_dir),
                     log_dir=tmp_path_factory.mktemp("pod-logs")) as c:
         c.start_many(["prefill", "decode"])
         yield c
@@ -243,6 +243,9 @@ def test_engine_without_pod_ip_refuses_to_start(cluster):
     from pdsidecar.dev.pods import PodError
 
     docs = drop_env(cluster.docs, "prefill", "vllm", "PD_CONTROL_HOST")
-    with pytest.raises(PodError, match="refusing to advertise loopback control address"):
+    with pytest.raises(PodError) as e:
         cluster.restart("prefill", docs)
+    first = str(e.value).splitlines()[0]  # the one line an operator sees first
+    assert "first error: " in first
+    assert "PdConnector: refusing to advertise loopback control address '127.0.0.1'" in first
     assert "prefill" not in cluster.pods  # nothing half-started is left

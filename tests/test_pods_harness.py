@@ -91,8 +91,9 @@ def test_dev_cpu_pod_specs_resolve_like_the_kubelet(rendered):
                                                         ("vllm", "main")]
     eng = p.container("vllm")
     assert eng.is_engine and eng.env["PD_CONTROL_HOST"] == "10.77.0.2"
-    assert eng.argv[1:4] == ["-m", "pdsidecar.dev.vllm_cli", "serve"] and eng.argv[4] == "/cache/m/tiny-llama"
-    assert eng.argv[eng.argv.index("--data-parallel-address") + 1] == "pd-prefill-0.pd-prefill.pdsidecar"
+    assert eng.argv[1:4] == ["-m", "pdsidecar.dev.vllm_cli", "serve"] and eng.argv[4] == "/cache/m/tiny-mixtral"
+    assert not [a for a in eng.argv if a.startswith("--data-parallel")]  # one pod per group: not DP
+    assert eng.argv[eng.argv.index("--dtype") + 1] == "float32"
     assert "$(" not in " ".join(eng.argv)
     assert eng.ports == {"vllm-http": 8200, "dp-rpc": 5555, "kv-control": 14600}
     assert "HF_TOKEN" not in eng.env  # optional secret that does not exist
@@ -102,8 +103,8 @@ def test_dev_cpu_pod_specs_resolve_like_the_kubelet(rendered):
     assert ds.env["KV_TRANSFER_TARGET"] == "pd-prefill-sidecar:8000"
     assert ps.probe.path == "/ready" and ps.startup.path == "/health"
     init = p.container("tiny-model")
-    assert init.argv[1:] == ["-m", "pdsidecar", "models", "make", "--arch", "llama", "--out",
-                             "/cache/m/tiny-llama", "--if-missing"]
+    assert init.argv[1:] == ["-m", "pdsidecar", "models", "make", "--arch", "mixtral", "--out",
+                             "/cache/m/tiny-mixtral", "--if-missing"]
 
 
 def test_command_mapping_refuses_unknown_images_and_commands():

@@ -55,9 +55,9 @@ def run_local_pods(args: argparse.Namespace) -> int:
     why = netns.can_create()
     if why:
         raise CliError(why)
-    if args.model or args.arch != "llama" or args.connector not in ("auto", "ours"):
-        raise CliError("--pods runs deploy/overlays/dev-cpu as rendered (tiny Llama, PdConnector): "
-                       "drop --model/--arch/--connector, or drop --pods")
+    if args.model or args.connector not in ("auto", "ours"):
+        raise CliError("--pods runs deploy/overlays/dev-cpu as rendered (its tiny Mixtral, PdConnector): "
+                       "drop --model/--connector, or drop --pods")
     from pdsidecar.dev.pods import DEV_CPU, PodCluster, PodError
     from pdsidecar.dev.podspec import PodSpecError
 

@@ -98,6 +98,18 @@ class Container:
         except OSError:
             return ""
 
+    def first_error(self) -> str | None:
+        """The first ``SomeError: message`` line of the log (the root cause vLLM logs
+        before its generic "Engine core initialization failed")."""
+        import re
+
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return None
+        m = re.search(r"^\s*(?:\w+\.)*(\w+(?:Error|Exception): .+)$", text, re.M)
+        return m.group(1).strip()[:500] if m else None
+
     def stop(self, timeout_s: float = 20.0) -> None:
         pgid = self.proc.pid
         for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
@@ -184,8 +196,10 @@ class Pod:
         return self
 
     def _fail(self, cont: Container, why: str) -> PodError:
-        return PodError(f"pod {self.spec.name} ({self.ip}) container {cont.spec.name} {why}; "
-                        f"log {cont.log_path}:\n{cont.log_tail()}")
+        cause = cont.first_error()
+        return PodError(f"pod {self.spec.name} ({self.ip}) container {cont.spec.name} {why}"
+                        + (f"; first error: {cause}" if cause else "")
+                        + f"; log {cont.log_path}:\n{cont.log_tail()}")
 
     def _wait_exit(self, cont: Container, deadline: float) -> None:
         while time.monotonic() < deadline:
