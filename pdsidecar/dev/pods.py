@@ -212,15 +212,27 @@ class Pod:
         raise self._fail(cont, "(init) did not finish in time")
 
     def _wait_probe(self, cont: Container, probe, deadline: float) -> None:
-        url = f"http://{self.ip}:{probe.port}{probe.path}"
+        what = " ".join(probe.argv[-1:]) if probe.argv else f"http://{self.ip}:{probe.port}{probe.path}"
         while time.monotonic() < deadline:
             for other in self.containers.values():
                 if other.spec.kind != "init" and not other.alive():
-                    raise self._fail(other, f"exited with code {other.proc.returncode} before {url} answered")
-            if self.cluster.http_status(url, timeout=2.0) == 200:
+                    raise self._fail(other, f"exited with code {other.proc.returncode} before {what} answered")
+            if self._probe_ok(probe):
                 return
             time.sleep(0.3)
-        raise self._fail(cont, f"not ready: {url} did not answer 200 in time")
+        raise self._fail(cont, f"not ready: {what} did not succeed in time")
+
+    def _probe_ok(self, probe) -> bool:
+        if probe.argv is None:
+            url = f"http://{self.ip}:{probe.port}{probe.path}"
+            return self.cluster.http_status(url, timeout=2.0) == 200
+        try:  # exec probe: inside the pod's network namespace, like the kubelet's
+            r = subprocess.run(self.cluster.net.exec_prefix(self.key, isolate=False) + probe.argv,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=probe.timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return r.returncode == 0
 
     def stop(self) -> None:
         # main containers first, then sidecars (reverse start order), like the kubelet

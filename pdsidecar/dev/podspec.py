@@ -55,6 +55,8 @@ class PodSpecError(Exception):
 class Probe:
     path: str
     port: int
+    argv: list[str] | None = None  # exec probe: run in the pod, ready on exit 0
+    timeout_s: float = 5.0
 
 
 @dataclass
@@ -170,11 +172,20 @@ def _rewrite_mounts(values: list[str], mounts: dict[str, str]) -> list[str]:
 
 def _probe(c: dict, ports: dict[str, int], order=("readinessProbe", "startupProbe")) -> Probe | None:
     for key in order:
-        hg = (c.get(key) or {}).get("httpGet")
+        probe = c.get(key) or {}
+        hg = probe.get("httpGet")
         if hg:
             port = hg["port"]
             port = ports[port] if isinstance(port, str) else int(port)
             return Probe(hg.get("path", "/"), port)
+        cmd = (probe.get("exec") or {}).get("command")
+        if cmd:  # e.g. vLLM bound to 127.0.0.1 in the pod: only a command inside it can ask
+            exe = str(cmd[0]).rsplit("/", 1)[-1]
+            if exe not in EXECUTABLES:
+                raise PodSpecError(f"container {c.get('name')}: {key} command {cmd[0]!r} has no "
+                                   f"local mapping (known: {', '.join(EXECUTABLES)})")
+            return Probe("", 0, EXECUTABLES[exe] + [str(a) for a in cmd[1:]],
+                         float(probe.get("timeoutSeconds", 5)))
     return None
 
 
