@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--hidden-size", type=int, default=None, help="hidden size, a multiple of 128 (default 256)")
     make.add_argument("--preset", default=None,
                       help="real-shaped model instead of a tiny one: llama3-8b-shape (32 layers, 8 KV "
-                           "heads, head dim 128) or mixtral-small-shape (8 experts, top-2); random weights")
+                           "heads, head dim 128), llama3-8b-kv (its KV cache, little compute) or "
+                           "mixtral-small-shape (8 experts, top-2); random weights")
     make.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                       help="where the random weights are drawn (cuda: fast for presets; bytes differ from cpu)")
     make.set_defaults(func=_cmd_models_make)

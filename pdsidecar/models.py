@@ -70,6 +70,10 @@ PRESETS: dict[str, dict] = {
     # Llama-3-8B: 32 layers, 32 heads, 8 KV heads, head dim 128, bf16 (~14 GB of weights)
     "llama3-8b-shape": dict(arch="llama", hidden_size=4096, num_layers=32, num_heads=32,
                             num_kv_heads=8, intermediate_size=14336, initializer_range=0.02),
+    # Llama-3-8B's KV cache (32 layers x 8 KV heads x 128, 128 KiB per token) with little
+    # compute (hidden 1024, ~0.7 GB of weights): KV-transfer benchmarks, fast to start
+    "llama3-8b-kv": dict(arch="llama", hidden_size=1024, num_layers=32, num_heads=8,
+                         num_kv_heads=8, intermediate_size=2048, initializer_range=0.02),
     # a small Mixtral: 16 layers, 8 experts top-2, 8 KV heads, head dim 128 (~9 GB)
     "mixtral-small-shape": dict(arch="mixtral", hidden_size=2048, num_layers=16, num_heads=16,
                                 num_kv_heads=8, intermediate_size=5632, initializer_range=0.02),

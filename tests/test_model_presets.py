@@ -8,6 +8,7 @@ pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("name,layers,kv_heads,arch", [("llama3-8b-shape", 32, 8, "llama"),
+                                                      ("llama3-8b-kv", 32, 8, "llama"),
                                                       ("mixtral-small-shape", 16, 8, "mixtral")])
 def test_preset_shapes(name, layers, kv_heads, arch):
     spec = TinyModelSpec(**PRESETS[name])
@@ -16,7 +17,8 @@ def test_preset_shapes(name, layers, kv_heads, arch):
     assert cfg.num_hidden_layers == layers and cfg.num_key_value_heads == kv_heads
     # bf16 KV bytes per token, as the benchmarks state them
     kv = 2 * layers * kv_heads * 128 * 2
-    assert kv == {"llama3-8b-shape": 128 * 1024, "mixtral-small-shape": 64 * 1024}[name]
+    assert kv == {"llama3-8b-shape": 128 * 1024, "llama3-8b-kv": 128 * 1024,
+                  "mixtral-small-shape": 64 * 1024}[name]
 
 
 def test_cli_rejects_unknown_preset(capsys):

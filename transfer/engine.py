@@ -101,6 +101,9 @@ class TransferHandle:
     notif: bytes = b""
     done: bool = False
     extra: Any = None
+    # NIXL WRITE from a CUDA cache: posted once this event (recorded on the caller's
+    # stream, i.e. after the layer's cache write) has completed; see NixlTransferEngine
+    post_after: Any = None
 
     @property
     def request_id(self) -> str:

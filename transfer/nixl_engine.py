@@ -292,11 +292,16 @@ class NixlTransferEngine(PeerTableEngine):
             except Exception as e:
                 raise TransferFailedError(f"{op} to {peer!r}: cannot create transfer: {e}") from e
             t1 = time.perf_counter_ns()
-            try:
-                state = self.agent.transfer(xh)
-            except Exception as e:
-                self._release(xh)
-                raise TransferFailedError(f"{op} to {peer!r}: post failed: {e}") from e
+            ev = _compute_event() if op == "WRITE" and self.mem_type == "VRAM" else None
+            if ev is not None and not ev.query():
+                state = "PENDING"  # posted by poll() once the KV is written
+            else:
+                ev = None
+                try:
+                    state = self.agent.transfer(xh)
+                except Exception as e:
+                    self._release(xh)
+                    raise TransferFailedError(f"{op} to {peer!r}: post failed: {e}") from e
             t2 = time.perf_counter_ns()
         n = ids.shape[1]
         stats = TransferStats(
@@ -304,7 +309,7 @@ class NixlTransferEngine(PeerTableEngine):
             backend=self.backend, bytes=plan.bytes_per_block * n, descriptors=int(lidx.size),
             num_blocks=n, num_layers=plan.num_layers,
             prepare_us=(t1 - t0) / 1e3, post_us=(t2 - t1) / 1e3)
-        h = TransferHandle(stats=stats, native=xh, t_submit_ns=t0, notif=msg)
+        h = TransferHandle(stats=stats, native=xh, t_submit_ns=t0, notif=msg, post_after=ev)
         if state == "ERR":
             self._finish(h, "ERR", f"{op} to {peer!r}: NIXL post returned ERR")
             raise TransferFailedError(h.stats.error)
@@ -318,6 +323,17 @@ class NixlTransferEngine(PeerTableEngine):
                 raise TransferFailedError(handle.stats.error)
             return True
         with self._lock:
+            if handle.post_after is not None:
+                if not handle.post_after.query():
+                    return False
+                handle.post_after = None
+                try:
+                    if self.agent.transfer(handle.native) == "ERR":
+                        raise RuntimeError("NIXL post returned ERR")
+                except Exception as e:
+                    self._finish(handle, "ERR", f"{handle.stats.op} with peer "
+                                                f"{handle.stats.peer!r}: post failed: {e}")
+                    raise TransferFailedError(handle.stats.error) from e
             try:
                 state = self.agent.check_xfer_state(handle.native)
             except Exception as e:
@@ -391,6 +407,19 @@ class NixlTransferEngine(PeerTableEngine):
                 except Exception:
                     pass
             self._reg_descs.clear()
+
+
+def _compute_event() -> Any:
+    """A CUDA event recorded on the caller's current stream.
+
+    A WRITE out of a CUDA cache (push, from ``save_kv_layer``) must not start before
+    the layer's cache write queued on that stream is done; NIXL cannot wait on a
+    stream, so the post waits for this event, checked without blocking by ``poll``.
+    """
+    import torch
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream())
+    return ev
 
 
 def _bytes(regions: Sequence[Region], reg_idx: np.ndarray, nblocks: int,

@@ -137,3 +137,32 @@ def test_copy_waits_for_work_queued_on_the_compute_stream(ipc_peer):
         got = _remote(ipc_peer, [90 + rnd])
         assert (got == 0x60 + rnd).all(), f"round {rnd}: stale bytes pushed"
     eng.close()
+
+
+def test_nixl_vram_write_posts_after_the_compute_stream():
+    """Over NIXL (cross-host push) a WRITE out of a CUDA cache is posted only once the
+    work queued before it on the caller's stream is done; the forward never blocks."""
+    pytest.importorskip("nixl")
+    import time
+
+    from transfer.nixl_engine import NixlTransferEngine
+    peer = PeerProcess("auto", "gpu-target-order", CacheConfig(L, NB, BL, mem="VRAM", seed=13))
+    try:
+        buf, caches = make_cache(CacheConfig(L, NB, BL, mem="VRAM", seed=14))
+        n = NixlTransferEngine("gpu-nixl-order")
+        n.register_kv_caches(caches)
+        n.add_peer(peer.info)
+        compute = torch.cuda.Stream()
+        with torch.cuda.stream(compute):
+            buf[:, 3].fill_(0x11)
+            torch.cuda._sleep(400_000_000)
+            buf[:, 3].fill_(0x5A)
+            h = n.write_blocks(peer.name, [3], [77])
+        assert h.post_after is not None  # the kernel was still running: post deferred
+        deadline = time.monotonic() + 60
+        while not n.poll(h) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert h.done and (_remote(peer, [77]) == 0x5A).all()
+        n.close()
+    finally:
+        peer.close()

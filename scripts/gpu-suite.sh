@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU host: run the GPU stages with the offline site (scripts/gpu-host.sh), results under
+# $OUT (the device tool brings them back). Stages: env unit engines[=PYTEST_K] models
+# bench=CONFIGS
+#   scripts/gpu-suite.sh env unit engines=llama
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/pd-gpu-out}; mkdir -p "$OUT"
+scripts/gpu-host.sh true || exit 2
+export PYTHONPATH="${PDSIDECAR_GPU_SITE:-/tmp/site}:$PWD" PDSIDECAR_CACHE=${PDSIDECAR_CACHE:-/tmp/pdcache}
+export PYTHONFAULTHANDLER=1
+py() { python3 "$@"; }
+for stage in "$@"; do
+  case "$stage" in
+    env)
+      { nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
+        py -c "import torch, vllm, nixl, grpc; print('torch', torch.__version__, 'vllm', vllm.__version__, 'grpc', grpc.__version__)"
+      } > "$OUT/env.txt" 2>&1; tail -5 "$OUT/env.txt" ;;
+    unit)
+      timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_transfer_gpu.py \
+        tests/test_transfer_ipc_handles.py tests/test_vllm_compat.py > "$OUT/unit.txt" 2>&1
+      echo "unit rc=$?"; tail -15 "$OUT/unit.txt" ;;
+    engines*)
+      k=${stage#engines}; k=${k#=}
+      timeout "${ENGINES_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -x tests/gpu/test_pd_engines.py \
+        ${k:+-k "$k"} --basetemp="$OUT/pt" > "$OUT/engines.txt" 2>&1
+      echo "engines rc=$?"; tail -30 "$OUT/engines.txt"
+      for f in $(find "$OUT/pt" -name '*.log' 2>/dev/null); do
+        grep -E "PdConnector|Error|error|Traceback|regions" "$f" | head -20 > "$f.grep"; done ;;
+    models)  # Llama-3-8B's KV shape with little compute, drawn on the GPU
+      python3 -m pdsidecar models make --preset llama3-8b-kv --device cuda \
+        --out "$PDSIDECAR_CACHE/models/llama3-8b-kv" > "$OUT/models.txt" 2>&1; echo "models rc=$?" ;;
+    bench=*)  # bench=agg,pd-ours,...: concurrency 1, 2k-token prompts, sweep 128..8k
+      c=${stage#bench=}; tag=${c//,/_}
+      timeout "${BENCH_TIMEOUT:-500}" python3 -m bench.cli e2e --gpu-util 0.2 --configs "$c" \
+        --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" --max-model-len 8448 --concurrency 1 \
+        --num-requests 6 --warmup 1 --prompt-len fixed:2048 --output-len fixed:16 --long-fraction 0 \
+        --sweep-tokens 128,1024,2048,8192 --sweep-n 3 --json "$OUT/e2e-$tag.json" --no-progress \
+        --log-dir "$OUT/bench-logs-$tag" > "$OUT/bench-$tag.txt" 2>&1
+      echo "bench $c rc=$?"; tail -40 "$OUT/bench-$tag.txt" ;;
+    *) echo "unknown stage $stage" >&2 ;;
+  esac
+done
