@@ -26,6 +26,14 @@ class CudaCallError(RuntimeError):
     pass
 
 
+def _check_rc(err_str: Any, rc: int, what: str) -> None:
+    """Raise :class:`CudaCallError` naming ``what`` unless ``rc`` is CUDA_SUCCESS."""
+    if rc != CUDA_SUCCESS:
+        s = ctypes.c_char_p()
+        err_str(rc, ctypes.byref(s))
+        raise CudaCallError(f"{what} failed: CUDA error {rc} ({(s.value or b'?').decode()})")
+
+
 class DriverOps:
     kind = "driver"
 
@@ -66,11 +74,7 @@ class DriverOps:
         self.ensure_context()
 
     def _check(self, rc: int, what: str) -> None:
-        if rc != CUDA_SUCCESS:
-            s = ctypes.c_char_p()
-            self._err_str(rc, ctypes.byref(s))
-            raise CudaCallError(f"{what} failed: CUDA error {rc} "
-                                f"({(s.value or b'?').decode()})")
+        _check_rc(self._err_str, rc, what)
 
     def ensure_context(self) -> None:
         """Make the device's primary context current on this thread (torch's one)."""
@@ -194,11 +198,7 @@ class IpcMemApi:
         del vp
 
     def _check(self, rc: int, what: str) -> None:
-        if rc != CUDA_SUCCESS:
-            s = ctypes.c_char_p()
-            self._err_str(rc, ctypes.byref(s))
-            raise CudaCallError(f"{what} failed: CUDA error {rc} "
-                                f"({(s.value or b'?').decode()})")
+        _check_rc(self._err_str, rc, what)
 
     def export(self, ptr: int) -> tuple[int, bytes]:
         """``(offset of ptr in its allocation, handle of that allocation)``."""
