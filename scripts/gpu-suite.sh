@@ -9,6 +9,8 @@ OUT=${OUT:-/tmp/pd-gpu-out}; mkdir -p "$OUT"
 scripts/gpu-host.sh true || exit 2
 export PYTHONPATH="${PDSIDECAR_GPU_SITE:-/tmp/site}:$PWD" PDSIDECAR_CACHE=${PDSIDECAR_CACHE:-/tmp/pdcache}
 export PYTHONFAULTHANDLER=1
+# the offline site carries no FlashInfer (vLLM imports it for its top-k/top-p sampler)
+export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
 py() { python3 "$@"; }
 for stage in "$@"; do
   case "$stage" in

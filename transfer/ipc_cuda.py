@@ -176,6 +176,12 @@ def make_ops(device: Any) -> Any:
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1
 
 
+class _IpcHandle(ctypes.Structure):
+    """``CUipcMemHandle``: 64 bytes, passed *by value* to ``cuIpcOpenMemHandle``."""
+
+    _fields_ = [("reserved", ctypes.c_char * 64)]
+
+
 class IpcMemApi:
     """CUDA IPC through the driver API: export a device range as a raw 64-byte handle,
     open a peer's handle (this is what proves the peer shares this host's GPUs)."""
@@ -188,7 +194,7 @@ class IpcMemApi:
         self._get = lib.cuIpcGetMemHandle
         self._get.argtypes = [ctypes.c_char_p, u64]
         self._open = getattr(lib, "cuIpcOpenMemHandle_v2", None) or lib.cuIpcOpenMemHandle
-        self._open.argtypes = [ctypes.POINTER(u64), ctypes.c_char * 64, ctypes.c_uint]
+        self._open.argtypes = [ctypes.POINTER(u64), _IpcHandle, ctypes.c_uint]
         self._close = lib.cuIpcCloseMemHandle
         self._close.argtypes = [u64]
         self._err_str = lib.cuGetErrorString
@@ -211,7 +217,7 @@ class IpcMemApi:
 
     def open(self, handle: bytes) -> int:
         """Map a peer's allocation; returns its base address in this process."""
-        h = (ctypes.c_char * 64).from_buffer_copy(handle)
+        h = _IpcHandle.from_buffer_copy(handle)
         out = ctypes.c_uint64()
         self._check(self._open(ctypes.byref(out), h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
                     "cuIpcOpenMemHandle")
