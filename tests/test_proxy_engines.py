@@ -84,12 +84,13 @@ def client(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
 
 
-async def completion_text(c: openai.AsyncOpenAI, model: str, p: str, stream: bool, **kw) -> tuple[str, object]:
+async def completion_text(c: openai.AsyncOpenAI, model: str, p: str, stream: bool, max_tokens: int = 12,
+                          **kw) -> tuple[str, object]:
     if not stream:
-        r = await c.completions.create(model=model, prompt=p, max_tokens=12, temperature=0, **kw)
+        r = await c.completions.create(model=model, prompt=p, max_tokens=max_tokens, temperature=0, **kw)
         return r.choices[0].text, r.usage
     text, usage = [], None
-    s = await c.completions.create(model=model, prompt=p, max_tokens=12, temperature=0, stream=True,
+    s = await c.completions.create(model=model, prompt=p, max_tokens=max_tokens, temperature=0, stream=True,
                                    stream_options={"include_usage": True}, **kw)
     async for ch in s:
         if ch.choices:
@@ -398,11 +399,14 @@ async def test_drain_on_sigterm_loses_nothing(stock_pair, tmp_path):
             await wait_for(ready, 30, "sidecar ready")
             c = client(url)
             prompts = [prompt(40, 100 + i) for i in range(4)]
-            want = [(await completion_text(client(prefill_engine.url), model, p, False, extra_body={"ignore_eos": True}))[0]
-                    for p in prompts]
+            # long enough to be seen in flight and still running at SIGTERM (12-token
+            # requests finished before the first metrics poll once engines ran in fp32)
+            n = 400
+            want = [(await completion_text(client(prefill_engine.url), model, p, False, n,
+                                           extra_body={"ignore_eos": True}))[0] for p in prompts]
 
             async def one(p):
-                return (await completion_text(c, model, p, True, extra_body={"ignore_eos": True}))[0]
+                return (await completion_text(c, model, p, True, n, extra_body={"ignore_eos": True}))[0]
 
             tasks = [asyncio.create_task(one(p)) for p in prompts]
             async def started():
