@@ -337,19 +337,9 @@ def _engine_configs(roles: tuple[str, ...], model: str, kv_cfg: dict | None, pla
 
 
 def _start(configs: list[Any], plan: Plan) -> list[Any]:
-    from pdsidecar.engines import Engine, start_engines
+    from pdsidecar.engines import start_engines
 
-    if plan.gpu_util is None:
-        return start_engines(configs)
-    engines: list[Any] = []
-    try:  # one after another: vLLM's memory profiling assumes a quiet GPU
-        for c in configs:
-            engines.append(Engine(c).start().wait_ready())
-    except BaseException:
-        for e in engines:
-            e.stop()
-        raise
-    return engines
+    return start_engines(configs, sequential=plan.gpu_util is not None)
 
 
 def start_target(name: str, plan: Plan, model: str) -> Target:

@@ -377,12 +377,16 @@ def group_members(pgid: int) -> list[int]:
     return out
 
 
-def start_engines(configs: list[EngineConfig]) -> list[Engine]:
-    """Start several engines in parallel and wait until all are ready (stops all on failure)."""
+def start_engines(configs: list[EngineConfig], sequential: bool = False) -> list[Engine]:
+    """Start several engines and wait until all are ready (stops all on failure): in
+    parallel, or with `sequential` each once the previous is ready (GPU engines sharing one
+    GPU: vLLM's memory profiling assumes nothing else allocates meanwhile)."""
     engines = [Engine(c) for c in configs]
     try:
         for e in engines:
             e.start()
+            if sequential:
+                e.wait_ready()
         for e in engines:
             e.wait_ready()
     except BaseException:

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("vllm")
 
-from pdsidecar.engines import Engine, EngineConfig  # noqa: E402
+from pdsidecar.engines import Engine, EngineConfig, start_engines  # noqa: E402
 from test_connector_engines import (aggregated, metric, ours_config, post,  # noqa: E402
                                     prefill, vocab, wait_metric)
 from test_connector_push import push_pair_request, control_addr  # noqa: E402
@@ -30,19 +30,11 @@ MAX_LEN = 8192
 
 
 def gpu_pair(model: str, ktc: dict, log_dir: str) -> list[Engine]:
-    engines = []
-    try:
-        for role in ("prefill", "decode"):
-            cfg = EngineConfig(model=model, name=f"gpu-{role}", kv_transfer_config=ktc,
-                               cpu_bind=None, pin_process=False, max_model_len=MAX_LEN,
-                               extra_args=["--gpu-memory-utilization", GPU_UTIL],
-                               log_dir=log_dir, startup_timeout_s=600)
-            engines.append(Engine(cfg).start().wait_ready())
-    except BaseException:
-        for e in engines:
-            e.stop()
-        raise
-    return engines
+    return start_engines([EngineConfig(model=model, name=f"gpu-{role}", kv_transfer_config=ktc,
+                                       cpu_bind=None, pin_process=False, max_model_len=MAX_LEN,
+                                       extra_args=["--gpu-memory-utilization", GPU_UTIL],
+                                       log_dir=log_dir, startup_timeout_s=600)
+                          for role in ("prefill", "decode")], sequential=True)
 
 
 @pytest.fixture(scope="module", params=["llama", "mixtral"])
