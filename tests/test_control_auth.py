@@ -16,8 +16,8 @@ import pytest
 
 from transfer import control_pb2 as pb
 from transfer import hostproof
-from transfer.connector_meta import PdConfig
-from transfer.connector_scheduler import PdConnectorScheduler
+from transfer.connector.config import PdConfig
+from transfer.connector.scheduler import PdConnectorScheduler
 from transfer.control import SERVICE, ControlClient, ControlServer, PushTarget, RankDescriptor
 from transfer.control_auth import AUTH_KEY, ControlAuth, NonceCache, load_token
 from transfer.engine import PeerInfo
@@ -81,7 +81,7 @@ def test_unsigned_release_is_refused_and_blocks_stay(prefill_sched):
 
 
 def test_wrong_token_release_is_refused(prefill_sched):
-    from transfer.connector_control import configure_auth, send_release
+    from transfer.connector.control_client import configure_auth, send_release
     configure_auth("w" * 32)
     try:
         with pytest.raises(HandshakeError, match="refused"):
@@ -397,7 +397,7 @@ def test_flood_of_unsigned_calls_leaves_no_state(caplog):
 
 def test_unauthenticated_server_warns(caplog):
     import logging
-    from transfer.connector_control import configure_auth, start_control_server
+    from transfer.connector.control_client import configure_auth, start_control_server
     configure_auth(None)
     with caplog.at_level(logging.WARNING, logger="vllm.pdsidecar.connector"):
         srv = start_control_server("127.0.0.1", 0)
