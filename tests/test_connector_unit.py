@@ -331,7 +331,7 @@ def _step(new=(), cached=(), sched_tokens=None):
 
 def test_push_prefill_waits_for_registration_then_plans_chunks():
     from concurrent.futures import Future
-    from transfer.control import PushTarget
+    from transfer.control_messages import PushTarget
     s = sched(transfer_mode="push")
     params = {"do_remote_decode": True, "transfer_mode": "push", "remote_request_id": "push-3",
               "push_target": "127.0.0.1:6000"}
@@ -388,7 +388,8 @@ def test_push_lookup_asks_in_short_calls_on_its_own_executor():
     apart from notifications and releases."""
     import threading
     from transfer import control
-    from transfer.control import ControlServer, PushTarget
+    from transfer.control import ControlServer
+    from transfer.control_messages import PushTarget
     srv = ControlServer("127.0.0.1:0")
     port = srv.start()
     waits: list[float] = []

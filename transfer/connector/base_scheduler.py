@@ -106,7 +106,7 @@ class BaseScheduler:
                 self._release_in.add(rid)
 
     def set_workers_metadata(self, descs: dict[int, Any]) -> None:
-        """Workers' ``transfer.control.RankDescriptor`` by TP rank, served by Handshake."""
+        """Workers' ``transfer.control_messages.RankDescriptor`` by TP rank, served by Handshake."""
         # bytes of one block over all layers and TP ranks (reported as pd_kv_bytes)
         self.block_bytes = sum(r.block_len for d in descs.values() for r in d.peer.regions)
         for d in descs.values():

@@ -80,7 +80,7 @@ class BaseWorker:
 
     # ------------------------------------------------------------ registration
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        from ..control import RankDescriptor
+        from ..control_messages import RankDescriptor
         from ..layout import head_slice_bytes, heads_per_rank
         from ..select import create_engine
         name = f"pd-{self.engine_id}-tp{self.tp_rank}-{uuid.uuid4().hex[:8]}"

@@ -265,7 +265,7 @@ def merge_result(a: dict | None, b: dict) -> dict:
 
 @dataclass
 class PdHandshakeMetadata(KVConnectorHandshakeMetadata):
-    """One worker's ``transfer.control.RankDescriptor`` (served by the control plane)."""
+    """One worker's ``transfer.control_messages.RankDescriptor`` (served by the control plane)."""
 
     desc: Any
 

@@ -37,7 +37,7 @@ class _PushOut:
     host: str
     port: int
     lookup: Future | None = None
-    target: object | None = None  # transfer.control.PushTarget once found
+    target: object | None = None  # transfer.control_messages.PushTarget once found
     error: str = ""
     block_ids: list[int] = field(default_factory=list)  # our blocks, in prompt order
     computed: int = 0  # prompt tokens computed before the current step
@@ -168,7 +168,7 @@ class PushScheduler(BaseScheduler):
     def _register_push(self, request: "Request", params: dict, blocks: Any,
                        num_external_tokens: int) -> None:
         """Decode side of push mode: publish our block ids for the push id."""
-        from ..control import PushTarget
+        from ..control_messages import PushTarget
         rid = request.request_id
         try:
             push_id = parse_push_id(params)
