@@ -31,8 +31,8 @@ if str(ROOT) not in sys.path:
 
 def make(engine_id: str, spin_us: float, seed: int, nb: int):
     import torch
-    from transfer.connector_meta import PdConfig
-    from transfer.connector_worker import PdConnectorWorker
+    from transfer.connector.config import PdConfig
+    from transfer.connector.worker import PdConnectorWorker
     compat = {"model": "Bench", "dtype": "float16", "block_size": 16, "num_kv_heads": 4,
               "head_size": 64, "is_mla": False, "kv_layout": "HND"}
     cfg = PdConfig.from_extra({"protocol": "rdma", "spin_wait_us": spin_us}, env={})
@@ -54,7 +54,7 @@ def step(w, meta) -> float:
 
 
 def run(blocks: int, spin_us: float, n: int) -> dict:
-    from transfer.connector_meta import PdConnectorMetadata, RecvJob, RemoteSource
+    from transfer.connector.metadata import PdConnectorMetadata, RecvJob, RemoteSource
     nb = max(256, 2 * blocks + 2)
     p, d = make("P", 0, 1, nb), make("D", spin_us, 2, nb)
     try:

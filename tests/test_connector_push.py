@@ -26,7 +26,7 @@ def control_addr(engine) -> str:
     assert status == 200, r
     params = r["kv_transfer_params"]
     from pdsidecar.engines import harness_token
-    from transfer.connector_control import configure_auth, send_release
+    from transfer.connector.control_client import configure_auth, send_release
     configure_auth(harness_token())  # the engines' control-plane token
     host, port = params["remote_host"], params["remote_port"]
     send_release(host, port, "test", params["remote_engine_id"], params["remote_request_id"], 5.0)

@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("nixl._api")
 
-from transfer.connector_meta import PdConnectorMetadata, PushRecvJob, PushSendStep  # noqa: E402
+from transfer.connector.metadata import PdConnectorMetadata, PushRecvJob, PushSendStep  # noqa: E402
 
 from test_connector_tp import make_worker  # noqa: E402
 

@@ -19,8 +19,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("nixl._api")
 
-from transfer.connector_meta import R_TIMEOUT, PdConfig, RecvJob  # noqa: E402
-from transfer.connector_worker import PdConnectorWorker  # noqa: E402
+from transfer.connector.config import PdConfig  # noqa: E402
+from transfer.connector.metadata import RecvJob  # noqa: E402
+from transfer.connector.worker import PdConnectorWorker  # noqa: E402
+from transfer.errors import FailureReason  # noqa: E402
 from transfer.engine import TransferHandle, TransferStats, new_transfer_id  # noqa: E402
 
 from test_connector_tp import COMPAT, HEADS, LAYERS, NB, N, HS, src_for  # noqa: E402
@@ -106,7 +108,7 @@ def test_timed_out_read_is_reported_only_after_it_ended():
                 got = "failed" if "d" in f else "ok"
             time.sleep(0.005)
         assert got == "failed"
-        assert d.take_worker_meta().results["d"]["error"] == R_TIMEOUT
+        assert d.take_worker_meta().results["d"]["error"] == FailureReason.TIMEOUT
         for name in pc:  # it did write late: reporting earlier would have been unsafe
             assert torch.equal(dc[name][1], pc[name][4]) and torch.equal(dc[name][2], pc[name][5])
         assert not d._quarantine

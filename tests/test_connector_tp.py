@@ -14,9 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("nixl._api")
 
-from transfer.connector_meta import (R_BLOCK_RANGE, PdConfig, PdConnectorMetadata,  # noqa: E402
-                                     RecvJob, RemoteSource)
-from transfer.connector_worker import PdConnectorWorker  # noqa: E402
+from transfer.connector.config import PdConfig  # noqa: E402
+from transfer.connector.metadata import PdConnectorMetadata, RecvJob, RemoteSource  # noqa: E402
+from transfer.connector.worker import PdConnectorWorker  # noqa: E402
+from transfer.errors import FailureReason  # noqa: E402
 
 HEADS, N, HS, LAYERS, NB = 4, 16, 8, 3, 12
 COMPAT = {"model": "TinyForTest", "dtype": "float16", "block_size": N, "num_kv_heads": HEADS,
@@ -100,8 +101,8 @@ def test_block_ids_out_of_range_fail_cleanly():
         d._submit(RecvJob("d", src_for(1, [NB + 5]), [0], [NB + 5]), rem)
         _, r, f = d.get_transfer_results(set())
         assert "d" in r and "d" in f
-        assert d.take_worker_meta().results["d"]["error"] == R_BLOCK_RANGE
-        assert d.take_stats().data["failures"] == {R_BLOCK_RANGE: 1}
+        assert d.take_worker_meta().results["d"]["error"] == FailureReason.BLOCK_RANGE
+        assert d.take_stats().data["failures"] == {FailureReason.BLOCK_RANGE: 1}
     finally:
         p.shutdown()
         d.shutdown()
@@ -122,7 +123,7 @@ def test_prefill_lease_expiry_frees_and_counts():
 def test_token_major_cache_refuses_heterogeneous_tp():
     """A cache where a head is not one byte range of a block (NHD) is never sliced:
     a peer with another TP size is refused at handshake with a clear reason."""
-    from transfer.connector_worker import PeerRefused
+    from transfer.errors import PeerRefused
     cfg = PdConfig.from_extra({"protocol": "rdma"}, env={})
     d = PdConnectorWorker(cfg, engine_id="D", tp_rank=0, tp_size=2, compat=COMPAT)
     p, _ = make_worker("P", 0, 1, seed=5)
@@ -142,7 +143,7 @@ def test_token_major_cache_refuses_heterogeneous_tp():
 def test_prefill_lease_runs_on_the_monotonic_clock(monkeypatch):
     """A wall-clock step on the prefill host (NTP, an injected +1 h) does not end a
     lease early: once the worker has it, only its monotonic clock counts."""
-    import transfer.connector_worker as cw
+    import transfer.connector.pull_worker as cw
     p, _ = make_worker("P", 0, 1, 6)
     try:
         p.start_load_kv(PdConnectorMetadata(send={"r": (time.time() + 30, 2)}))

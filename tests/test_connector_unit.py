@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from transfer.connector_meta import (PD_PROTOCOL_VERSION, R_BAD_PARAMS, R_BLOCK_RANGE,
-                                     R_EXPIRED, R_FOREIGN_HOST, R_MISMATCH, ParamsError,
-                                     PdConfig, PdWorkerMeta, RecvJob, parse_remote_params,
-                                     plan_block_read)
-from transfer.connector_scheduler import PdConnectorScheduler
-from transfer.connector_stats import PdConnectorStats
+from transfer.connector.config import PdConfig
+from transfer.connector.metadata import (PD_PROTOCOL_VERSION, PdWorkerMeta, RecvJob,
+                                         parse_remote_params, plan_block_read)
+from transfer.connector.scheduler import PdConnectorScheduler
+from transfer.connector.stats import PdConnectorStats
+from transfer.errors import FailureReason, ParamsError
 
 BS = 16
 
@@ -42,21 +42,21 @@ def test_parse_good_params():
 
 
 @pytest.mark.parametrize("override,reason", [
-    ({"remote_block_ids": "1,2"}, R_BAD_PARAMS),
-    ({"remote_block_ids": [[1, "x"]]}, R_BAD_PARAMS),
-    ({"remote_block_ids": [[1, -3]]}, R_BAD_PARAMS),
-    ({"remote_block_ids": [[1], [2]]}, R_BAD_PARAMS),
-    ({"remote_port": "5601"}, R_BAD_PARAMS),
-    ({"remote_port": 70000}, R_BAD_PARAMS),
-    ({"remote_port": True}, R_BAD_PARAMS),
-    ({"remote_engine_id": 7}, R_BAD_PARAMS),
-    ({"remote_host": None}, R_BAD_PARAMS),
-    ({"remote_num_tokens": 1.5}, R_BAD_PARAMS),
-    ({"remote_blocks_expiry_time": "soon"}, R_BAD_PARAMS),
-    ({"remote_blocks_expiry_time": 1.0}, R_EXPIRED),
-    ({"transfer_mode": "teleport"}, R_BAD_PARAMS),
-    ({"pd_protocol_version": 99}, R_MISMATCH),
-    ({"remote_host": "10.9.9.9"}, R_FOREIGN_HOST),
+    ({"remote_block_ids": "1,2"}, FailureReason.BAD_PARAMS),
+    ({"remote_block_ids": [[1, "x"]]}, FailureReason.BAD_PARAMS),
+    ({"remote_block_ids": [[1, -3]]}, FailureReason.BAD_PARAMS),
+    ({"remote_block_ids": [[1], [2]]}, FailureReason.BAD_PARAMS),
+    ({"remote_port": "5601"}, FailureReason.BAD_PARAMS),
+    ({"remote_port": 70000}, FailureReason.BAD_PARAMS),
+    ({"remote_port": True}, FailureReason.BAD_PARAMS),
+    ({"remote_engine_id": 7}, FailureReason.BAD_PARAMS),
+    ({"remote_host": None}, FailureReason.BAD_PARAMS),
+    ({"remote_num_tokens": 1.5}, FailureReason.BAD_PARAMS),
+    ({"remote_blocks_expiry_time": "soon"}, FailureReason.BAD_PARAMS),
+    ({"remote_blocks_expiry_time": 1.0}, FailureReason.EXPIRED),
+    ({"transfer_mode": "teleport"}, FailureReason.BAD_PARAMS),
+    ({"pd_protocol_version": 99}, FailureReason.MISMATCH),
+    ({"remote_host": "10.9.9.9"}, FailureReason.FOREIGN_HOST),
 ])
 def test_parse_bad_params(override, reason):
     with pytest.raises(ParamsError) as e:
@@ -78,9 +78,9 @@ def test_plan_skips_local_prefix_hit_and_partial_block():
 
 
 @pytest.mark.parametrize("kw,ntok,reason", [
-    ({"remote_num_tokens": 39}, 40, R_MISMATCH),
-    ({"remote_block_size": 32}, 40, R_MISMATCH),
-    ({"remote_block_ids": [[5, 6]]}, 40, R_BLOCK_RANGE),
+    ({"remote_num_tokens": 39}, 40, FailureReason.MISMATCH),
+    ({"remote_block_size": 32}, 40, FailureReason.MISMATCH),
+    ({"remote_block_ids": [[5, 6]]}, 40, FailureReason.BLOCK_RANGE),
 ])
 def test_plan_mismatch(kw, ntok, reason):
     src = parse_remote_params(good_params(**kw))
@@ -190,10 +190,10 @@ def test_decode_side_full_local_hit_releases_prefill():
 
 
 @pytest.mark.parametrize("override,reason", [
-    ({"remote_block_ids": "nope"}, R_BAD_PARAMS),
-    ({"remote_host": "203.0.113.9"}, R_FOREIGN_HOST),
-    ({"remote_blocks_expiry_time": 3.0}, R_EXPIRED),
-    ({"remote_num_tokens": 7}, R_MISMATCH),
+    ({"remote_block_ids": "nope"}, FailureReason.BAD_PARAMS),
+    ({"remote_host": "203.0.113.9"}, FailureReason.FOREIGN_HOST),
+    ({"remote_blocks_expiry_time": 3.0}, FailureReason.EXPIRED),
+    ({"remote_num_tokens": 7}, FailureReason.MISMATCH),
 ])
 def test_decode_side_bad_params_become_failed_loads(override, reason):
     s = sched()
@@ -255,7 +255,7 @@ def test_worker_meta_aggregate_over_tp_ranks():
 
 def test_control_port_is_exclusive_per_host():
     """Two engines given the same control_port must not share it (gRPC SO_REUSEPORT)."""
-    from transfer.connector_control import start_control_server
+    from transfer.connector.control_client import start_control_server
     a = start_control_server("127.0.0.1", 0)
     try:
         b = start_control_server("127.0.0.1", a.port)
@@ -273,7 +273,7 @@ def test_release_over_control_plane_round_trip():
     try:
         s.request_finished(fake_request("p1", 20, {"do_remote_decode": True},
                                         "FINISHED_STOPPED"), [1, 2])
-        from transfer.connector_control import send_release
+        from transfer.connector.control_client import send_release
         send_release("127.0.0.1", s.port, "eng-d", "eng-p", "p1", 5.0)
         assert s.build_connector_meta(None).release == {"p1"}
         with pytest.raises(Exception):  # wrong receiver: rejected, not silently applied
@@ -311,7 +311,7 @@ def test_push_refused_when_not_enabled():
                                    "remote_request_id": "push-2"}, computed=0)
     s.update_state_after_alloc(req, SimpleNamespace(blocks=[[FakeBlock(1), FakeBlock(2)]]), 40)
     job = s.build_connector_meta(None).recv["d10"]
-    assert job.error == R_BAD_PARAMS
+    assert job.error == FailureReason.BAD_PARAMS
     p = fake_request("p10", 40, {"do_remote_decode": True, "transfer_mode": "push",
                                  "remote_request_id": "push-2", "push_target": "127.0.0.1:1"})
     assert s.get_num_new_matched_tokens(p, 0) == (0, False)
@@ -331,7 +331,7 @@ def _step(new=(), cached=(), sched_tokens=None):
 
 def test_push_prefill_waits_for_registration_then_plans_chunks():
     from concurrent.futures import Future
-    from transfer.control import PushTarget
+    from transfer.control_messages import PushTarget
     s = sched(transfer_mode="push")
     params = {"do_remote_decode": True, "transfer_mode": "push", "remote_request_id": "push-3",
               "push_target": "127.0.0.1:6000"}
@@ -376,7 +376,7 @@ def test_push_prefill_lookup_miss_prefills_plainly():
 
 @pytest.mark.parametrize("target", ["nohost", "h:0", "h:x", "10.0.0.1:80"])
 def test_push_target_validation(target):
-    from transfer.connector_meta import parse_push_target
+    from transfer.connector.metadata import parse_push_target
     with pytest.raises(ParamsError):
         parse_push_target({"push_target": target}, allowed_hosts=["127.0.0.1", "h"])
 
@@ -388,7 +388,8 @@ def test_push_lookup_asks_in_short_calls_on_its_own_executor():
     apart from notifications and releases."""
     import threading
     from transfer import control
-    from transfer.control import ControlServer, PushTarget
+    from transfer.control import ControlServer
+    from transfer.control_messages import PushTarget
     srv = ControlServer("127.0.0.1:0")
     port = srv.start()
     waits: list[float] = []
@@ -403,9 +404,9 @@ def test_push_lookup_asks_in_short_calls_on_its_own_executor():
         assert s._lookup("127.0.0.1", port, "push-9").block_ids == [1, 2, 3]
         assert len(waits) >= 2 and max(waits) <= control.PUSH_TARGET_MAX_WAIT_MS / 1e3
         waits.clear()
-        from transfer.connector_control import control_client
+        from transfer.connector.control_client import control_client
         assert control_client("127.0.0.1", port, 5).push_target("nope", wait_s=30) is None
         assert waits == [control.PUSH_TARGET_MAX_WAIT_MS / 1e3]
-        assert s._lookups() is not s._background()
+        assert s._lookups() is not s.notifier.executor()
     finally:
         srv.stop()

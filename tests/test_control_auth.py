@@ -16,9 +16,10 @@ import pytest
 
 from transfer import control_pb2 as pb
 from transfer import hostproof
-from transfer.connector_meta import PdConfig
-from transfer.connector_scheduler import PdConnectorScheduler
-from transfer.control import SERVICE, ControlClient, ControlServer, PushTarget, RankDescriptor
+from transfer.connector.config import PdConfig
+from transfer.connector.scheduler import PdConnectorScheduler
+from transfer.control import SERVICE, ControlClient, ControlServer
+from transfer.control_messages import PushTarget, RankDescriptor
 from transfer.control_auth import AUTH_KEY, ControlAuth, NonceCache, load_token
 from transfer.engine import PeerInfo
 from transfer.errors import HandshakeError
@@ -81,7 +82,7 @@ def test_unsigned_release_is_refused_and_blocks_stay(prefill_sched):
 
 
 def test_wrong_token_release_is_refused(prefill_sched):
-    from transfer.connector_control import configure_auth, send_release
+    from transfer.connector.control_client import configure_auth, send_release
     configure_auth("w" * 32)
     try:
         with pytest.raises(HandshakeError, match="refused"):
@@ -213,7 +214,7 @@ def test_config_token_sources_and_strict(tmp_path):
 
 def test_same_host_is_proven_not_claimed(tmp_path):
     """Both ends on this host prove it; a claimed host_id without the key proves nothing."""
-    from transfer.control import _content_digest, proves_same_host
+    from transfer.control_messages import _content_digest, proves_same_host
     seen = []
     srv = ControlServer(on_handshake=seen.append)
     srv.add_rank(_desc("p0"))
@@ -259,7 +260,7 @@ def test_forged_host_proof_on_the_wire_is_not_believed():
     try:
         d = _desc("d0")
         challenge = hostproof.new_challenge()
-        from transfer.control import proven_info
+        from transfer.control_messages import proven_info
         info = proven_info(d, hostproof.ROLE_INITIATOR, challenge)
         # proof copied onto other content (another agent blob): refused
         info.agent_metadata = b"attacker agent"
@@ -397,7 +398,7 @@ def test_flood_of_unsigned_calls_leaves_no_state(caplog):
 
 def test_unauthenticated_server_warns(caplog):
     import logging
-    from transfer.connector_control import configure_auth, start_control_server
+    from transfer.connector.control_client import configure_auth, start_control_server
     configure_auth(None)
     with caplog.at_level(logging.WARNING, logger="vllm.pdsidecar.connector"):
         srv = start_control_server("127.0.0.1", 0)

@@ -17,7 +17,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from transfer.layout import head_slice_bytes, regions_from_kv_caches, tp_read_plan  # noqa: E402
+from transfer.connector.tp_mapping import tp_read_plan  # noqa: E402
+from transfer.layout import head_slice_bytes, regions_from_kv_caches  # noqa: E402
 
 B, N, H, D = 6, 4, 4, 8
 

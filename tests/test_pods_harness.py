@@ -136,7 +136,7 @@ def test_inject_prefill_targets_the_decode_service():
     ({}, {}, None, False),  # role unknown (unit use)
 ])
 def test_connector_refuses_loopback_when_peers_read(extra, env, role, refused):
-    from transfer.connector_meta import PdConfig
+    from transfer.connector.config import PdConfig
 
     if refused:
         with pytest.raises(ValueError, match="refusing to advertise loopback"):

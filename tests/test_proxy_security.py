@@ -151,7 +151,7 @@ def test_connector_non_dict_params_are_no_remote_kv():
 
 
 def test_connector_push_target_unicode_digit_does_not_raise():
-    """Attack (found reading connector_meta): push_target "host:²" passed isdigit() and
+    """Attack (found reading transfer/connector/metadata.py): push_target "host:²" passed isdigit() and
     made int() raise ValueError inside the prefill engine's scheduler step."""
     from test_connector_unit import fake_request, sched
     s = sched(transfer_mode="push")
@@ -164,7 +164,7 @@ def test_connector_push_target_unicode_digit_does_not_raise():
 
 def test_connector_expiry_out_of_range_is_bad_params():
     """Attack: remote_blocks_expiry_time 10**400 (OverflowError in float()), NaN, inf."""
-    from transfer.connector_meta import ParamsError, parse_remote_params
+    from transfer.connector.metadata import ParamsError, parse_remote_params
     for exp in (10 ** 400, float("nan"), float("inf")):
         with pytest.raises(ParamsError, match="out of range"):
             parse_remote_params({**GOOD_KV, "remote_num_tokens": 3, "remote_blocks_expiry_time": exp})

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from transfer.control import ControlClient, ControlServer, RankDescriptor
+from transfer.control import ControlClient, ControlServer
+from transfer.control_messages import RankDescriptor
 from transfer.engine import PeerInfo, TransferStats
 from transfer.errors import HandshakeError, HandshakeMismatchError
 from transfer.layout import Region

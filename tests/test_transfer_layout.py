@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from transfer.errors import BlockIdError
+from transfer.connector.tp_mapping import expected_notifications, tp_read_plan
 from transfer.layout import (KVCacheSpec, Region, block_descriptors, coalesce_pairs,
-                             coalesce_runs, expected_notifications, memory_ranges,
-                             regions_for_buffer, regions_from_kv_caches, tp_read_plan,
-                             validate_block_id_pair, validate_block_ids)
+                             coalesce_runs, memory_ranges, regions_for_buffer,
+                             regions_from_kv_caches, validate_block_id_pair,
+                             validate_block_ids)
 
 
 def test_dense_llama8b_bytes():

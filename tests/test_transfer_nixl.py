@@ -99,7 +99,7 @@ async def test_async_wait_does_not_block_loop(pair):
 def test_plans_per_layer_subset_and_slice(pair, monkeypatch):
     """Cached per-(layers, slices) plans give the right bytes, descriptors and data."""
     eng, buf, peer = pair
-    monkeypatch.setattr("transfer.nixl_engine.MAX_PLANS_PER_PEER", 3)  # exercise the reset
+    monkeypatch.setattr("transfer.engine.MAX_PLANS_PER_PEER", 3)  # exercise the reset
     lids, rids = [9, 4, 11], [20, 2, 13]
     for layers in (None, [1], [0, 2], [1], range(3), (2, 0), None):
         st = eng.transfer("READ", peer.name, lids, rids, layers=layers, timeout_s=10)
@@ -155,7 +155,7 @@ def test_tp2_to_tp1_slices_from_two_peer_processes():
     """Heterogeneous TP across processes: one decode-side engine READs each of two
     prefill ranks' half blocks (their KV heads) into its halves of the same blocks, with
     the slices `tp_read_plan` makes; byte-exact and each rank notified."""
-    from transfer.layout import tp_read_plan
+    from transfer.connector.tp_mapping import tp_read_plan
 
     heads, bph, layers, nb = 4, 512, 2, 16  # decode block = 4 heads x 512 B; 2 per rank
     plan = tp_read_plan(0, 1, 2, heads, False, bytes_per_head=bph)

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from transfer import vllm_compat  # noqa: E402
-from transfer.connector_scheduler import _external_ids  # noqa: E402
+from transfer.connector.base_scheduler import external_ids as _external_ids  # noqa: E402
 
 
 @pytest.mark.parametrize("v,ok", [("0.26.0", True), ("0.32.0+cpu", True), ("0.34.9", True),
@@ -61,8 +61,8 @@ class _Worker:
 def test_legacy_get_finished_reports_failed_blocks(monkeypatch):
     """On vLLM < 0.27 a failed load is finished *and* its blocks are load errors in the
     same step; a good load's blocks are not."""
-    from transfer import connector as c
-    from transfer.connector_meta import PdConnectorMetadata, RecvJob, PushRecvJob
+    from transfer.connector import connector as c
+    from transfer.connector.metadata import PdConnectorMetadata, RecvJob, PushRecvJob
     monkeypatch.setattr(c, "LEGACY_FAILURE_REPORTING", True)
     conn = object.__new__(c.PdConnector)
     conn._recv_block_ids, conn._load_error_blocks = {}, set()

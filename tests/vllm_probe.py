@@ -84,8 +84,8 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001
         out["failures"]["import transfer.connector"] = _line(e)
     # the connector's metadata/stats modules fall back to stand-ins without vLLM: say so
-    for module, name in (("transfer.connector_meta", "KVConnectorMetadata"),
-                         ("transfer.connector_stats", "KVConnectorStats")):
+    for module, name in (("transfer.connector.metadata", "KVConnectorMetadata"),
+                         ("transfer.connector.stats", "KVConnectorStats")):
         try:
             cls = getattr(importlib.import_module(module), name)
             if not cls.__module__.startswith("vllm."):

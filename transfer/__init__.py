@@ -1,21 +1,22 @@
 """KV-cache transfer layer: layout math, NIXL and CUDA-IPC engines, gRPC control plane.
 
 Import-cheap: NIXL, torch, triton and grpc load only when their modules are used
-(``transfer.nixl_engine``, ``transfer.ipc``, ``transfer.control``).
+(``transfer.nixl_engine``, ``transfer.ipc``, ``transfer.control``). The vLLM
+connector plugin is the package :mod:`transfer.connector`.
 """
 
 from .engine import PeerInfo, TransferEngine, TransferHandle, TransferStats, host_id
-from .errors import (BackendUnavailableError, BlockIdError, HandshakeError,
+from .connector.tp_mapping import TPPlan, TPReadSlice, expected_notifications, tp_read_plan
+from .errors import (BackendUnavailableError, BlockIdError, FailureReason, HandshakeError,
                      HandshakeMismatchError, TransferError, TransferFailedError,
                      TransferTimeoutError, UnknownPeerError, UnregisteredMemoryError)
-from .layout import (KVCacheSpec, Region, TPPlan, TPReadSlice, block_descriptors,
-                     coalesce_runs, expected_notifications, regions_for_buffer,
-                     regions_from_kv_caches, tp_read_plan)
+from .layout import (KVCacheSpec, Region, block_descriptors, coalesce_runs,
+                     regions_for_buffer, regions_from_kv_caches)
 from .select import create_engine, resolve_protocol
 
 __all__ = [
     "PeerInfo", "TransferEngine", "TransferHandle", "TransferStats", "host_id",
-    "BackendUnavailableError", "BlockIdError", "HandshakeError", "HandshakeMismatchError",
+    "BackendUnavailableError", "BlockIdError", "FailureReason", "HandshakeError", "HandshakeMismatchError",
     "TransferError", "TransferFailedError", "TransferTimeoutError", "UnknownPeerError",
     "UnregisteredMemoryError", "KVCacheSpec", "Region", "TPPlan", "TPReadSlice",
     "block_descriptors", "coalesce_runs", "expected_notifications", "regions_for_buffer",

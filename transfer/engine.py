@@ -20,8 +20,10 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from .errors import TransferError, TransferTimeoutError, UnknownPeerError
-from .layout import Region
+from .layout import Region, validate_block_id_pair
 
 DEFAULT_WAIT_TIMEOUT_S = float(os.environ.get("PDSIDECAR_TRANSFER_TIMEOUT_S", "30"))
 DEFAULT_POLL_INTERVAL_S = 0.0002
@@ -258,6 +260,37 @@ class TransferEngine(ABC):
         self.close()
 
 
+#: Plans kept per peer; more distinct keys than this clears the peer's :class:`PlanCache`.
+MAX_PLANS_PER_PEER = 256
+
+
+class PlanCache:
+    """What transfers with one peer need per key (op, layers, slices), built on first
+    use by the engine and reused; past :data:`MAX_PLANS_PER_PEER` keys it starts over."""
+
+    def __init__(self) -> None:
+        self._plans: dict[Any, Any] = {}
+
+    def get(self, key: Any, build: Callable[[Any], Any]) -> Any:
+        """The plan of ``key``; ``build(key)`` makes (and caches) it on a miss."""
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build(key)
+            if len(self._plans) >= MAX_PLANS_PER_PEER:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._plans[key]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._plans
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
 class PeerTableEngine(TransferEngine):
     """A backend keeping its peers in ``self._peers`` and moving blocks via ``_submit``."""
 
@@ -273,6 +306,13 @@ class PeerTableEngine(TransferEngine):
             return self._peers[name]
         except KeyError:
             raise UnknownPeerError(name, list(self._peers)) from None
+
+    def _checked_ids(self, p: Any, local_ids: Any, remote_ids: Any, local_num_blocks: int,
+                     remote_num_blocks: int) -> np.ndarray:
+        """``2 x n`` ids of one transfer with peer ``p`` (see ``validate_block_id_pair``)."""
+        return validate_block_id_pair(local_ids, remote_ids, local_num_blocks,
+                                      remote_num_blocks, "local block ids",
+                                      f"remote block ids (peer {p.info.name!r})")
 
     def read_blocks(self, peer: str, local_block_ids: Any, remote_block_ids: Any, *,
                     layers: Iterable[int] | None = None, notif: bytes | str | None = None,

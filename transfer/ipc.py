@@ -27,12 +27,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .engine import (DEFAULT_WAIT_TIMEOUT_S, PeerInfo, PeerTableEngine, TransferHandle,
-                     TransferStats, as_bytes, new_transfer_id)
-from .errors import (BackendUnavailableError, BlockIdError, TransferError,
+from .engine import (DEFAULT_WAIT_TIMEOUT_S, PeerInfo, PeerTableEngine, PlanCache,
+                     TransferHandle, TransferStats, as_bytes, new_transfer_id)
+from .errors import (BackendUnavailableError, TransferError,
                      TransferFailedError, TransferTimeoutError, UnknownPeerError,
                      UnregisteredMemoryError)
-from .layout import Region, region_indices, regions_from_kv_caches, validate_block_ids
+from .ipc_kernels import next_pow2
+from .layout import Region, region_indices, regions_from_kv_caches
 
 Notifier = Callable[[str, bytes], None]
 
@@ -62,7 +63,7 @@ class _MappedPeer:
     storages: list[_Storage]
     bases: list[int]  # per peer region: base address in *our* address space
     views: list[Any]  # per peer region: [num_blocks, block_len] uint8 view
-    plans: dict = field(default_factory=dict)  # (op, layers, slices) -> _Plan
+    plans: PlanCache = field(default_factory=PlanCache)  # (op, layers, slices) -> _Plan
 
 
 @dataclass
@@ -93,37 +94,6 @@ class _Slot:
 
 
 _NSLOTS = 16
-
-
-def _next_pow2(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
-
-
-def check_block_ids(block_ids: Any, num_blocks: int, what: str = "block ids") -> np.ndarray:
-    """Fast host-side check (range, duplicates) of an id list; same errors as
-    :func:`validate_block_ids`, which it calls only for odd input or to raise."""
-    a = block_ids if isinstance(block_ids, np.ndarray) else np.asarray(block_ids)
-    if a.ndim != 1 or a.dtype.kind not in "iu" or a.size == 0:
-        return validate_block_ids(block_ids, num_blocks, what)
-    if a.size <= 64:  # small lists: plain Python beats numpy's per-call overhead
-        v = a.tolist()
-        if min(v) < 0 or max(v) >= num_blocks or len(set(v)) != len(v):
-            return validate_block_ids(a, num_blocks, what)
-        return a
-    if a.size == 1:
-        lo = hi = int(a[0])
-    else:
-        lo, hi = int(a.min()), int(a.max())
-    if lo < 0 or hi >= num_blocks:
-        return validate_block_ids(a, num_blocks, what)
-    if a.size > 1:
-        srt = np.sort(a)
-        if (srt[1:] == srt[:-1]).any():
-            return validate_block_ids(a, num_blocks, what)
-    return a
 
 
 def plan_groups(pairs: Sequence[tuple[int, int, int, int, int, int, int]]) -> list | None:
@@ -268,7 +238,7 @@ class IpcTransferEngine(PeerTableEngine):
                 # handshake-time work: device pointer tables + compiled kernels
                 for op in ("READ", "WRITE"):
                     try:
-                        self._build_plan(mp, op, None, None, None)
+                        mp.plans.get((op, None, None, None), lambda k: self._build_plan(mp, *k))
                     except TransferError:
                         pass  # geometry mismatch: reported by the first transfer
             return info.name
@@ -354,19 +324,14 @@ class IpcTransferEngine(PeerTableEngine):
             if not self.regions:
                 raise UnregisteredMemoryError("no local memory registered on this engine")
             p = self._peer(peer)
-            lids = check_block_ids(local_ids, self._local_nblocks, "local block ids")
-            rids = check_block_ids(remote_ids, p.info.num_blocks,
-                                   f"remote block ids (peer {peer!r})")
+            lids, rids = self._checked_ids(p, local_ids, remote_ids, self._local_nblocks,
+                                           p.info.num_blocks)
             n = lids.size
-            if n != rids.size:
-                raise BlockIdError(f"{n} local block ids but {rids.size} remote ones")
             lk = None if layers is None else tuple(layers)
             if lk is not None and lk == self._all_layers:
                 lk = None
             key = (op, lk, local_slice, remote_slice)
-            plan = p.plans.get(key)
-            if plan is None:
-                plan = self._build_plan(p, *key)
+            plan = p.plans.get(key, lambda k: self._build_plan(p, *k))
             sids, dids = (rids, lids) if op == "READ" else (lids, rids)
             slot = seq = None
             if plan.groups is not None:  # fast path: one H2D + one launch per group
@@ -455,13 +420,8 @@ class IpcTransferEngine(PeerTableEngine):
                 gl.compile(slot.dev_view)
                 groups.append(gl)
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        plan = _Plan(groups=groups, src_views=sv, dst_views=dv, bytes_per_block=per_block,
-                     nregions=len(pairs),
-                     nlayers=len({self.regions[i].layer for i in lreg}))
-        if len(p.plans) > 256:
-            p.plans.clear()
-        p.plans[(op, layer_key, local_slice, remote_slice)] = plan
-        return plan
+        return _Plan(groups=groups, src_views=sv, dst_views=dv, bytes_per_block=per_block,
+                     nregions=len(pairs), nlayers=len({self.regions[i].layer for i in lreg}))
 
     def _copy_torch(self, plan: "_Plan", sids: np.ndarray, dids: np.ndarray) -> None:
         torch = self._torch
@@ -526,7 +486,7 @@ class IpcTransferEngine(PeerTableEngine):
 
     def _take_slot(self, n: int) -> tuple["_Slot", int]:
         if n > self._slot_cap:
-            self._alloc_slots(_next_pow2(n))
+            self._alloc_slots(next_pow2(n))
         i = self._next_slot
         self._next_slot = (i + 1) % _NSLOTS
         s = self._slots[i]

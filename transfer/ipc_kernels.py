@@ -74,7 +74,8 @@ def _kernel() -> Any:
     return _KERNEL
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
     p = 1
     while p < n:
         p *= 2
@@ -96,7 +97,7 @@ class GatherLauncher:
         self.num_warps = num_warps or DEFAULT_NUM_WARPS
         self.src_tab, self.dst_tab = src_tab, dst_tab
         self.nlayers = int(src_tab.numel())
-        self.chunk = min(_next_pow2(chunk_words), _next_pow2(nwords))
+        self.chunk = min(next_pow2(chunk_words), next_pow2(nwords))
         self.nchunk = -(-nwords // self.chunk)
         self.nwords = nwords
         self.consts = (self.nchunk, self.chunk, src_stride, dst_stride, src_off, dst_off,

@@ -14,7 +14,7 @@ Vocabulary:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -289,21 +289,31 @@ def memory_ranges(regions: Iterable[Region]) -> list[tuple[int, int, int]]:
 
 
 def validate_block_ids(block_ids: Any, num_blocks: int, what: str = "block ids") -> np.ndarray:
-    """Return ``block_ids`` as int64 array; raise :class:`BlockIdError` if bad.
+    """``block_ids`` as a 1-D integer array; :class:`BlockIdError` if one is out of
+    ``[0, num_blocks)`` or repeated. The one block-id check of the transfer layer.
 
-    One sort (skipped when the ids already increase, the usual case) finds the
-    range and duplicates; ``np.unique`` only runs to name a duplicate in the error.
+    A valid 1-D integer ndarray comes back as is (no copy, its dtype kept); short
+    lists are checked in plain Python (cheaper than numpy's per-call cost), long
+    ones with one min/max and one sort; anything else is converted to int64.
     """
+    a = block_ids if isinstance(block_ids, np.ndarray) else np.asarray(block_ids)
+    if a.ndim == 1 and a.dtype.kind in "iu" and a.size:
+        if a.size <= 64:
+            v = a.tolist()
+            if min(v) >= 0 and max(v) < num_blocks and len(set(v)) == len(v):
+                return a
+        elif int(a.min()) >= 0 and int(a.max()) < num_blocks:
+            srt = np.sort(a)
+            if not (srt[1:] == srt[:-1]).any():
+                return a
     ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
     if ids.size == 0:
         return ids
-    ordered = ids if bool((ids[1:] > ids[:-1]).all()) else np.sort(ids)
-    lo, hi = int(ordered[0]), int(ordered[-1])
-    if lo < 0 or hi >= num_blocks:
-        bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
-        raise BlockIdError(f"{what}: block id {bad} out of range [0, {num_blocks})")
-    if ordered is not ids and bool((ordered[1:] == ordered[:-1]).any()):
-        uniq, counts = np.unique(ids, return_counts=True)
+    bad = ids[(ids < 0) | (ids >= num_blocks)]
+    if bad.size:
+        raise BlockIdError(f"{what}: block id {int(bad[0])} out of range [0, {num_blocks})")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
         raise BlockIdError(f"{what}: duplicate block id {int(uniq[counts > 1][0])}")
     return ids
 
@@ -311,26 +321,8 @@ def validate_block_ids(block_ids: Any, num_blocks: int, what: str = "block ids")
 def validate_block_id_pair(local_ids: Any, remote_ids: Any, local_num_blocks: int,
                            remote_num_blocks: int, local_what: str = "local block ids",
                            remote_what: str = "remote block ids") -> np.ndarray:
-    """Both id lists of one transfer as one ``2 x n`` int64 array (row 0 local).
-
-    Same checks, errors and error order as :func:`validate_block_ids` on the local
-    ids, then on the remote ids, then "``a`` local block ids but ``b`` remote ones";
-    the common case (two valid 1-D lists of equal length) costs one conversion, one
-    row-wise sort and one comparison for both. Anything else reruns the per-list
-    checks, which raise.
-    """
-    try:
-        ids = np.array((local_ids, remote_ids), dtype=np.int64)
-    except (ValueError, TypeError, OverflowError):  # ragged (unequal lengths), odd input
-        ids = None
-    n = ids.shape[1] if ids is not None and ids.ndim == 2 else 0
-    if n > 0:
-        s = ids.copy()
-        s.sort(axis=1)
-        (llo, lhi), (rlo, rhi) = s[:, ::n - 1].tolist() if n > 1 else s[:, [0, 0]].tolist()
-        if (llo >= 0 and rlo >= 0 and lhi < local_num_blocks and rhi < remote_num_blocks
-                and (s[:, 1:] > s[:, :-1]).all()):
-            return ids
+    """Both id lists of one transfer as one ``2 x n`` array (row 0 local), checked by
+    :func:`validate_block_ids` (local first, then remote), then for equal length."""
     lids = validate_block_ids(local_ids, local_num_blocks, local_what)
     rids = validate_block_ids(remote_ids, remote_num_blocks, remote_what)
     if lids.size != rids.size:
@@ -450,117 +442,3 @@ def total_bytes(regions: Sequence[Region], num_block_ids: int, layers: Iterable[
                 length: int | None = None) -> int:
     return sum((r.block_len if length is None else length) * num_block_ids
                for r in _select_regions(regions, layers))
-
-
-# ------------------------------------------------------------------ heterogeneous TP
-
-
-@dataclass(frozen=True)
-class TPReadSlice:
-    """One piece of a local block that comes from one remote rank.
-
-    Heads are global KV-head indices counted from each rank's first head. Byte fields
-    are per block per layer (head-major layout: a head is a contiguous range).
-    """
-
-    remote_rank: int
-    remote_head_start: int  # first head inside the remote rank's block
-    local_head_start: int  # first head inside the local rank's block
-    num_heads: int
-    remote_offset: int = 0  # bytes inside the remote block
-    local_offset: int = 0  # bytes inside the local block
-    length: int = 0  # bytes
-
-
-@dataclass(frozen=True)
-class TPPlan:
-    """What one local rank reads (``slices``) and which remote ranks it only notifies."""
-
-    slices: tuple[TPReadSlice, ...]
-    notify_only: tuple[int, ...] = field(default=())
-
-    @property
-    def remote_ranks(self) -> tuple[int, ...]:
-        return tuple(sorted({s.remote_rank for s in self.slices}))
-
-
-def _owner_of_head(head: int, local_rank: int, remote_tp: int, num_kv_heads: int,
-                   is_mla: bool) -> int:
-    owners = [p for p in range(remote_tp)
-              if head in rank_heads(p, remote_tp, num_kv_heads, is_mla)]
-    # spread readers over replicas: local rank i picks replica i mod #replicas
-    return owners[local_rank % len(owners)]
-
-
-def tp_read_plan(
-    local_rank: int, local_tp: int, remote_tp: int, num_kv_heads: int,
-    is_mla: bool = False, bytes_per_head: int | None = None,
-    kv_layout: str = "HND",
-) -> TPPlan:
-    """Which remote ranks (and which heads/bytes of their blocks) ``local_rank`` reads.
-
-    Works both ways (local TP larger or smaller than remote) and with replicated
-    heads (TP > KV heads, MLA). Slicing inside a block needs a head-major layout
-    (``HND``/``LBHNC``); token-major layouts are accepted only when every slice is a
-    whole block. ``bytes_per_head`` (per block per layer) fills the byte fields.
-    """
-    local_heads = rank_heads(local_rank, local_tp, num_kv_heads, is_mla)
-    slices: list[TPReadSlice] = []
-    cur: list[int] | None = None  # [remote_rank, rstart, lstart, n]
-    for i, h in enumerate(local_heads):
-        p = _owner_of_head(h, local_rank, remote_tp, num_kv_heads, is_mla)
-        rh = h - rank_heads(p, remote_tp, num_kv_heads, is_mla).start
-        if cur and cur[0] == p and cur[1] + cur[3] == rh and cur[2] + cur[3] == i:
-            cur[3] += 1
-        else:
-            if cur:
-                slices.append(_mk_slice(cur, bytes_per_head))
-            cur = [p, rh, i, 1]
-    if cur:
-        slices.append(_mk_slice(cur, bytes_per_head))
-    remote_h = heads_per_rank(num_kv_heads, remote_tp, is_mla)
-    partial = any(s.num_heads != remote_h or s.num_heads != len(local_heads) for s in slices)
-    if partial and kv_layout.upper() not in ("HND", "LBHNC", "LHBNC", "BLHNC", "BHLNC"):
-        raise ValueError(
-            f"heterogeneous TP {remote_tp}->{local_tp} needs a head-major KV layout "
-            f"(HND/LBHNC), got {kv_layout!r}"
-        )
-    read = {s.remote_rank for s in slices}
-    notify = tuple(
-        p for p in range(remote_tp)
-        if p not in read and p % local_tp == local_rank % local_tp
-        and not _read_by_anyone(p, local_tp, remote_tp, num_kv_heads, is_mla)
-    )
-    return TPPlan(tuple(slices), notify)
-
-
-def _mk_slice(cur: list[int], bph: int | None) -> TPReadSlice:
-    p, rh, lh, n = cur
-    if bph is None:
-        return TPReadSlice(p, rh, lh, n)
-    return TPReadSlice(p, rh, lh, n, rh * bph, lh * bph, n * bph)
-
-
-def _read_by_anyone(remote_rank: int, local_tp: int, remote_tp: int, num_kv_heads: int,
-                    is_mla: bool) -> bool:
-    for r in range(local_tp):
-        for h in rank_heads(r, local_tp, num_kv_heads, is_mla):
-            if _owner_of_head(h, r, remote_tp, num_kv_heads, is_mla) == remote_rank:
-                return True
-    return False
-
-
-def expected_notifications(
-    remote_rank: int, local_tp: int, remote_tp: int, num_kv_heads: int, is_mla: bool = False
-) -> int:
-    """Notifications the *remote* rank (the block owner) receives for one request.
-
-    Counts local ranks that read from it or notify it (see :func:`tp_read_plan`). The
-    owner frees a request's blocks after this many completion notifications.
-    """
-    n = 0
-    for r in range(local_tp):
-        plan = tp_read_plan(r, local_tp, remote_tp, num_kv_heads, is_mla)
-        if remote_rank in plan.remote_ranks or remote_rank in plan.notify_only:
-            n += 1
-    return n

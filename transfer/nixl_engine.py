@@ -7,9 +7,9 @@ Descriptor lists are prepared once: locally at registration, per peer at
 
 Everything a transfer needs that depends only on (peer, layers, slices) — the region
 selection, each selected region's first descriptor, bytes per block, layer count — is
-kept per peer in a :class:`_Plan` on first use; a submit then does one combined id check
-(:func:`~transfer.layout.validate_block_id_pair`) and one int32 add for both index
-arrays, which NIXL's binding takes as they are (1-D, C-contiguous int32: no conversion).
+kept per peer in a :class:`_Plan` on first use (a :class:`~transfer.engine.PlanCache`);
+a submit then does one id check (:func:`~transfer.layout.validate_block_id_pair`) and one
+int32 add for both index arrays, which NIXL's binding takes as they are (1-D, C-contiguous int32: no conversion).
 
 ``protocol="tcp"`` forces UCX onto TCP (``UCX_TLS=tcp,self``); it sets the variable
 for this process before the agent is created, so use one protocol per process.
@@ -31,12 +31,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .engine import (PeerInfo, PeerTableEngine, TransferHandle, TransferStats, as_bytes,
-                     new_transfer_id)
+from .engine import (PeerInfo, PeerTableEngine, PlanCache, TransferHandle, TransferStats,
+                     as_bytes, new_transfer_id)
 from .errors import (BackendUnavailableError, TransferError,
                      TransferFailedError, UnknownPeerError, UnregisteredMemoryError)
 from .layout import Region, block_descriptors, memory_ranges, region_indices, \
-    regions_from_kv_caches, validate_block_id_pair
+    regions_from_kv_caches
 
 UCX_TLS_BY_PROTOCOL = {"tcp": "tcp,self"}
 #: Progress-thread delay (µs) between polls; 0 is NIXL's busy-poll default.
@@ -75,10 +75,6 @@ def _progress_delay(api: Any, delay_us: int):
             bind.nixlAgent = original
 
 
-#: Plans kept per peer; more distinct (layers, slices) keys than this clears the cache.
-MAX_PLANS_PER_PEER = 256
-
-
 @dataclass
 class _Plan:
     """What a transfer with one peer needs for one (layers, slices) key."""
@@ -98,7 +94,7 @@ class _Peer:
     first_desc: np.ndarray  # per remote region: index of its block 0
     sliced: dict  # (offset, length) -> (dlist, first_desc)
     num_blocks: int = 0  # blocks per remote region (the smallest)
-    plans: dict = field(default_factory=dict)  # (layers, lslice, rslice) -> _Plan
+    plans: PlanCache = field(default_factory=PlanCache)  # (layers, lslice, rslice) -> _Plan
 
 
 class NixlTransferEngine(PeerTableEngine):
@@ -245,11 +241,8 @@ class NixlTransferEngine(PeerTableEngine):
             p.sliced[sl] = self._prep(p.agent_name, p.info.regions, *sl)
         return p.sliced[sl]
 
-    def _plan(self, p: _Peer, key: tuple) -> _Plan:
-        """The cached :class:`_Plan` of ``key = (layers, local_slice, remote_slice)``."""
-        plan = p.plans.get(key)
-        if plan is not None:
-            return plan
+    def _build_plan(self, p: _Peer, key: tuple) -> _Plan:
+        """The :class:`_Plan` of ``key = (layers, local_slice, remote_slice)``."""
         layers, local_slice, remote_slice = key
         lreg = region_indices(self.regions, layers)
         rreg = region_indices(p.info.regions, layers)
@@ -260,12 +253,8 @@ class NixlTransferEngine(PeerTableEngine):
         ldl, lfirst = self._local_side(local_slice)
         rdl, rfirst = self._remote_side(p, remote_slice)
         first = np.stack((lfirst[lreg], rfirst[rreg])).astype(np.int32)[:, :, None]
-        plan = _Plan(ldl, rdl, first, _bytes(self.regions, lreg, 1, local_slice),
+        return _Plan(ldl, rdl, first, _bytes(self.regions, lreg, 1, local_slice),
                      len({self.regions[i].layer for i in lreg}))
-        if len(p.plans) >= MAX_PLANS_PER_PEER:
-            p.plans.clear()
-        p.plans[key] = plan
-        return plan
 
     def _submit(self, op: str, peer: str, local_ids: Any, remote_ids: Any,
                 layers: Iterable[int] | None, notif: bytes | str | None, request_id: str,
@@ -276,11 +265,9 @@ class NixlTransferEngine(PeerTableEngine):
             if self._local_dlist is None:
                 raise UnregisteredMemoryError("no local memory registered on this engine")
             p = self._peer(peer)
-            ids = validate_block_id_pair(local_ids, remote_ids, self._local_blocks,
-                                         p.num_blocks, "local block ids",
-                                         f"remote block ids (peer {peer!r})")
-            plan = self._plan(p, (None if layers is None else tuple(layers),
-                                  local_slice, remote_slice))
+            ids = self._checked_ids(p, local_ids, remote_ids, self._local_blocks, p.num_blocks)
+            plan = p.plans.get((None if layers is None else tuple(layers), local_slice,
+                                remote_slice), lambda k: self._build_plan(p, k))
             # (2, regions, 1) + (2, 1, n) -> (2, regions, n), region-major per side
             idx = np.add(plan.first, ids[:, None, :], dtype=np.int32, casting="unsafe")
             lidx = idx[0].reshape(-1)

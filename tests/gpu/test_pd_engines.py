@@ -170,6 +170,6 @@ def test_failed_load_recomputes_identically(pair, case):
     assert status == 200, r
     assert r["kv_transfer_params"]["pd_transfer"]["error"] == case
     assert r["choices"][0]["text"] == ref
-    from transfer.connector_control import send_release
+    from transfer.connector.control_client import send_release
     send_release(params["remote_host"], params["remote_port"], "test",
                  params["remote_engine_id"], params["remote_request_id"], 5.0)

@@ -8,8 +8,8 @@ Load it with::
         "kv_connector_extra_config":{"control_port":0,"protocol":"auto","kv_lease_s":30}}'
 
 Import-cheap: this module only imports vLLM's base classes and our pure-Python
-metadata; the scheduler half (gRPC) and the worker half (NIXL) are imported when
-vLLM builds the role-specific instance.
+metadata; the scheduler half (gRPC, :mod:`.scheduler`) and the worker half (NIXL,
+:mod:`.worker`) are imported when vLLM builds the role-specific instance.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1 import base as _vllm_base
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
                                                                 KVConnectorRole)
 
-from .connector_meta import CONNECTOR_NAME, PdConfig, PdHandshakeMetadata
-from .vllm_compat import (LEGACY_FAILURE_REPORTING, TransferResults, check_vllm_version)
+from ..vllm_compat import LEGACY_FAILURE_REPORTING, TransferResults, check_vllm_version
+from .config import PdConfig
+from .metadata import CONNECTOR_NAME, PdHandshakeMetadata
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -81,14 +82,14 @@ class PdConnector(KVConnectorBase_V1):
         self.connector_scheduler = None
         self.connector_worker = None
         if role == KVConnectorRole.SCHEDULER:
-            from .connector_scheduler import PdConnectorScheduler
+            from .scheduler import PdConnectorScheduler
             self.connector_scheduler = PdConnectorScheduler(
                 self.cfg, engine_id=self.engine_id, block_size=vllm_config.cache_config.block_size,
                 tp_size=pc.tensor_parallel_size, dp_rank=_dp_rank(pc))
         else:
             from vllm.distributed.parallel_state import (get_tensor_model_parallel_rank,
                                                          get_tensor_model_parallel_world_size)
-            from .connector_worker import PdConnectorWorker
+            from .worker import PdConnectorWorker
             self.connector_worker = PdConnectorWorker(
                 self.cfg, engine_id=self.engine_id, tp_rank=get_tensor_model_parallel_rank(),
                 tp_size=get_tensor_model_parallel_world_size(), compat=_compat(vllm_config),
@@ -190,14 +191,14 @@ class PdConnector(KVConnectorBase_V1):
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
-        from .connector_stats import PdConnectorStats
+        from .stats import PdConnectorStats
         return PdConnectorStats(data=dict(data) if data else {})
 
     @classmethod
     def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: dict,
                            labelnames: list[str],
                            per_engine_labelvalues: dict[int, list[object]]) -> Any:
-        from .connector_stats import PdPromMetrics
+        from .stats import PdPromMetrics
         return PdPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 

@@ -170,10 +170,10 @@ class PdPromMetrics(KVConnectorPromMetrics):
                 labelnames=labelnames, multiprocess_mode="mostrecent"), pe),
         }
         # pre-create reason children so the family is visible at 0
-        from .connector_meta import REASONS
-        from .control_auth import REFUSAL_REASONS
+        from ..control_auth import REFUSAL_REASONS
+        from ..errors import FailureReason
         for idx, lv in pe.items():
-            for r in REASONS:
+            for r in FailureReason:
                 self._fail.labels(*lv, r)
             for r in REFUSAL_REASONS:
                 self._refused.labels(*lv, r)

@@ -14,8 +14,12 @@ of this process is used if set, else calls go unauthenticated.
 
 from __future__ import annotations
 
+import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
 
 _clients: dict[str, Any] = {}
 _clients_lock = threading.Lock()
@@ -28,7 +32,7 @@ def configure_auth(token: str | None, tls: Any = None) -> None:
     """Use ``token`` (None = no authentication) and ``tls`` (a ``TlsFiles``, None =
     plaintext) for this process's control calls and servers."""
     global _auth, _auth_set, _tls
-    from .control_auth import ControlAuth
+    from ..control_auth import ControlAuth
     with _clients_lock:
         _auth = ControlAuth(token) if token else None
         _tls = tls
@@ -42,7 +46,7 @@ def control_auth() -> Any:
     """The process's ``ControlAuth`` (see :func:`configure_auth`), or None."""
     global _auth, _auth_set, _tls
     if not _auth_set:
-        from .control_auth import ControlAuth, load_tls, load_token
+        from ..control_auth import ControlAuth, load_tls, load_token
         token, tls = load_token(), load_tls()
         with _clients_lock:
             if not _auth_set:
@@ -54,7 +58,7 @@ def control_auth() -> Any:
 
 def control_client(host: str, port: int, timeout_s: float) -> Any:
     """Cached ``transfer.control.ControlClient`` for ``host:port``."""
-    from .control import ControlClient
+    from ..control import ControlClient
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     auth = control_auth()
     with _clients_lock:
@@ -89,6 +93,51 @@ def send_notify(host: str, port: int, sender: str, receiver: str, message: str,
         raise
 
 
+class ControlNotifier:
+    """Best-effort ``Notify`` calls of one engine, off the engine thread: the one path
+    both connector halves use for releases and push-fail notifications. Each call runs
+    on a small pool of its own, with ``timeout_s``; a failure is logged, never raised
+    (the receiver's lease covers a lost release)."""
+
+    def __init__(self, sender: str, timeout_s: float, workers: int = 4) -> None:
+        self.sender = sender
+        self.timeout_s = timeout_s
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def executor(self) -> ThreadPoolExecutor:
+        """The pool the notifications run on (made on first use)."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="pd-notify")
+            return self._pool
+
+    def notify(self, host: str, port: int, receiver: str, message: str) -> None:
+        """Queue ``message`` for the engine ``receiver`` at ``host:port``; returns at once."""
+        try:
+            self.executor().submit(self._send, host, port, receiver, message)
+        except RuntimeError:  # shut down: the engine is stopping
+            pass
+
+    def release(self, host: str, port: int, receiver: str, request_id: str) -> None:
+        """Free the prefill blocks of ``request_id`` (``release:<id>``) without reading them."""
+        self.notify(host, port, receiver, f"release:{request_id}")
+
+    def _send(self, host: str, port: int, receiver: str, message: str) -> None:
+        try:
+            send_notify(host, port, self.sender, receiver, message, self.timeout_s)
+        except Exception as e:  # the other engine is gone or unreachable
+            log.info("PdConnector: notification %r to %s:%s failed: %s", message[:80],
+                     host, port, e)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 def start_control_server(host: str, port: int, **kw: Any) -> Any:
     """Start ``transfer.control.ControlServer`` on ``host:port`` with an *exclusive* bind.
 
@@ -100,12 +149,10 @@ def start_control_server(host: str, port: int, **kw: Any) -> Any:
     with :func:`control_auth` (a loud warning when there is none). Returns the
     started server (``.port`` = bound port; ``.refused`` counts refused calls).
     """
-    import logging
-
-    from . import control as ctl
+    from .. import control as ctl
 
     auth = control_auth()
-    logger = logging.getLogger("vllm.pdsidecar.connector")
+    logger = log
 
     def make(p: int) -> Any:
         addr = f"[{host}]:{p}" if ":" in host else f"{host}:{p}"
