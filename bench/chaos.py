@@ -2,7 +2,7 @@
 
 Starts a prefill and a decode vLLM engine, both sidecars (real `pdsidecar run`
 subprocesses) and a loopback fault proxy between the sidecars, then runs load, faults,
-leak checks, hostile input and drain scenarios (bench/chaos_scenarios.py) and prints one
+leak checks, hostile input and drain scenarios (bench/chaos_scenarios.py lists them) and prints one
 table: scenario, requests, completed, errors by kind, hung, leaked KV blocks, result.
 
     pdbench chaos --profile short            # CI, a few minutes
@@ -25,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.chaos_scenarios import PROFILES, SCENARIOS, ChaosStack, Result, StackOptions, chaos_engine_configs
+from bench.chaos_load import Result
+from bench.chaos_scenarios import SCENARIOS
+from bench.chaos_stack import PROFILES, ChaosStack, StackOptions, chaos_engine_configs
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

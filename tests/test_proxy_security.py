@@ -467,7 +467,7 @@ async def test_fallback_fail_error_names_no_internal_address():
 
 
 async def test_no_server_version_banner(ss):
-    from bench.chaos_scenarios import raw_request
+    from bench.chaos_hostile import raw_request
     for url in (ss.dec.url + "/health", ss.pre.url + "/health", ss.dec.url + "/nope"):
         async with aiohttp.ClientSession() as c:
             async with c.get(url) as r:
