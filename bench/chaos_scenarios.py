@@ -35,6 +35,7 @@ import aiohttp
 from bench.chaos_faults import ROGUE_MODES, Detector, FaultProxy, RoguePeer
 from pdsidecar.engines import Engine, EngineConfig, free_port, pd_pair_configs, stock_nixl_config
 from pdsidecar.local_sidecars import SidecarProcess
+from proxy.pending import UNREPORTED_LEASE_S
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega cache block token layer expert "
          "router prefill decode transfer memory tensor vector matrix queue stream server client request river "
@@ -123,7 +124,6 @@ class StackOptions:
     decode_timeout_s: float = 30.0
     total_timeout_s: float = 30.0
     drain_grace_s: float = 30.0
-    kv_ttl_s: float = 8.0
     kv_lease_s: int = 8  # stock NixlConnector: prefill frees unread KV after this (kv_lease_duration)
     client_slack_s: float = 10.0
     server_keepalive_s: float = 20.0
@@ -194,8 +194,8 @@ class ChaosStack:
         self.prefill = SidecarProcess("prefill", [*self._common(), "--port", str(self.p_port),
                                                   "--vllm-url", self.prefill_engine.url,
                                                   "--advertise", f"127.0.0.1:{self.p_port}",
-                                                  "--allowed-peers", f"127.0.0.1:{self.d_port}",
-                                                  "--kv-ttl", str(self.opts.kv_ttl_s)], self.p_port, d)
+                                                  "--allowed-peers", f"127.0.0.1:{self.d_port}"],
+                                                 self.p_port, d)
         self.all_logs.append(self.prefill.log_path)
         self.prefill.wait_ready()
         return self.prefill
@@ -274,7 +274,9 @@ class ChaosStack:
         `leaked_blocks` = KV blocks still in use on both engines (usage x total blocks);
         `pending` = sidecar pending entries; `busy` = engine running+waiting requests."""
         o = self.opts
-        timeout_s = timeout_s if timeout_s is not None else o.kv_lease_s + o.kv_ttl_s + 15
+        # the prefill sidecar forgets pending KV at the engine's lease as its params say; the
+        # stock connector says nothing, so the sidecar's UNREPORTED_LEASE_S applies
+        timeout_s = timeout_s if timeout_s is not None else o.kv_lease_s + UNREPORTED_LEASE_S + 15
         end = time.monotonic() + timeout_s
         last: dict[str, Any] = {}
         while True:
@@ -636,7 +638,7 @@ async def scn_blackhole_prefill_path(stack: ChaosStack, prof: Profile) -> Result
 
 async def scn_transfer_timeout(stack: ChaosStack, prof: Profile) -> Result:
     """Prefill answers arrive after the decode sidecar's prefill timeout: the KV was
-    computed but is never picked up; it must expire (sidecar --kv-ttl, engine KV lease)."""
+    computed but is never picked up; it must expire (the engine KV lease; the sidecar forgets it at that lease)."""
     o = stack.opts
 
     async def fault(p: Progress):

@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from pdsidecar.config import Endpoint, SidecarConfig
+from proxy.config import SidecarConfig
+from proxy.endpoints import Endpoint
 from pdsidecar.engines import free_port
 from proxy import auth
 from proxy.server import Sidecar
@@ -426,9 +427,9 @@ async def test_pending_kv_release_stats_and_expiry(st):
                                 {"releases": [{"id": rid, "status": "picked_up"}]}).encode())})
     assert s == 200 and json.loads(data) == {"released": 1} and not st.pre.role.pending.items
     # expiry
-    from proxy.prefill import Pending
+    from proxy.pending import Pending
     st.pre.role.pending.add("old", Pending(me, 1, 1, 0, time.monotonic() - 1000))
-    assert st.pre.role.pending.expire(st.pre.cfg.kv_ttl_s) == 1
+    assert st.pre.role.pending.expire() == 1
 
 
 async def test_decode_stats_and_peer_selection():
@@ -446,7 +447,7 @@ async def test_decode_stats_and_peer_selection():
                 stats = await r.json()
         assert stats["role"] == "decode" and set(stats["peers"]) == {f"127.0.0.1:{s.pre.port}", "127.0.0.2:1"}
         # the peer's own stats inform the choice
-        await s.dec.role._poll_stats(Endpoint("127.0.0.1", s.pre.port))
+        await s.dec.role.watcher.poll_stats(Endpoint("127.0.0.1", s.pre.port))
         assert s.dec.role.peers.peers[Endpoint("127.0.0.1", s.pre.port)].last_stats > 0
     finally:
         await s.stop()

@@ -112,7 +112,7 @@ class Metrics:
                                    multiprocess_mode="livesum")
         self.pending_age = Gauge("pd_pending_kv_oldest_age_seconds", "Prefill: age of the oldest pending KV, per peer.",
                                  ["peer"], registry=r, multiprocess_mode="livemax")
-        self.kv_expired = Counter("pd_kv_expired", "Prefill: pending KV forgotten after --kv-ttl without pickup.",
+        self.kv_expired = Counter("pd_kv_expired", "Prefill: pending KV forgotten without pickup once the prefill engine's KV lease ended.",
                                   registry=r)
         self.kv_released = Counter("pd_kv_released", "Prefill: pending KV closed by a decode sidecar's report, by status.",
                                    ["status"], registry=r)
