@@ -32,8 +32,6 @@ import aiohttp
 
 from .endpoints import norm_host
 
-REJECTED = "peer_answer_rejected"
-
 _BOOL = ("do_remote_prefill", "do_remote_decode")
 _STR = {"remote_host": 255, "remote_engine_id": 512, "remote_request_id": 512, "transfer_mode": 32,
         "pd_control_addr": 300}

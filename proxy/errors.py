@@ -80,6 +80,22 @@ class FallbackReason(Label):
     KV_LOAD = "kv_load"  # the decode engine failed (5xx) before any output
 
 
+class PeerErrorReason(Label):
+    """Why talking to a peer sidecar failed (`pd_peer_errors_total{reason}`)."""
+
+    CONNECT = "connect"
+    TIMEOUT = "timeout"
+    DISCONNECT = "disconnect"
+    HTTP_5XX = "http_5xx"
+    HTTP_4XX = "http_4xx"
+    REDIRECT = "redirect"
+    PEER_REJECTED = "peer_rejected"
+    PROTOCOL = "protocol"
+    ANSWER_REJECTED = "peer_answer_rejected"
+    STATS = "stats"  # its /pd/v1/stats could not be read
+    RELEASE = "release"  # a /pd/v1/release batch failed
+
+
 class PrefillFailed(Exception):
     """The prefill leg failed; `str()` is the detail for logs (it names internal addresses,
     never shown to clients), `reason` the label, `status` the answer under `--fallback fail`."""

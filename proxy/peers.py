@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import aiohttp
 
 from .endpoints import Endpoint, norm_host, parse_endpoint
+from .errors import PeerErrorReason
 
 log = logging.getLogger("pdsidecar.peers")
 
@@ -239,7 +240,7 @@ class PeerWatcher:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RecursionError):
             data = None
         if not isinstance(data, dict):
-            self.sc.metrics.peer_errors.labels(self.peers.label(ep), "stats").inc()
+            self.sc.metrics.peer_errors.labels(self.peers.label(ep), PeerErrorReason.STATS).inc()
             return
         pending = data.get("pending") if isinstance(data.get("pending"), dict) else {}
         tok = pending.get("tokens")

@@ -24,10 +24,10 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from . import auth
-from .answer import REJECTED, AnswerRejected, check_prefill_kv, peer_engine_hosts, read_capped
+from .answer import AnswerRejected, check_prefill_kv, peer_engine_hosts, read_capped
 from .body import API_PATHS, loads_or_none, prefill_body, prompt_ids_from_prefill
 from .endpoints import Endpoint
-from .errors import ClientFault, FallbackReason, PrefillFailed
+from .errors import ClientFault, FallbackReason, PeerErrorReason, PrefillFailed
 from .pd_request import PdRequest, PrefillResult
 from .peers import PeerSet, resolve
 from .server import PD_ERROR_HEADER, forward_headers
@@ -130,16 +130,16 @@ class PrefillLeg:
             self._reject_answer(ep, str(e))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
             # nothing was sent: safe to try another peer
-            m.peer_errors.labels(label, "connect").inc()
+            m.peer_errors.labels(label, PeerErrorReason.CONNECT).inc()
             self.peers.mark_down(ep)
             if last:
                 raise PrefillFailed(FallbackReason.CONNECT, f"cannot connect to prefill peer {ep}") from None
             raise _TryAnother() from None
         except asyncio.TimeoutError:
-            m.peer_errors.labels(label, "timeout").inc()
+            m.peer_errors.labels(label, PeerErrorReason.TIMEOUT).inc()
             raise PrefillFailed(FallbackReason.TIMEOUT, f"prefill leg to {ep} timed out", 504) from None
         except aiohttp.ClientError as e:
-            m.peer_errors.labels(label, "disconnect").inc()
+            m.peer_errors.labels(label, PeerErrorReason.DISCONNECT).inc()
             raise PrefillFailed(FallbackReason.DISCONNECT,
                                 f"prefill peer {ep} dropped the connection ({type(e).__name__})") from None
         return _Answer(status, ctype, perr, rhdrs, raw, time.perf_counter() - t)
@@ -161,18 +161,18 @@ class PrefillLeg:
         if 300 <= status < 400:
             # never followed (allow_redirects=False): a redirect from a peer is a
             # protocol error, not a place to send the prompt to
-            m.peer_errors.labels(label, "redirect").inc()
+            m.peer_errors.labels(label, PeerErrorReason.REDIRECT).inc()
             raise PrefillFailed(FallbackReason.REDIRECT, f"prefill peer {ep} answered a redirect ({status})")
         if perr is not None:
             # the prefill sidecar refused before forwarding: nothing allocated
-            m.peer_errors.labels(label, "peer_rejected").inc()
+            m.peer_errors.labels(label, PeerErrorReason.PEER_REJECTED).inc()
             if perr in _RETRYABLE_PEER_ERRORS and not last:
                 raise _TryAnother()
             raise PrefillFailed(FallbackReason.PEER_REJECTED, f"prefill peer {ep} refused the leg ({perr[:64]!r})")
         if status >= 500:
-            m.peer_errors.labels(label, "http_5xx").inc()
+            m.peer_errors.labels(label, PeerErrorReason.HTTP_5XX).inc()
             raise PrefillFailed(FallbackReason.HTTP_5XX, f"prefill peer {ep} answered {status}")
-        m.peer_errors.labels(label, "http_4xx").inc()
+        m.peer_errors.labels(label, PeerErrorReason.HTTP_4XX).inc()
         raise ClientFault(status, raw, ans.content_type or "application/json")
 
     async def _result(self, rq: PdRequest, ep: Endpoint, prid: str, ans: _Answer, est: int,
@@ -182,7 +182,7 @@ class PrefillLeg:
         obj = loads_or_none(ans.raw)
         kv = obj.get("kv_transfer_params") if isinstance(obj, dict) else None
         if not isinstance(kv, dict) or not kv:
-            m.peer_errors.labels(self.peers.label(ep), "protocol").inc()
+            m.peer_errors.labels(self.peers.label(ep), PeerErrorReason.PROTOCOL).inc()
             raise PrefillFailed(FallbackReason.PROTOCOL, "prefill response has no kv_transfer_params "
                                 "(is the prefill vLLM running with a KV connector?)")
         try:
@@ -205,6 +205,6 @@ class PrefillLeg:
 
     def _reject_answer(self, ep: Endpoint, why: str) -> None:
         """A prefill answer failed a check: counted, logged with the peer, fallback."""
-        self.sc.metrics.peer_errors.labels(self.peers.label(ep), REJECTED).inc()
-        log.warning("prefill answer rejected", extra={"peer": str(ep), "reason": REJECTED, "error": why})
+        self.sc.metrics.peer_errors.labels(self.peers.label(ep), PeerErrorReason.ANSWER_REJECTED).inc()
+        log.warning("prefill answer rejected", extra={"peer": str(ep), "reason": FallbackReason.ANSWER_REJECTED, "error": why})
         raise PrefillFailed(FallbackReason.ANSWER_REJECTED, f"prefill peer {ep}: {why}")

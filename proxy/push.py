@@ -22,6 +22,7 @@ from . import auth
 from .body import API_PATHS, decode_body, prefill_body
 from .decode_leg import DecodeLeg
 from .endpoints import Endpoint
+from .errors import PeerErrorReason
 from .pd_request import PdRequest
 from .peers import PeerSet
 from .prefill_leg import peer_headers
@@ -76,6 +77,6 @@ class PushLeg:
                     timeout=aiohttp.ClientTimeout(total=self.sc.cfg.prefill_timeout_s)) as r:
                 await r.read()
                 if r.status != 200:
-                    m.peer_errors.labels(self.peers.label(ep), "http_5xx" if r.status >= 500 else "http_4xx").inc()
+                    m.peer_errors.labels(self.peers.label(ep), PeerErrorReason.HTTP_5XX if r.status >= 500 else PeerErrorReason.HTTP_4XX).inc()
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            m.peer_errors.labels(self.peers.label(ep), "connect").inc()
+            m.peer_errors.labels(self.peers.label(ep), PeerErrorReason.CONNECT).inc()

@@ -19,7 +19,7 @@ import aiohttp
 from . import auth
 from .body import API_PATHS, release_body
 from .endpoints import Endpoint
-from .errors import Label
+from .errors import Label, PeerErrorReason
 from .pd_request import PdRequest, PrefillResult
 from .peers import PeerSet
 from .server import forward_headers
@@ -109,6 +109,6 @@ class KvRelease:
                     timeout=aiohttp.ClientTimeout(total=5, sock_connect=sc.cfg.connect_timeout_s)) as r:
                 await r.read()
                 if r.status != 200:
-                    sc.metrics.peer_errors.labels(self.peers.label(peer), "release").inc()
+                    sc.metrics.peer_errors.labels(self.peers.label(peer), PeerErrorReason.RELEASE).inc()
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            sc.metrics.peer_errors.labels(self.peers.label(peer), "release").inc()
+            sc.metrics.peer_errors.labels(self.peers.label(peer), PeerErrorReason.RELEASE).inc()
