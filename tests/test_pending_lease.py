@@ -42,3 +42,44 @@ def test_no_second_ttl_flag():
         load_config(["--role", "prefill", "--allow-unauthenticated", "--kv-ttl", "120"], {})
     cfg, _ = load_config(["--role", "prefill", "--allow-unauthenticated"], {"PDSIDECAR_KV_TTL": "120"})
     assert not hasattr(cfg, "kv_ttl_s")
+
+
+@pytest.mark.parametrize("extra", [{"kv_lease_s": 1}, "expiry"], ids=["lease-field", "expiry-field"])
+async def test_prefill_sidecar_forgets_pending_kv_at_the_engines_lease(extra):
+    """A real prefill sidecar: the pending entry (what routers read in /pd/v1/stats) ends
+    at the lease the engine's params name, counted in pd_kv_expired_total."""
+    import asyncio
+    import json
+    import time
+
+    import aiohttp
+
+    from proxy import auth
+    from test_proxy_unit import TOKEN, post, stack, val
+
+    if extra == "expiry":
+        extra = {"remote_blocks_expiry_time": time.time() + 1.0}
+    st = await stack(p_kw={"prefill_kv_extra": extra})
+    try:
+        me = f"127.0.0.1:{st.dec.port}"
+        body = {"model": "m", "prompt": "x", "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+        s, _, _ = await post(st.pre.url + "/v1/completions", body,
+                             {"x-request-id": "leg-1",
+                              **auth.sign(TOKEN, me, "leg-1", "/v1/completions", json.dumps(body).encode())})
+        assert s == 200
+
+        async def pending() -> int:
+            async with aiohttp.ClientSession() as c:
+                async with c.get(st.pre.url + "/pd/v1/stats") as r:
+                    return (await r.json())["pending"]["requests"]
+
+        assert await pending() == 1
+        assert st.pre.role.pending.items[(me, "leg-1")].lease_s <= 1.0
+        for _ in range(150):  # bounded wait for the housekeeping loop (1 s period)
+            if await pending() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await pending() == 0
+        assert val(st.pre, "pd_kv_expired_total") == 1
+    finally:
+        await st.stop()

@@ -27,12 +27,13 @@ class FakeVllm:
 
     def __init__(self, *, chunks: int = 3, delay: float = 0.0, prefill_status: int = 200,
                  prefill_delay: float = 0.0, no_kv: bool = False, decode_kv: dict | None = None,
-                 kv_load_fails: bool = False):
+                 kv_load_fails: bool = False, prefill_kv_extra: dict | None = None):
         self.requests: list[tuple[str, dict, dict]] = []
         self.chunks, self.delay = chunks, delay
         self.prefill_status, self.prefill_delay, self.no_kv = prefill_status, prefill_delay, no_kv
         self.decode_kv = decode_kv
         self.kv_load_fails = kv_load_fails
+        self.prefill_kv_extra = prefill_kv_extra or {}  # more fields in the prefill answer's params
         self.gate: asyncio.Event | None = None
         self.cancelled: list[str] = []
         self.runner = None
@@ -82,7 +83,7 @@ class FakeVllm:
                 out = {"id": "p", "choices": [{"index": 0, "text": "x"}], "usage": {"prompt_tokens": 7},
                        "kv_transfer_params": None if self.no_kv else
                        {"do_remote_prefill": True, "remote_block_ids": [[1, 2, 3]], "remote_request_id": "abc",
-                        "remote_host": "127.0.0.1", "remote_port": 5600}}
+                        "remote_host": "127.0.0.1", "remote_port": 5600, **self.prefill_kv_extra}}
                 if body.get("return_token_ids"):
                     if chat:
                         out["prompt_token_ids"] = [5, 6, 7]
