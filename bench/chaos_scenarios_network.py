@@ -71,7 +71,7 @@ async def scn_blackhole_prefill_path(stack: ChaosStack, prof: Profile) -> Result
 
 async def scn_transfer_timeout(stack: ChaosStack, prof: Profile) -> Result:
     """Prefill answers arrive after the decode sidecar's prefill timeout: the KV was
-    computed but is never picked up; it must expire (sidecar --kv-ttl, engine KV lease)."""
+    computed but is never picked up; it must expire (the engine KV lease; the sidecar forgets it at that lease)."""
     o = stack.opts
 
     async def fault(p: Progress):

@@ -23,6 +23,7 @@ from typing import Any
 from bench.chaos_faults import FaultProxy
 from pdsidecar.engines import Engine, EngineConfig, free_port, pd_pair_configs, stock_nixl_config
 from pdsidecar.local_sidecars import SidecarProcess
+from proxy.pending import UNREPORTED_LEASE_S
 
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega cache block token layer expert "
@@ -112,7 +113,6 @@ class StackOptions:
     decode_timeout_s: float = 30.0
     total_timeout_s: float = 30.0
     drain_grace_s: float = 30.0
-    kv_ttl_s: float = 8.0
     kv_lease_s: int = 8  # stock NixlConnector: prefill frees unread KV after this (kv_lease_duration)
     client_slack_s: float = 10.0
     server_keepalive_s: float = 20.0
@@ -183,8 +183,8 @@ class ChaosStack:
         self.prefill = SidecarProcess("prefill", [*self._common(), "--port", str(self.p_port),
                                                   "--vllm-url", self.prefill_engine.url,
                                                   "--advertise", f"127.0.0.1:{self.p_port}",
-                                                  "--allowed-peers", f"127.0.0.1:{self.d_port}",
-                                                  "--kv-ttl", str(self.opts.kv_ttl_s)], self.p_port, d)
+                                                  "--allowed-peers", f"127.0.0.1:{self.d_port}"],
+                                                 self.p_port, d)
         self.all_logs.append(self.prefill.log_path)
         self.prefill.wait_ready()
         return self.prefill
@@ -263,7 +263,9 @@ class ChaosStack:
         `leaked_blocks` = KV blocks still in use on both engines (usage x total blocks);
         `pending` = sidecar pending entries; `busy` = engine running+waiting requests."""
         o = self.opts
-        timeout_s = timeout_s if timeout_s is not None else o.kv_lease_s + o.kv_ttl_s + 15
+        # the prefill sidecar forgets pending KV at the engine's lease as its params say; the
+        # stock connector says nothing, so the sidecar's UNREPORTED_LEASE_S applies
+        timeout_s = timeout_s if timeout_s is not None else o.kv_lease_s + UNREPORTED_LEASE_S + 15
         end = time.monotonic() + timeout_s
         last: dict[str, Any] = {}
         while True:

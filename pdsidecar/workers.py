@@ -30,7 +30,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from pdsidecar.config import SidecarConfig
+from proxy.config import SidecarConfig
 
 log = logging.getLogger("pdsidecar.workers")
 
@@ -159,7 +159,7 @@ class Supervisor:
             return True
         from aiohttp import web
 
-        from pdsidecar.metrics import CONTENT_TYPE_LATEST, render_multiprocess
+        from proxy.metrics import CONTENT_TYPE_LATEST, render_multiprocess
 
         async def metrics(request: web.Request) -> web.Response:
             return web.Response(body=render_multiprocess(self.metrics_dir),

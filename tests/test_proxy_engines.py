@@ -27,7 +27,8 @@ import openai
 import pytest
 import pytest_asyncio
 
-from pdsidecar.config import Endpoint, SidecarConfig
+from proxy.config import SidecarConfig
+from proxy.endpoints import Endpoint
 from pdsidecar.engines import free_port, pd_pair_configs, vllm_available
 from proxy.server import Sidecar
 

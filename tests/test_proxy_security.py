@@ -12,11 +12,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from pdsidecar.config import Endpoint, load_config
+from pdsidecar.config import load_config
+from proxy.endpoints import Endpoint
 from pdsidecar.engines import free_port
 from proxy import auth
 from proxy.answer import AnswerRejected, check_prefill_kv, host_allowed
-from proxy.prefill import Pending, PendingKV
+from proxy.pending import Pending, PendingKV
 from proxy.server import Sidecar
 from test_proxy_unit import TOKEN, FakeVllm, Stack, cfg, post, val
 
