@@ -1,7 +1,7 @@
 """Scenarios of `pdbench chaos`: a real local P/D stack, a bounded load generator, faults,
 leak checks, hostile input and drain.
 
-The stack: a prefill and a decode vLLM engine (`pdsidecar.engines`), a prefill and a
+The stack: a prefill and a decode vLLM engine (`pdsidecar.dev.engines`), a prefill and a
 decode sidecar as real `pdsidecar run` subprocesses, and a `FaultProxy` on loopback between
 the decode sidecar and the prefill sidecar (the decode sidecar's KV_TRANSFER_TARGET is the
 proxy). Every scenario runs a bounded number of requests, each with a client-side bound
@@ -33,8 +33,9 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 
 from bench.chaos_faults import ROGUE_MODES, Detector, FaultProxy, RoguePeer
-from pdsidecar.engines import Engine, EngineConfig, free_port, pd_pair_configs, stock_nixl_config
-from pdsidecar.local_sidecars import SidecarProcess
+from pdsidecar.dev.engines import Engine, EngineConfig, pd_pair_configs, stock_nixl_config
+from pdsidecar.dev.local_sidecars import SidecarProcess
+from pdsidecar.dev.procs import free_port
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega cache block token layer expert "
          "router prefill decode transfer memory tensor vector matrix queue stream server client request river "
@@ -140,7 +141,7 @@ def chaos_connector_config(kind: str, opts: StackOptions | None = None) -> dict[
     recompute on load failure, as a deployment would set them) or ours."""
     opts = opts or StackOptions()
     if kind == "ours":
-        from pdsidecar.local import connector_config
+        from pdsidecar.dev.local import connector_config
 
         return connector_config("ours")[1]
     cfg = stock_nixl_config()

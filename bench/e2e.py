@@ -317,7 +317,8 @@ def _engine_configs(roles: tuple[str, ...], model: str, kv_cfg: dict | None, pla
     sharing the GPU (``--gpu-util``). Each engine gets its own control / side-channel port."""
     import copy
 
-    from pdsidecar.engines import EngineConfig, cpu_slices, free_port
+    from pdsidecar.dev.engines import EngineConfig
+    from pdsidecar.dev.procs import cpu_slices, free_port
 
     binds = cpu_slices(len(roles))
     out = []
@@ -337,13 +338,13 @@ def _engine_configs(roles: tuple[str, ...], model: str, kv_cfg: dict | None, pla
 
 
 def _start(configs: list[Any], plan: Plan) -> list[Any]:
-    from pdsidecar.engines import start_engines
+    from pdsidecar.dev.engines import start_engines
 
     return start_engines(configs, sequential=plan.gpu_util is not None)
 
 
 def start_target(name: str, plan: Plan, model: str) -> Target:
-    from pdsidecar.engines import stock_nixl_config
+    from pdsidecar.dev.engines import stock_nixl_config
 
     if name == "pd-ours-pods":
         return start_pods_target(name, plan)
@@ -352,11 +353,11 @@ def start_target(name: str, plan: Plan, model: str) -> Target:
         (e,) = _start(_engine_configs(("agg",), model, None, plan, False, common), plan)
         return Target(name, e.url, e.model_name, "aggregated (one engine)", "-",
                       cores={"engine": e.config.cpu_bind or "gpu"}, logs=[str(e.log_path)], stop=e.stop)
-    from pdsidecar.local_sidecars import start_sidecars
+    from pdsidecar.dev.local_sidecars import start_sidecars
 
     push = name.endswith("-push")
     if name.startswith("pd-ours"):
-        from pdsidecar.local import connector_config
+        from pdsidecar.dev.local import connector_config
 
         label, kv_cfg = connector_config("ours")
         if push:
@@ -462,7 +463,7 @@ def kv_figures(url: str | None) -> dict[str, float] | None:
     """KV bytes/seconds/transfers totals on the decode engine's /metrics (None when unreadable)."""
     if not url:
         return None
-    from pdsidecar.local import read_kv_figures
+    from pdsidecar.dev.local import read_kv_figures
 
     try:
         k = read_kv_figures(url)
@@ -774,7 +775,7 @@ def greedy_match(result: dict[str, Any]) -> dict[str, Any] | None:
 
 def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
     from bench.e2e_report import kv_summary, summarize
-    from pdsidecar.engines import EngineError
+    from pdsidecar.dev.engines import EngineError
 
     c: dict[str, Any] = {"status": "unavailable", "load_before": os.getloadavg()}
     t_start = time.perf_counter()
@@ -841,8 +842,8 @@ def execute(plan: Plan) -> dict[str, Any]:
 
     model = plan.model_dir
     if not plan.connect and model is None:
-        from pdsidecar.local import DEFAULT_CACHE
-        from pdsidecar.models import ModelError, ensure_model
+        from pdsidecar.dev.local import DEFAULT_CACHE
+        from pdsidecar.dev.tiny_models import ModelError, ensure_model
 
         try:
             model = str(ensure_model(plan.arch, DEFAULT_CACHE / "models" / f"tiny-{plan.arch}"))
@@ -851,8 +852,8 @@ def execute(plan: Plan) -> dict[str, Any]:
     if plan.workload.file_items is None or plan.sweep_tokens:
         tok_dir = model
         if tok_dir is None:
-            from pdsidecar.local import DEFAULT_CACHE
-            from pdsidecar.models import ensure_model
+            from pdsidecar.dev.local import DEFAULT_CACHE
+            from pdsidecar.dev.tiny_models import ensure_model
 
             tok_dir = str(ensure_model(plan.arch, DEFAULT_CACHE / "models" / f"tiny-{plan.arch}"))
         plan.workload.vocab = Vocabulary.from_model(tok_dir)

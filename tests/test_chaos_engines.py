@@ -16,7 +16,7 @@ import asyncio
 import pytest
 
 from bench import chaos_scenarios as cs
-from pdsidecar.engines import vllm_available
+from pdsidecar.dev.engines import vllm_available
 
 pytestmark = [pytest.mark.engines, pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
 

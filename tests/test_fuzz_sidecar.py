@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from bench.chaos_faults import ROGUE_MODES, Detector, FaultProxy
 from bench.chaos_scenarios import (_ipv6_loopback_ok, hostile_cases, log_hygiene, raw_request, rogue_peer_cases,
                                    slowloris, ssrf_header_values)
-from pdsidecar.engines import free_port
-from pdsidecar.local_sidecars import SidecarProcess
+from pdsidecar.dev.local_sidecars import SidecarProcess
+from pdsidecar.dev.procs import free_port
 from proxy import auth
 
 MODEL = "fake-model"

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from pdsidecar.config import Endpoint, load_config
-from pdsidecar.engines import free_port
+from pdsidecar.dev.procs import free_port
 from proxy import auth
 from proxy.answer import AnswerRejected, check_prefill_kv, host_allowed
 from proxy.prefill import Pending, PendingKV

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from pdsidecar.config import Endpoint, SidecarConfig
-from pdsidecar.engines import free_port
+from pdsidecar.dev.procs import free_port
 from proxy import auth
 from proxy.server import Sidecar
 
