@@ -1,6 +1,6 @@
 """`pdbench chaos`: the stack under test and how to read its state.
 
-A prefill and a decode vLLM engine (`pdsidecar.engines`), a prefill and a decode sidecar
+A prefill and a decode vLLM engine (`pdsidecar.dev.engines`), a prefill and a decode sidecar
 as real `pdsidecar run` subprocesses, and a `FaultProxy` on loopback between the decode
 sidecar and the prefill sidecar (the decode sidecar's KV_TRANSFER_TARGET is the proxy).
 Also the load profiles and the metric probes (engine KV usage and running/waiting
@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos_faults import FaultProxy
-from pdsidecar.engines import Engine, EngineConfig, free_port, pd_pair_configs, stock_nixl_config
-from pdsidecar.local_sidecars import SidecarProcess
+from pdsidecar.dev.engines import Engine, EngineConfig, pd_pair_configs, stock_nixl_config
+from pdsidecar.dev.procs import free_port
+from pdsidecar.dev.local_sidecars import SidecarProcess
 from proxy.pending import UNREPORTED_LEASE_S
 
 
@@ -129,7 +130,7 @@ def chaos_connector_config(kind: str, opts: StackOptions | None = None) -> dict[
     recompute on load failure, as a deployment would set them) or ours."""
     opts = opts or StackOptions()
     if kind == "ours":
-        from pdsidecar.local import connector_config
+        from pdsidecar.dev.local import connector_config
 
         return connector_config("ours")[1]
     cfg = stock_nixl_config()

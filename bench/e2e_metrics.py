@@ -61,7 +61,7 @@ def kv_figures(url: str | None) -> dict[str, float] | None:
     """KV bytes/seconds/transfers totals on the decode engine's /metrics (None when unreadable)."""
     if not url:
         return None
-    from pdsidecar.local import read_kv_figures
+    from pdsidecar.dev.local import read_kv_figures
 
     try:
         k = read_kv_figures(url)

@@ -75,7 +75,7 @@ def greedy_match(result: dict[str, Any]) -> dict[str, Any] | None:
 
 def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
     from bench.e2e_report import kv_summary, summarize
-    from pdsidecar.engines import EngineError
+    from pdsidecar.dev.engines import EngineError
 
     c: dict[str, Any] = {"status": "unavailable", "load_before": os.getloadavg()}
     t_start = time.perf_counter()
@@ -142,8 +142,8 @@ def execute(plan: Plan) -> dict[str, Any]:
 
     model = plan.model_dir
     if not plan.connect and model is None:
-        from pdsidecar.local import DEFAULT_CACHE
-        from pdsidecar.models import ModelError, ensure_model
+        from pdsidecar.dev.local import DEFAULT_CACHE
+        from pdsidecar.dev.tiny_models import ModelError, ensure_model
 
         try:
             model = str(ensure_model(plan.arch, DEFAULT_CACHE / "models" / f"tiny-{plan.arch}"))
@@ -152,8 +152,8 @@ def execute(plan: Plan) -> dict[str, Any]:
     if plan.workload.file_items is None or plan.sweep_tokens:
         tok_dir = model
         if tok_dir is None:
-            from pdsidecar.local import DEFAULT_CACHE
-            from pdsidecar.models import ensure_model
+            from pdsidecar.dev.local import DEFAULT_CACHE
+            from pdsidecar.dev.tiny_models import ensure_model
 
             tok_dir = str(ensure_model(plan.arch, DEFAULT_CACHE / "models" / f"tiny-{plan.arch}"))
         plan.workload.vocab = Vocabulary.from_model(tok_dir)

@@ -61,7 +61,8 @@ def _engine_configs(roles: tuple[str, ...], model: str, kv_cfg: dict | None, pla
     sharing the GPU (``--gpu-util``). Each engine gets its own control / side-channel port."""
     import copy
 
-    from pdsidecar.engines import EngineConfig, cpu_slices, free_port
+    from pdsidecar.dev.engines import EngineConfig
+    from pdsidecar.dev.procs import cpu_slices, free_port
 
     binds = cpu_slices(len(roles))
     out = []
@@ -81,13 +82,13 @@ def _engine_configs(roles: tuple[str, ...], model: str, kv_cfg: dict | None, pla
 
 
 def _start(configs: list[Any], plan: Plan) -> list[Any]:
-    from pdsidecar.engines import start_engines
+    from pdsidecar.dev.engines import start_engines
 
     return start_engines(configs, sequential=plan.gpu_util is not None)
 
 
 def start_target(name: str, plan: Plan, model: str) -> Target:
-    from pdsidecar.engines import stock_nixl_config
+    from pdsidecar.dev.engines import stock_nixl_config
 
     if name == "pd-ours-pods":
         return start_pods_target(name, plan)
@@ -96,11 +97,11 @@ def start_target(name: str, plan: Plan, model: str) -> Target:
         (e,) = _start(_engine_configs(("agg",), model, None, plan, False, common), plan)
         return Target(name, e.url, e.model_name, "aggregated (one engine)", "-",
                       cores={"engine": e.config.cpu_bind or "gpu"}, logs=[str(e.log_path)], stop=e.stop)
-    from pdsidecar.local_sidecars import start_sidecars
+    from pdsidecar.dev.local_sidecars import start_sidecars
 
     push = name.endswith("-push")
     if name.startswith("pd-ours"):
-        from pdsidecar.local import connector_config
+        from pdsidecar.dev.local import connector_config
 
         label, kv_cfg = connector_config("ours")
         if push:

@@ -151,7 +151,7 @@ def _sidecar_overhead(url: str) -> dict:
 def _start_sidecars(args: argparse.Namespace, prefill_vllm: str, decode_vllm: str, workers: int,
                     procs: list) -> dict[str, str]:
     """Prefill + decode sidecars (P/D path) and a peerless decode sidecar (local path)."""
-    from pdsidecar.engines import free_port
+    from pdsidecar.dev.procs import free_port
 
     ps_port, ds_port, local_port = free_port(), free_port(), free_port()
     procs.append(start_sidecar("prefill", ps_port, prefill_vllm, ["--allowed-peers", f"127.0.0.1:{ds_port}"],
@@ -209,7 +209,7 @@ def _sweep(args: argparse.Namespace, tag: str, urls: dict[str, str], prefill_vll
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdsidecar.engines import free_port
+    from pdsidecar.dev.procs import free_port
 
     try:
         levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
@@ -238,8 +238,8 @@ def run(args: argparse.Namespace) -> int:
             prefill_vllm, decode_vllm = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{d_port}"
             model = "fake"
         else:
-            from pdsidecar.engines import pd_pair_configs, start_engines, stock_nixl_config
-            from pdsidecar.models import ensure_model
+            from pdsidecar.dev.engines import pd_pair_configs, start_engines, stock_nixl_config
+            from pdsidecar.dev.tiny_models import ensure_model
 
             model = args.model or str(ensure_model("llama", Path.home() / ".cache" / "pdsidecar" / "models" / "tiny-llama"))
             engines = start_engines(pd_pair_configs(model, stock_nixl_config(), stock=True))

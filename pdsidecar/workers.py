@@ -47,7 +47,7 @@ def worker_index(environ: dict[str, str] | None = None) -> int | None:
 
 def die_with_supervisor() -> bool:
     """Ask the kernel for SIGTERM when the supervisor dies (Linux); False if it already has."""
-    from .engines import set_parent_death_signal
+    from pdsidecar.parent_death import set_parent_death_signal
 
     parent = os.environ.get(SUPERVISOR_ENV, "")
     set_parent_death_signal(signal.SIGTERM)

@@ -20,7 +20,7 @@ from bench import chaos_scenarios_network as network
 from bench import chaos_scenarios_process as process
 from bench.chaos_load import Result
 from bench.chaos_stack import PROFILES, ChaosStack, StackOptions, chaos_engine_configs
-from pdsidecar.engines import vllm_available
+from pdsidecar.dev.engines import vllm_available
 
 pytestmark = [pytest.mark.engines, pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
 

@@ -25,7 +25,7 @@ def control_addr(engine) -> str:
                               "kv_transfer_params": {"do_remote_decode": True}})
     assert status == 200, r
     params = r["kv_transfer_params"]
-    from pdsidecar.engines import harness_token
+    from pdsidecar.dev.engines import harness_token
     from transfer.connector.control_client import configure_auth, send_release
     configure_auth(harness_token())  # the engines' control-plane token
     host, port = params["remote_host"], params["remote_port"]

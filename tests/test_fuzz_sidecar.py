@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from bench.chaos_faults import ROGUE_MODES, Detector, FaultProxy
 from bench.chaos_hostile import ipv6_loopback_ok, log_hygiene, raw_request, slowloris, ssrf_header_values
 from bench.chaos_hostile_cases import hostile_cases, rogue_peer_cases
-from pdsidecar.engines import free_port
-from pdsidecar.local_sidecars import SidecarProcess
+from pdsidecar.dev.procs import free_port
+from pdsidecar.dev.local_sidecars import SidecarProcess
 from proxy import auth
 
 MODEL = "fake-model"

@@ -29,7 +29,8 @@ import pytest_asyncio
 
 from proxy.config import SidecarConfig
 from proxy.endpoints import Endpoint
-from pdsidecar.engines import free_port, pd_pair_configs, vllm_available
+from pdsidecar.dev.engines import pd_pair_configs, vllm_available
+from pdsidecar.dev.procs import free_port
 from proxy.server import Sidecar
 
 pytestmark = [pytest.mark.engines, pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from pdsidecar.config import load_config
 from proxy.endpoints import Endpoint
-from pdsidecar.engines import free_port
+from pdsidecar.dev.procs import free_port
 from proxy import auth
 from proxy.answer import AnswerRejected, check_prefill_kv, host_allowed
 from proxy.pending import Pending, PendingKV

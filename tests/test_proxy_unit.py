@@ -14,7 +14,7 @@ from aiohttp import web
 
 from proxy.config import SidecarConfig
 from proxy.endpoints import Endpoint
-from pdsidecar.engines import free_port
+from pdsidecar.dev.procs import free_port
 from proxy import auth
 from proxy.server import Sidecar
 

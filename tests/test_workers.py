@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from bench.proxy_servers import serve_fake, wait_http
-from pdsidecar.engines import free_port, group_members
+from pdsidecar.dev.procs import free_port, group_members
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNKS, CHUNK_DELAY_S = 8, 0.15  # ~1.2 s per streamed request: long enough to be in flight at SIGTERM

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("vllm")
 
-from pdsidecar.engines import Engine, EngineConfig, start_engines  # noqa: E402
+from pdsidecar.dev.engines import Engine, EngineConfig, start_engines  # noqa: E402
 from test_connector_engines import (aggregated, metric, ours_config, post,  # noqa: E402
                                     prefill, vocab, wait_metric)
 from test_connector_push import push_pair_request, control_addr  # noqa: E402
