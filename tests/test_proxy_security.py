@@ -19,7 +19,7 @@ from proxy.answer import AnswerRejected, check_prefill_kv, host_allowed
 from proxy.endpoints import Endpoint
 from proxy.pending import Pending, PendingKV
 from proxy.server import Sidecar
-from test_proxy_unit import TOKEN, FakeVllm, Stack, cfg, post, val
+from test_proxy_unit import TOKEN, FakeVllm, Stack, cfg, post, stack, val
 
 GOOD_KV = {"do_remote_prefill": True, "remote_block_ids": [[1, 2, 3]], "remote_request_id": "abc",
            "remote_engine_id": "eng-p", "remote_host": "127.0.0.1", "remote_port": 5600,
@@ -55,14 +55,7 @@ class Fake(FakeVllm):
 
 
 async def mkstack(pre_kw=None, dec_kw=None, d_kw=None) -> Stack:
-    p_vllm, d_vllm = await Fake().start(), await Fake(**(d_kw or {})).start()
-    d_port = free_port()
-    pre = await Sidecar(cfg("prefill", vllm_url=p_vllm.url, allowed_peers=[Endpoint("127.0.0.1", d_port)],
-                            **(pre_kw or {}))).start()
-    dkw = dict(port=d_port, vllm_url=d_vllm.url, targets=[Endpoint("127.0.0.1", pre.port)])
-    dkw.update(dec_kw or {})
-    dec = await Sidecar(cfg("decode", **dkw)).start()
-    return Stack(p_vllm, d_vllm, pre, dec)
+    return await stack(d_kw=d_kw, pre_kw=pre_kw, dec_kw=dec_kw, fake=Fake)
 
 
 @pytest.fixture

@@ -130,9 +130,11 @@ class Stack:
             await v.stop()
 
 
-async def stack(p_kw=None, d_kw=None, pre_kw=None, dec_kw=None) -> Stack:
-    p_vllm = await FakeVllm(**(p_kw or {})).start()
-    d_vllm = await FakeVllm(**(d_kw or {})).start()
+async def stack(p_kw=None, d_kw=None, pre_kw=None, dec_kw=None, fake=None) -> Stack:
+    """Two fake vLLMs (``fake``: a FakeVllm subclass) behind a prefill and a decode sidecar."""
+    fake = fake or FakeVllm
+    p_vllm = await fake(**(p_kw or {})).start()
+    d_vllm = await fake(**(d_kw or {})).start()
     d_port = free_port()
     pre = await Sidecar(cfg("prefill", vllm_url=p_vllm.url, allowed_peers=[Endpoint("127.0.0.1", d_port)],
                             **(pre_kw or {}))).start()
