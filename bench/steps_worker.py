@@ -66,7 +66,7 @@ def run(blocks: int, spin_us: float, n: int) -> dict:
             ids = list(range((i % 2) * blocks, (i % 2) * blocks + blocks))
             src = RemoteSource(engine_id="P", request_id=f"r{i}", host="127.0.0.1", port=1,
                                block_ids=tuple(ids), num_tokens=16 * blocks, tp_size=1,
-                               dp_rank=0, expiry=time.time() + 60, block_size=16)
+                               dp_rank=0, lease_s=60.0, block_size=16)
             meta = PdConnectorMetadata(recv={f"d{i}": RecvJob(f"d{i}", src, ids, ids)})
             post.append(step(d, meta))
             k = 0
