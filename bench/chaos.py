@@ -2,7 +2,7 @@
 
 Starts a prefill and a decode vLLM engine, both sidecars (real `pdsidecar run`
 subprocesses) and a loopback fault proxy between the sidecars, then runs load, faults,
-leak checks, hostile input and drain scenarios (bench/chaos_scenarios.py) and prints one
+leak checks, hostile input and drain scenarios (bench/chaos_scenarios.py lists them) and prints one
 table: scenario, requests, completed, errors by kind, hung, leaked KV blocks, result.
 
     pdbench chaos --profile short            # CI, a few minutes
@@ -25,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.chaos_scenarios import PROFILES, SCENARIOS, ChaosStack, Result, StackOptions, chaos_engine_configs
+from bench.chaos_load import Result
+from bench.chaos_scenarios import SCENARIOS
+from bench.chaos_stack import PROFILES, ChaosStack, StackOptions, chaos_engine_configs
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), default="short")
     p.add_argument("--connector", choices=["stock", "ours"], default="stock",
-                   help="KV connector of both engines (ours: pdsidecar.local.connector_config('ours'))")
+                   help="KV connector of both engines (ours: pdsidecar.dev.local.connector_config('ours'))")
     p.add_argument("--model", default=None, help="model folder (default: the generated tiny Llama)")
     p.add_argument("--only", default=None, help="comma-separated scenario names (default: all)")
     p.add_argument("--skip", default=None, help="comma-separated scenario names to skip")
@@ -69,8 +71,8 @@ def format_table(results: list[Result]) -> str:
 def _model(args) -> str:
     if args.model:
         return args.model
-    from pdsidecar.local import DEFAULT_CACHE
-    from pdsidecar.models import ensure_model
+    from pdsidecar.dev.local import DEFAULT_CACHE
+    from pdsidecar.dev.tiny_models import ensure_model
 
     return str(ensure_model("llama", DEFAULT_CACHE / "models" / "tiny-llama"))
 
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.skip:
         names = [n for n in names if n not in args.skip.split(",")]
-    from pdsidecar.engines import start_engines, vllm_available
+    from pdsidecar.dev.engines import start_engines, vllm_available
 
     if not vllm_available():
         print("pdbench chaos: vLLM is not installed (scripts/setup.sh)", file=sys.stderr)

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pdsidecar.engines import pd_pair_configs, start_engines, stock_nixl_config  # noqa: E402
-from pdsidecar.models import ensure_model  # noqa: E402
+from pdsidecar.dev.engines import pd_pair_configs, start_engines, stock_nixl_config  # noqa: E402
+from pdsidecar.dev.tiny_models import ensure_model  # noqa: E402
 
 
 def ours_config(**extra: Any) -> dict[str, Any]:

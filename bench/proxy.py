@@ -26,16 +26,13 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import signal
-import statistics
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-TOKEN = "bench-proxy-token-0123456789"
+from bench.proxy_servers import (ALL_CPUS, cpu_plan, pin_to, serve_bare_hop, serve_fake, start_sidecar,
+                                 stop_processes, wait_http, wait_workers)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -62,173 +59,6 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                         "floor of one Python HTTP hop, in the same run")
     p.add_argument("--json", default=None, help="also write results to this JSON file")
 
-
-# --------------------------------------------------------------------------- fake vLLM
-
-
-_ALL_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-
-
-def _cpu_plan(workers: int = 1) -> dict[str, set[int]] | None:
-    """Own cores for the upstreams, the prefill sidecar, `workers` cores for each decode
-    sidecar and >= 2 for the client, when the machine has that many (else no pinning)."""
-    cpus = _ALL_CPUS
-    if len(cpus) < 5 + 2 * workers:
-        return None
-    d, loc = 3, 3 + workers
-    plan = {"fake-prefill": {cpus[0]}, "fake-decode": {cpus[1]}, "prefill": {cpus[2]},
-            "decode": set(cpus[d:d + workers]), "local": set(cpus[loc:loc + workers]),
-            "client": set(cpus[loc + workers:])}
-    if len(plan["client"]) >= 3:  # the bare hop (--hop-baseline) gets a core of its own
-        plan["bare-hop"] = {max(plan["client"])}
-        plan["client"] -= plan["bare-hop"]
-    return plan
-
-
-def _pin(name: str, workers: int = 1) -> None:
-    plan = _cpu_plan(workers)
-    if plan is not None:
-        os.sched_setaffinity(0, plan[name])
-
-
-def _server_process_setup(pin: str | None) -> None:
-    """In a bench server process: pin it (when planned) and use uvloop when installed."""
-    if pin:
-        _pin(pin)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-
-
-def _serve_fake(port: int, chunks: int, delay_s: float, pin: str | None = None) -> None:
-    from aiohttp import web
-
-    _server_process_setup(pin)
-    chunk_bodies = [f'data: {{"id":"cmpl-x","object":"text_completion","choices":[{{"index":0,"text":"t{i}",'
-                    f'"finish_reason":null}}]}}\n\n'.encode() for i in range(chunks)]
-    prefill = json.dumps({"id": "cmpl-p", "object": "text_completion", "choices": [{"index": 0, "text": "x"}],
-                          "usage": {"prompt_tokens": 64, "completion_tokens": 1, "total_tokens": 65},
-                          "kv_transfer_params": {"do_remote_prefill": True, "remote_block_ids": [[1, 2, 3, 4]],
-                                                 "remote_engine_id": "e", "remote_request_id": "r",
-                                                 "remote_host": "127.0.0.1", "remote_port": 5600}}).encode()
-
-    async def gen(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
-            return web.Response(body=prefill, content_type="application/json")
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for c in chunk_bodies:
-            await resp.write(c)
-            if delay_s:
-                await asyncio.sleep(delay_s)
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-    async def health(request):
-        return web.Response(text="")
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", gen)
-    app.router.add_get("/health", health)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, handle_signals=True)
-
-
-def _serve_bare_hop(port: int, upstream: str, pin: str | None = None) -> None:
-    """A bare aiohttp pass-through proxy: read the body, POST it upstream on a pooled
-    session, stream the answer back. No parsing, metrics, logs or limits: the floor of
-    one Python HTTP hop, against which the sidecar's added latency is read."""
-    import aiohttp
-    from aiohttp import web
-
-    _server_process_setup(pin)
-    state: dict = {}
-
-    async def hop(request: web.Request) -> web.StreamResponse:
-        data = await request.read()
-        async with state["session"].post(upstream + request.path, data=data,
-                                         headers={"content-type": "application/json"}) as up:
-            out = web.StreamResponse(status=up.status, headers={"Content-Type": up.content_type})
-            await out.prepare(request)
-            async for chunk in up.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-            return out
-
-    async def health(request):
-        return web.Response(text="")
-
-    async def on_startup(app):
-        state["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                                 cookie_jar=aiohttp.DummyCookieJar())
-
-    async def on_cleanup(app):
-        await state["session"].close()
-
-    app = web.Application()
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
-    app.router.add_post("/v1/completions", hop)
-    app.router.add_get("/health", health)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, handle_signals=True)
-
-
-def _wait_http(url: str, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready")
-
-
-def _start_sidecar(role: str, port: int, vllm_url: str, extra: list[str], log_level: str,
-                   pin: str | None = None, workers: int = 1) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pdsidecar.sidecar", "--role", role, "--host", "127.0.0.1", "--port", str(port),
-           "--vllm-url", vllm_url, "--auth-token", TOKEN, "--log-level", log_level, "--peer-stats-interval", "0",
-           "--workers", str(workers), *extra]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=(lambda: _pin(pin, workers)) if pin else None)
-
-
-def _wait_workers(url: str, workers: int, timeout: float = 60.0) -> None:
-    """Until every worker of a `--workers N` sidecar answers (fresh connections spread by hash)."""
-    seen: set[str] = set()
-    end = time.monotonic() + timeout
-    while len(seen) < workers and time.monotonic() < end:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                seen.add(r.headers.get("x-pd-worker") or "0")
-        except OSError:
-            time.sleep(0.1)
-    if len(seen) < workers:
-        raise RuntimeError(f"{url}: only workers {sorted(seen)} of {workers} answer")
-
-
-def _stop(procs: list) -> None:
-    """Stop bench processes: sidecar process groups (SIGTERM, then SIGKILL) and fakes."""
-    for pr in procs:
-        if isinstance(pr, subprocess.Popen):
-            if pr.poll() is None:
-                os.killpg(pr.pid, signal.SIGTERM)
-                try:
-                    pr.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(pr.pid, signal.SIGKILL)
-                    pr.wait()
-        else:
-            pr.terminate()
-            pr.join(5)
-    procs.clear()
 
 
 # --------------------------------------------------------------------------- load
@@ -321,19 +151,19 @@ def _sidecar_overhead(url: str) -> dict:
 def _start_sidecars(args: argparse.Namespace, prefill_vllm: str, decode_vllm: str, workers: int,
                     procs: list) -> dict[str, str]:
     """Prefill + decode sidecars (P/D path) and a peerless decode sidecar (local path)."""
-    from pdsidecar.engines import free_port
+    from pdsidecar.dev.procs import free_port
 
     ps_port, ds_port, local_port = free_port(), free_port(), free_port()
-    procs.append(_start_sidecar("prefill", ps_port, prefill_vllm, ["--allowed-peers", f"127.0.0.1:{ds_port}"],
+    procs.append(start_sidecar("prefill", ps_port, prefill_vllm, ["--allowed-peers", f"127.0.0.1:{ds_port}"],
                                 args.log_level, "prefill"))
-    procs.append(_start_sidecar("decode", ds_port, decode_vllm, ["--kv-transfer-target", f"127.0.0.1:{ps_port}"],
+    procs.append(start_sidecar("decode", ds_port, decode_vllm, ["--kv-transfer-target", f"127.0.0.1:{ps_port}"],
                                 args.log_level, "decode", workers))
-    procs.append(_start_sidecar("decode", local_port, decode_vllm, [], args.log_level, "local", workers))
+    procs.append(start_sidecar("decode", local_port, decode_vllm, [], args.log_level, "local", workers))
     urls = {"prefill": f"http://127.0.0.1:{ps_port}", "disagg": f"http://127.0.0.1:{ds_port}",
             "local": f"http://127.0.0.1:{local_port}"}
     for name, url in urls.items():
-        _wait_http(url + "/ready")
-        _wait_workers(url, 1 if name == "prefill" else workers)
+        wait_http(url + "/ready")
+        wait_workers(url, 1 if name == "prefill" else workers)
     return urls
 
 
@@ -379,7 +209,7 @@ def _sweep(args: argparse.Namespace, tag: str, urls: dict[str, str], prefill_vll
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdsidecar.engines import free_port
+    from pdsidecar.dev.procs import free_port
 
     try:
         levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
@@ -401,32 +231,32 @@ def run(args: argparse.Namespace) -> int:
             ctx = mp.get_context("spawn")
             p_port, d_port = free_port(), free_port()
             for port, pin in ((p_port, "fake-prefill"), (d_port, "fake-decode")):
-                pr = ctx.Process(target=_serve_fake, args=(port, args.chunks, args.chunk_delay_ms / 1000, pin),
+                pr = ctx.Process(target=serve_fake, args=(port, args.chunks, args.chunk_delay_ms / 1000, pin),
                                  daemon=True)
                 pr.start()
                 procs.append(pr)
             prefill_vllm, decode_vllm = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{d_port}"
             model = "fake"
         else:
-            from pdsidecar.engines import pd_pair_configs, start_engines, stock_nixl_config
-            from pdsidecar.models import ensure_model
+            from pdsidecar.dev.engines import pd_pair_configs, start_engines, stock_nixl_config
+            from pdsidecar.dev.tiny_models import ensure_model
 
             model = args.model or str(ensure_model("llama", Path.home() / ".cache" / "pdsidecar" / "models" / "tiny-llama"))
             engines = start_engines(pd_pair_configs(model, stock_nixl_config(), stock=True))
             prefill_vllm, decode_vllm = engines[0].url, engines[1].url
         for u in (prefill_vllm, decode_vllm):
-            _wait_http(u + "/health")
+            wait_http(u + "/health")
         hop_url = None
         if args.hop_baseline and "local" in paths:
             hop_port = free_port()
-            plan = _cpu_plan(max(worker_counts))
+            plan = cpu_plan(max(worker_counts))
             pin = "bare-hop" if args.upstream == "fake" and plan and "bare-hop" in plan else None
-            pr = mp.get_context("spawn").Process(target=_serve_bare_hop, args=(hop_port, decode_vllm, pin),
+            pr = mp.get_context("spawn").Process(target=serve_bare_hop, args=(hop_port, decode_vllm, pin),
                                                  daemon=True)
             pr.start()
             procs.append(pr)
             hop_url = f"http://127.0.0.1:{hop_port}"
-            _wait_http(hop_url + "/health")
+            wait_http(hop_url + "/health")
         words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega cache block token".split()
 
         def make_body(i: int) -> dict:
@@ -441,21 +271,21 @@ def run(args: argparse.Namespace) -> int:
             urls = _start_sidecars(args, prefill_vllm, decode_vllm, workers, sidecars)
             if hop_url:
                 urls["bare-hop"] = hop_url
-            pinned = args.upstream == "fake" and _cpu_plan(workers) is not None
+            pinned = args.upstream == "fake" and cpu_plan(workers) is not None
             if pinned:
-                _pin("client", workers)
-            elif _ALL_CPUS:
-                os.sched_setaffinity(0, _ALL_CPUS)  # an earlier sweep may have pinned the client
+                pin_to("client", workers)
+            elif ALL_CPUS:
+                os.sched_setaffinity(0, ALL_CPUS)  # an earlier sweep may have pinned the client
             tag = f"{args.upstream}/w{workers}"
             res = _sweep(args, tag, urls, prefill_vllm, decode_vllm, levels, paths, make_body)
             results["workers"][workers] = {"pinned": pinned, "paths": res}
-            _stop(sidecars)
+            stop_processes(sidecars)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return 0
     finally:
-        _stop(sidecars)
-        _stop(procs)
+        stop_processes(sidecars)
+        stop_processes(procs)
         for e in engines:
             e.stop()
 

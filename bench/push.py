@@ -39,8 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.connector import ours_config, post  # noqa: E402
-from pdsidecar.engines import pd_pair_configs, start_engines  # noqa: E402
-from pdsidecar.models import ensure_model  # noqa: E402
+from pdsidecar.dev.engines import pd_pair_configs, start_engines  # noqa: E402
+from pdsidecar.dev.tiny_models import ensure_model  # noqa: E402
 
 
 def control_addr(decode_url: str) -> str:

@@ -36,11 +36,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.connector import metric_sum, ours_config, post  # noqa: E402
-from pdsidecar.engines import pd_pair_configs, start_engines, stock_nixl_config  # noqa: E402
+from pdsidecar.dev.engines import pd_pair_configs, start_engines, stock_nixl_config  # noqa: E402
 
 #: in-engine transfer time histograms (decode engine): ours, stock NixlConnector
 XFER = {"ours": "pd_connector_transfer_seconds", "stock": "vllm:nixl_xfer_time_seconds"}
-from pdsidecar.models import ensure_model  # noqa: E402
+from pdsidecar.dev.tiny_models import ensure_model  # noqa: E402
 
 
 def pd_once(p_url: str, d_url: str, model: str, toks: list[int]) -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
 Two worker halves over real NIXL agents in one process (prefill and decode, TP 1, a
 CPU-layout cache like the tiny Llama's: 2 layers, 4 KV heads of 64, fp16, 16-token
-blocks). Per step the decode worker runs what vLLM calls around a forward:
-``start_load_kv`` + ``wait_for_save`` + ``get_transfer_results``. Timed per call:
+blocks); the decode half finds the prefill half through a real control server
+(``transfer.control.ControlServer``), as in serving, on an untimed first load; only
+the workers' public hooks are called. Per step the decode worker runs what vLLM calls
+around a forward: ``start_load_kv`` + ``wait_for_save`` + ``get_transfer_results``.
+Timed per call:
 
 - idle: no transfer anywhere;
 - post: the step that posts one request's READ (``--blocks`` blocks) and, if it
@@ -23,13 +26,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def make(engine_id: str, spin_us: float, seed: int, nb: int):
+def make(engine_id: str, spin_us: float, seed: int, nb: int) -> tuple[Any, dict[str, Any]]:
+    """A worker half with its registered cache (keep the cache for the worker's lifetime)."""
     import torch
     from transfer.connector.config import PdConfig
     from transfer.connector.worker import PdConnectorWorker
@@ -41,39 +46,64 @@ def make(engine_id: str, spin_us: float, seed: int, nb: int):
     caches = {f"model.layers.{i}.attn": torch.randn(nb, 4, 16, 128, generator=g).half()
               for i in range(2)}
     w.register_kv_caches(caches)
-    w.bench_caches = caches  # registered memory must outlive the engine
-    return w
+    return w, caches  # registered memory must outlive the engine
 
 
-def step(w, meta) -> float:
+def step(w, meta, done: set[str] | None = None) -> float:
+    """One engine step's connector hooks; µs. Adds the loads reported done (or failed) to `done`."""
     t0 = time.perf_counter()
     w.start_load_kv(meta)
     w.end_step(meta)
-    w.get_transfer_results(set())
-    return (time.perf_counter() - t0) * 1e6
+    _, recving, failed = w.get_transfer_results(set())
+    us = (time.perf_counter() - t0) * 1e6
+    if done is not None:
+        done |= recving | failed
+    return us
+
+
+def load_meta(rid: str, ids: list[int], port: int, blocks: int):
+    """Step metadata of one request that loads `ids` of the prefill worker into `ids`."""
+    from transfer.connector.metadata import PdConnectorMetadata, RecvJob, RemoteSource
+    src = RemoteSource(engine_id="P", request_id=rid, host="127.0.0.1", port=port,
+                       block_ids=tuple(ids), num_tokens=16 * blocks, tp_size=1,
+                       dp_rank=0, lease_s=60.0, block_size=16)
+    return PdConnectorMetadata(recv={rid: RecvJob(rid, src, ids, ids)})
+
+
+def until_reported(w, rid: str, done: set[str], timeout_s: float = 30.0) -> list[float]:
+    """Steps (µs each) until `rid` is reported; the load must end within `timeout_s`."""
+    steps: list[float] = []
+    deadline = time.monotonic() + timeout_s
+    while rid not in done:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"load {rid} not reported within {timeout_s} s")
+        steps.append(step(w, None, done))
+    return steps
 
 
 def run(blocks: int, spin_us: float, n: int) -> dict:
-    from transfer.connector.metadata import PdConnectorMetadata, RecvJob, RemoteSource
+    from transfer.control import ControlServer
     nb = max(256, 2 * blocks + 2)
-    p, d = make("P", 0, 1, nb), make("D", spin_us, 2, nb)
+    (p, p_cache), (d, d_cache) = make("P", 0, 1, nb), make("D", spin_us, 2, nb)
+    # the prefill engine's control plane, as in vLLM; it grants every read: (leases are
+    # not what this measures)
+    server = ControlServer("127.0.0.1:0", on_notify=lambda sender, receiver, message: None)
     try:
-        rem = d._add_remote(("127.0.0.1", 1), [p.desc])
-        d._remotes[("127.0.0.1", 1)] = rem
+        server.add_rank(p.desc)
+        port = server.start()
+        # untimed: the decode worker's first load handshakes with the prefill (as in serving)
+        done: set[str] = set()
+        step(d, load_meta("warm", list(range(blocks)), port, blocks), done)
+        until_reported(d, "warm", done)
+        d.take_worker_meta()
         idle = [step(d, None) for _ in range(n)]
         post, flight, steps_to_done = [], [], []
         for i in range(n):
             ids = list(range((i % 2) * blocks, (i % 2) * blocks + blocks))
-            src = RemoteSource(engine_id="P", request_id=f"r{i}", host="127.0.0.1", port=1,
-                               block_ids=tuple(ids), num_tokens=16 * blocks, tp_size=1,
-                               dp_rank=0, lease_s=60.0, block_size=16)
-            meta = PdConnectorMetadata(recv={f"d{i}": RecvJob(f"d{i}", src, ids, ids)})
-            post.append(step(d, meta))
-            k = 0
-            while f"d{i}" in d._inflight:
-                flight.append(step(d, None))
-                k += 1
-            steps_to_done.append(k)
+            post.append(step(d, load_meta(f"d{i}", ids, port, blocks), done))
+            k = until_reported(d, f"d{i}", done)
+            flight += k
+            steps_to_done.append(len(k))
             d.take_worker_meta()
             p.get_transfer_results(set())
         us = lambda xs: {"p50_us": statistics.median(xs), "max_us": max(xs), "n": len(xs)} \
@@ -82,8 +112,10 @@ def run(blocks: int, spin_us: float, n: int) -> dict:
                 "idle_step": us(idle), "posting_step": us(post), "in_flight_step": us(flight),
                 "extra_steps_until_reported_p50": statistics.median(steps_to_done)}
     finally:
+        server.stop()
         p.shutdown()
         d.shutdown()
+        del p_cache, d_cache
 
 
 def main(argv: list[str] | None = None) -> int:

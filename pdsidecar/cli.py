@@ -11,7 +11,7 @@ from pdsidecar.errors import CliError
 
 
 def _cmd_models_make(args: argparse.Namespace) -> int:
-    from pdsidecar.models import PRESETS, ModelError, folder_digest, make_model
+    from pdsidecar.dev.tiny_models import PRESETS, ModelError, folder_digest, make_model
 
     overrides: dict = {}
     arch = args.arch
@@ -29,7 +29,7 @@ def _cmd_models_make(args: argparse.Namespace) -> int:
         overrides["intermediate_size"] = args.hidden_size * 2
     try:
         if args.if_missing and args.device == "cpu":
-            from pdsidecar.models import ensure_model
+            from pdsidecar.dev.tiny_models import ensure_model
 
             path = ensure_model(arch, args.out, seed=args.seed, **overrides)
         else:
@@ -41,7 +41,7 @@ def _cmd_models_make(args: argparse.Namespace) -> int:
 
 
 def _cmd_local(args: argparse.Namespace) -> int:
-    from pdsidecar.local import run_local
+    from pdsidecar.dev.local import run_local
 
     return run_local(args)
 
@@ -49,12 +49,12 @@ def _cmd_local(args: argparse.Namespace) -> int:
 # Subcommands whose flags another module parses: name -> (module, function(argv) -> int, help).
 DELEGATED: dict[str, tuple[str, str, str]] = {
     "run": ("pdsidecar.sidecar", "run_sidecar", "run the sidecar (--role prefill|decode); see `pdsidecar run --help`"),
-    "inject": ("pdsidecar.inject", "run_inject", "add the sidecar to Pod/Deployment/LeaderWorkerSet YAML"),
-    "webhook": ("pdsidecar.webhook", "run_webhook", "mutating admission webhook that injects the sidecar"),
-    "webhook-cert": ("pdsidecar.k8s_certs", "run_webhook_cert", "self-signed certificate for the webhook (dev)"),
-    "control-certs": ("pdsidecar.k8s_certs", "run_control_certs", "CA + engine certificate for control-plane mTLS"),
-    "deploy-validate": ("pdsidecar.k8s_validate", "run_validate", "validate rendered manifests offline"),
-    "deploy-manifests": ("pdsidecar.k8s_manifests", "run_manifests", "regenerate the LeaderWorkerSet manifests"),
+    "inject": ("pdsidecar.k8s.inject", "run_inject", "add the sidecar to Pod/Deployment/LeaderWorkerSet YAML"),
+    "webhook": ("pdsidecar.k8s.webhook", "run_webhook", "mutating admission webhook that injects the sidecar"),
+    "webhook-cert": ("pdsidecar.k8s.certs", "run_webhook_cert", "self-signed certificate for the webhook (dev)"),
+    "control-certs": ("pdsidecar.k8s.certs", "run_control_certs", "CA + engine certificate for control-plane mTLS"),
+    "deploy-validate": ("pdsidecar.k8s.validate", "run_validate", "validate rendered manifests offline"),
+    "deploy-manifests": ("pdsidecar.k8s.manifests", "run_manifests", "regenerate the LeaderWorkerSet manifests"),
 }
 
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the folder when it already holds this model (same arch, seed, sizes)")
     make.set_defaults(func=_cmd_models_make)
 
-    from pdsidecar.local import add_local_arguments
+    from pdsidecar.dev.local import add_local_arguments
 
     local = sub.add_parser("local", help="run a local P/D pair on a tiny model and send real requests")
     add_local_arguments(local)

@@ -20,7 +20,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from pdsidecar.config import ConfigError, SidecarConfig, load_config, render_config
+from pdsidecar.config import ConfigError, load_config, render_config
+from proxy.config import SidecarConfig
 from pdsidecar.workers import die_with_supervisor, supervise, worker_index
 
 log = logging.getLogger("pdsidecar.sidecar")

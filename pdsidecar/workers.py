@@ -30,7 +30,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from pdsidecar.config import SidecarConfig
+from proxy.config import SidecarConfig
 
 log = logging.getLogger("pdsidecar.workers")
 
@@ -47,7 +47,7 @@ def worker_index(environ: dict[str, str] | None = None) -> int | None:
 
 def die_with_supervisor() -> bool:
     """Ask the kernel for SIGTERM when the supervisor dies (Linux); False if it already has."""
-    from .engines import set_parent_death_signal
+    from pdsidecar.parent_death import set_parent_death_signal
 
     parent = os.environ.get(SUPERVISOR_ENV, "")
     set_parent_death_signal(signal.SIGTERM)
@@ -159,7 +159,7 @@ class Supervisor:
             return True
         from aiohttp import web
 
-        from pdsidecar.metrics import CONTENT_TYPE_LATEST, render_multiprocess
+        from proxy.metrics import CONTENT_TYPE_LATEST, render_multiprocess
 
         async def metrics(request: web.Request) -> web.Response:
             return web.Response(body=render_multiprocess(self.metrics_dir),

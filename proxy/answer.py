@@ -30,9 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from pdsidecar.config import _norm_host
-
-REJECTED = "peer_answer_rejected"
+from .endpoints import norm_host
 
 _BOOL = ("do_remote_prefill", "do_remote_decode")
 _STR = {"remote_host": 255, "remote_engine_id": 512, "remote_request_id": 512, "transfer_mode": 32,
@@ -70,7 +68,7 @@ def _is_int(v: Any) -> bool:
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(_norm_host(host.strip("[]")))
+        return ipaddress.ip_address(norm_host(host.strip("[]")))
     except ValueError:
         return None
 
@@ -78,8 +76,8 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 def peer_engine_hosts(peer_host: str, resolved: set[str]) -> set[str]:
     """Addresses the chosen peer's engine may advertise: its configured host, what it
     resolved to (canonical IP strings)."""
-    out = {_norm_host(peer_host)} if peer_host else set()
-    return out | {_norm_host(h) for h in resolved if h}
+    out = {norm_host(peer_host)} if peer_host else set()
+    return out | {norm_host(h) for h in resolved if h}
 
 
 def host_allowed(host: str, allowed: set[str]) -> bool:
@@ -87,7 +85,7 @@ def host_allowed(host: str, allowed: set[str]) -> bool:
     if not isinstance(host, str) or not host:
         return False
     try:
-        h = _norm_host(host.strip("[]"))
+        h = norm_host(host.strip("[]"))
     except ValueError:
         return False
     if h in allowed:

@@ -24,6 +24,11 @@ sidecar know together with the request id), its status and the exact body bytes:
 
 The decode sidecar accepts a prefill answer (its `kv_transfer_params`, its prompt token
 ids) only with a valid answer signature for the nonce it sent (`verify_answer`).
+
+Public API: `sign`/`verify` (requests), `sign_answer`/`verify_answer` (answers),
+`verify_body`, `NonceCache` and the header names (`PEER_HEADER` ... `ANSWER_SIG_HEADER`).
+Besides the sidecars, `pdbench chaos` (bench/chaos_hostile_cases.py, bench/chaos_faults.py)
+signs hostile requests and forged answers with them, as a peer holding the token would.
 """
 
 from __future__ import annotations

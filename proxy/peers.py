@@ -1,4 +1,9 @@
-"""Peer allowlists, DNS-resolved targets and least-pending-KV peer selection."""
+"""Peer allowlists, DNS-resolved targets and least-pending-KV peer selection.
+
+`PeerSet` holds the decode role's prefill peers and picks one; `PeerWatcher` keeps it
+fresh (DNS re-resolution of targets and allowlist names, the peers' `/pd/v1/stats`) and
+publishes the per-peer gauges.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,12 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
-from pdsidecar.config import Endpoint, _norm_host, parse_endpoint
+import aiohttp
+
+from .endpoints import Endpoint, norm_host, parse_endpoint
+from .errors import PeerErrorReason
 
 log = logging.getLogger("pdsidecar.peers")
 
@@ -20,7 +28,7 @@ def canonical_ip(addr: str | None) -> str | None:
     if not addr:
         return None
     try:
-        return _norm_host(addr.split("%", 1)[0])
+        return norm_host(addr.split("%", 1)[0])
     except ValueError:
         return None
 
@@ -59,7 +67,7 @@ class Allowlist:
                 self._resolved[e] = ips
 
     def allows(self, host: str, port: int) -> bool:
-        host = _norm_host(host)
+        host = norm_host(host)
         ip = None
         try:
             ip = ipaddress.ip_address(host)
@@ -85,7 +93,7 @@ class Allowlist:
         src = canonical_ip(source_ip)
         if src is None:
             return False
-        claimed = _norm_host(claimed_host)
+        claimed = norm_host(claimed_host)
         if claimed == src:
             return True
         for e in self.entries:
@@ -162,6 +170,102 @@ class PeerSet:
         st = self.state(ep)
         st.errors += 1
         st.down_until = time.monotonic() + self.down_s
+
+    def label(self, ep: Endpoint) -> str:
+        """The Prometheus `peer` label: configured/resolved targets by name, every
+        client-named peer as "other" (labels stay bounded)."""
+        st = self.peers.get(ep)
+        return str(ep) if st is not None and st.from_target else "other"
+
+    def stats(self) -> dict[str, Any]:
+        """The decode role's `/pd/v1/stats` body."""
+        now = time.monotonic()
+        return {"peers": {str(ep): {"outstanding": st.outstanding, "outstanding_tokens": st.outstanding_tokens,
+                                    "remote_pending_tokens": st.remote_pending_tokens,
+                                    "remote_in_flight": st.remote_in_flight, "draining": st.remote_draining,
+                                    "down": st.down_until > now, "configured": st.from_target}
+                          for ep, st in self.peers.items()},
+                "pending": {"requests": sum(s.outstanding for s in self.peers.values()),
+                            "tokens": sum(s.outstanding_tokens for s in self.peers.values())}}
+
+
+class PeerWatcher:
+    """Decode role: re-resolves targets and allowlist every `--dns-refresh` s, polls the
+    configured peers' `/pd/v1/stats` every `--peer-stats-interval` s (a client-named peer
+    is never polled) and keeps the per-peer gauges."""
+
+    def __init__(self, sc, peers: PeerSet, allow: Allowlist):
+        self.sc = sc
+        self.peers = peers
+        self.allow = allow
+        self._bg: list[asyncio.Task] = []
+        self._labelled: set[str] = set()
+
+    async def start(self) -> None:
+        await self.peers.refresh()
+        await self.allow.refresh()
+        self._bg.append(self.sc.spawn(self._dns_loop()))
+        if self.sc.cfg.peer_stats_interval_s > 0 and self.peers.targets:
+            self._bg.append(self.sc.spawn(self._stats_loop()))
+
+    async def stop(self) -> None:
+        for t in self._bg:
+            t.cancel()
+
+    async def _dns_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sc.cfg.dns_refresh_s)
+            try:
+                await self.peers.refresh()
+                await self.allow.refresh()
+            except Exception:  # keep the last good view
+                log.warning("peer refresh failed", exc_info=True)
+
+    async def _stats_loop(self) -> None:
+        cfg = self.sc.cfg
+        while True:
+            await asyncio.sleep(cfg.peer_stats_interval_s)
+            # only configured/resolved targets: a client-named peer is never polled
+            await asyncio.gather(*(self.poll_stats(ep) for ep, st in list(self.peers.peers.items())
+                                   if st.from_target), return_exceptions=True)
+
+    async def poll_stats(self, ep: Endpoint) -> None:
+        """Read one peer's `/pd/v1/stats` into its `PeerState` (an error counts `stats`)."""
+        st = self.peers.state(ep)
+        try:
+            async with self.sc.upstreams.get(ep.url()).get(
+                    ep.url() + "/pd/v1/stats", allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=1.0, sock_connect=self.sc.cfg.connect_timeout_s)) as r:
+                data = await r.json(content_type=None) if r.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RecursionError):
+            data = None
+        if not isinstance(data, dict):
+            self.sc.metrics.peer_errors.labels(self.peers.label(ep), PeerErrorReason.STATS).inc()
+            return
+        pending = data.get("pending") if isinstance(data.get("pending"), dict) else {}
+        tok = pending.get("tokens")
+        st.remote_pending_tokens = int(tok) if isinstance(tok, int) else 0
+        inf = data.get("in_flight")
+        st.remote_in_flight = int(inf) if isinstance(inf, int) else 0
+        st.remote_draining = bool(data.get("draining"))
+        st.last_stats = time.monotonic()
+
+    def refresh_gauges(self) -> None:
+        m = self.sc.metrics
+        now: set[str] = set()
+        for ep, st in list(self.peers.peers.items()):
+            if not st.from_target:  # client-named: counted in stats, never a label
+                continue
+            now.add(str(ep))
+            m.pending_requests.labels(str(ep)).set(st.outstanding)
+            m.pending_tokens.labels(str(ep)).set(st.outstanding_tokens)
+        for gone in self._labelled - now:  # a target DNS no longer returns
+            for g in (m.pending_requests, m.pending_tokens):
+                try:
+                    g.remove(gone)
+                except KeyError:
+                    pass
+        self._labelled = now
 
 
 def parse_prefiller_header(value: str) -> Endpoint:

@@ -3,7 +3,7 @@
 Each leg is checked (HMAC-signed `x-pd-peer` identity, allowlist on host AND port, socket
 source address), forwarded untouched to the local vLLM, and the KV it leaves behind is
 tracked per decode peer until that peer reports pickup/release (`POST /pd/v1/release`)
-or `--kv-ttl` passes. `/pd/v1/stats` shows the pending KV to routers and peers.
+or the engine's KV lease ends (proxy.pending). `/pd/v1/stats` shows the pending KV to routers and peers.
 """
 
 from __future__ import annotations
@@ -12,107 +12,25 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from pdsidecar.config import Endpoint, parse_endpoint
+from .endpoints import Endpoint, parse_endpoint
 
 from . import auth
 from .body import API_PATHS, loads_or_none, sanitize_unsigned_leg
 from .errors import RequestError
 from .peers import Allowlist, canonical_ip
+from .pending import Pending, PendingKV
+from .release import ReleaseStatus
 from .server import PD_ERROR_HEADER, forward_headers
 
 log = logging.getLogger("pdsidecar.prefill")
 
-RELEASE_STATUSES = ("picked_up", "released", "aborted")
-
-
-def kv_size_hints(kv: Any) -> tuple[int | None, int | None]:
-    """(blocks, bytes) of a prefill response's kv_transfer_params, when it says.
-
-    Optional hints only (the params stay opaque): block ids as vLLM's NIXL-style
-    `remote_block_ids` (one list per KV group, or flat), bytes as `pd_kv_bytes` or
-    `pd_transfer.bytes` when our connector reports them."""
-    if not isinstance(kv, dict):
-        return None, None
-    blocks = None
-    ids = kv.get("remote_block_ids")
-    if isinstance(ids, list):
-        if ids and all(isinstance(g, list) for g in ids):
-            blocks = sum(len(g) for g in ids)
-        else:
-            blocks = len(ids)
-    nbytes = kv.get("pd_kv_bytes")
-    if not isinstance(nbytes, int):
-        t = kv.get("pd_transfer")
-        nbytes = t.get("bytes") if isinstance(t, dict) else None
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-        nbytes = None
-    return blocks, nbytes
-
-
-@dataclass
-class Pending:
-    peer: str
-    tokens: int
-    blocks: int
-    nbytes: int
-    created: float
-    lease_s: float | None = None  # the engine's KV lease (params' pd_kv_lease_s)
-
-
-def lease_hint(kv: dict) -> float | None:
-    """The prefill engine's KV lease in seconds (``pd_kv_lease_s``), if it sent one."""
-    v = kv.get("pd_kv_lease_s")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:
-        return None
-    return float(v)
-
-
-class PendingKV:
-    """KV handed out and not yet picked up, per decode peer."""
-
-    def __init__(self):
-        # keyed by (decode peer, request id): one peer can neither overwrite nor release
-        # another's entry by naming its request id
-        self.items: dict[tuple[str, str], Pending] = {}
-
-    def add(self, rid: str, p: Pending) -> None:
-        self.items[(p.peer, rid)] = p
-
-    def pop(self, rid: str, peer: str) -> Pending | None:
-        return self.items.pop((peer, rid), None)
-
-    def expire(self, ttl: float, now: float | None = None) -> int:
-        """Forget entries older than ``ttl`` or than their engine's lease (whichever
-        ends first: after the lease the engine has freed the blocks anyway)."""
-        now = time.monotonic() if now is None else now
-        old = [k for k, p in self.items.items()
-               if now - p.created > (min(ttl, p.lease_s) if p.lease_s else ttl)]
-        for k in old:
-            del self.items[k]
-        return len(old)
-
-    def summary(self, now: float | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        now = time.monotonic() if now is None else now
-        peers: dict[str, dict[str, Any]] = {}
-        for p in self.items.values():
-            d = peers.setdefault(p.peer, {"requests": 0, "tokens": 0, "blocks": 0, "bytes": 0, "oldest_age_s": 0.0})
-            d["requests"] += 1
-            d["tokens"] += p.tokens
-            d["blocks"] += p.blocks
-            d["bytes"] += p.nbytes
-            d["oldest_age_s"] = max(d["oldest_age_s"], round(now - p.created, 3))
-        total = {"requests": 0, "tokens": 0, "blocks": 0, "bytes": 0, "oldest_age_s": 0.0}
-        for d in peers.values():
-            for k in ("requests", "tokens", "blocks", "bytes"):
-                total[k] += d[k]
-            total["oldest_age_s"] = max(total["oldest_age_s"], d["oldest_age_s"])
-        return total, peers
+RELEASE_STATUSES = tuple(s.value for s in ReleaseStatus)
+HOUSEKEEPING_S = 1.0  # nonce and pending-KV expiry, allowlist refresh check
 
 
 class PrefillRole:
@@ -142,12 +60,12 @@ class PrefillRole:
         cfg = self.sc.cfg
         last_dns = time.monotonic()
         while True:
-            await asyncio.sleep(min(1.0, cfg.kv_ttl_s / 4))
+            await asyncio.sleep(HOUSEKEEPING_S)
             self.nonces.expire()
-            n = self.pending.expire(cfg.kv_ttl_s)
+            n = self.pending.expire()
             if n:
                 self.sc.metrics.kv_expired.inc(n)
-                log.warning("pending KV expired without pickup", extra={"count": n, "ttl_s": cfg.kv_ttl_s})
+                log.warning("pending KV expired without pickup (the engine's lease ended)", extra={"count": n})
             if time.monotonic() - last_dns > cfg.dns_refresh_s:
                 last_dns = time.monotonic()
                 try:
@@ -331,9 +249,7 @@ class PrefillRole:
             return
         usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
         tokens = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else 0
-        blocks, nbytes = kv_size_hints(kv)
-        self.pending.add(rid, Pending(peer, tokens, blocks or 0, nbytes or 0, time.monotonic(),
-                                      lease_hint(kv)))
+        self.pending.add(rid, Pending.from_params(peer, tokens, kv))
 
     async def release(self, request: web.Request) -> web.Response:
         rid = request.headers.get("x-request-id", "")

@@ -23,8 +23,8 @@ import aiohttp
 import aiohttp.web_response as _web_response
 from aiohttp import web
 
-from pdsidecar.config import SidecarConfig
-from pdsidecar.metrics import CONTENT_TYPE_LATEST, Metrics
+from .config import SidecarConfig
+from .metrics import CONTENT_TYPE_LATEST, Metrics
 
 from .errors import RequestError, error_response
 

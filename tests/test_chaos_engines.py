@@ -15,26 +15,30 @@ import asyncio
 
 import pytest
 
-from bench import chaos_scenarios as cs
-from pdsidecar.engines import vllm_available
+from bench import chaos_scenarios_hostile as hostile
+from bench import chaos_scenarios_network as network
+from bench import chaos_scenarios_process as process
+from bench.chaos_load import Result
+from bench.chaos_stack import PROFILES, ChaosStack, StackOptions, chaos_engine_configs
+from pdsidecar.dev.engines import vllm_available
 
 pytestmark = [pytest.mark.engines, pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
 
-PROFILE = cs.PROFILES["short"]
+PROFILE = PROFILES["short"]
 GROUP = "chaos-stock-llama"
 
 
 @pytest.fixture(scope="module")
 def stack(engine_pool, llama_dir, tmp_path_factory):
-    opts = cs.StackOptions()
-    engines = engine_pool.get(GROUP, lambda: cs.chaos_engine_configs(llama_dir, "stock", engine_pool.log_dir, opts))
-    s = cs.ChaosStack(engines, tmp_path_factory.mktemp("chaos-sidecars"), opts).start()
+    opts = StackOptions()
+    engines = engine_pool.get(GROUP, lambda: chaos_engine_configs(llama_dir, "stock", engine_pool.log_dir, opts))
+    s = ChaosStack(engines, tmp_path_factory.mktemp("chaos-sidecars"), opts).start()
     yield s
     s.close()
     engine_pool.drop(GROUP)  # the prefill engine may have been killed/replaced
 
 
-def run(stack: cs.ChaosStack, fn) -> cs.Result:
+def run(stack: ChaosStack, fn) -> Result:
     stack.ensure_up()
     res = asyncio.run(fn(stack, PROFILE))
     print(f"{res.scenario}: {res.result} {res.completed}/{res.requests} errors={res.errors} hung={res.hung} "
@@ -42,20 +46,20 @@ def run(stack: cs.ChaosStack, fn) -> cs.Result:
     return res
 
 
-def check(res: cs.Result) -> None:
+def check(res: Result) -> None:
     assert res.hung == 0, res.notes
     assert res.leaked_blocks == 0 and res.pending_left == 0, res.notes
     assert res.result == "PASS", res.notes
 
 
 def test_load_identical_no_errors_no_leaks(stack):
-    res = run(stack, cs.scn_load)
+    res = run(stack, network.scn_load)
     check(res)
     assert res.completed == res.requests
 
 
 def test_slow_prefill_path(stack):
-    res = run(stack, cs.scn_slow_prefill_path)
+    res = run(stack, network.scn_slow_prefill_path)
     assert res.hung == 0 and res.leaked_blocks == 0 and res.pending_left == 0, res.notes
     # O1 (a decode-leg connect failure under heavy CPU load answered 502) is fixed: the
     # connect is retried with a longer timeout, then recomputed locally; no xfail any more
@@ -63,46 +67,46 @@ def test_slow_prefill_path(stack):
 
 
 def test_blackhole_prefill_path_falls_back(stack):
-    res = run(stack, cs.scn_blackhole_prefill_path)
+    res = run(stack, network.scn_blackhole_prefill_path)
     check(res)
     assert res.paths.get("fallback"), "the black hole did not make any request fall back"
 
 
 def test_transfer_timeout_kv_expires(stack):
-    res = run(stack, cs.scn_transfer_timeout)
+    res = run(stack, network.scn_transfer_timeout)
     check(res)
 
 
 def test_prefill_engine_stall(stack):
-    check(run(stack, cs.scn_prefill_engine_stall))
+    check(run(stack, process.scn_prefill_engine_stall))
 
 
 def test_client_cancel_frees_everything(stack):
-    check(run(stack, cs.scn_client_cancel))
+    check(run(stack, process.scn_client_cancel))
 
 
 def test_prefill_sidecar_sigterm_loses_nothing(stack):
-    res = run(stack, cs.scn_prefill_sidecar_sigterm)
+    res = run(stack, process.scn_prefill_sidecar_sigterm)
     check(res)
     assert res.completed == res.requests
 
 
 def test_decode_sidecar_kill_and_restart(stack):
-    check(run(stack, cs.scn_decode_sidecar_restart))
+    check(run(stack, process.scn_decode_sidecar_restart))
 
 
 def test_drain_decode_loses_no_accepted_request(stack):
-    check(run(stack, cs.scn_drain_decode))
+    check(run(stack, process.scn_drain_decode))
 
 
 def test_zz_prefill_engine_kill_falls_back(stack):
-    check(run(stack, cs.scn_prefill_engine_kill))
+    check(run(stack, process.scn_prefill_engine_kill))
 
 
 def test_zz_prefill_engine_restart_fresh_handshake(stack):
-    check(run(stack, cs.scn_prefill_engine_restart))
+    check(run(stack, process.scn_prefill_engine_restart))
 
 
 def test_zzz_logs_hold_no_token_or_prompt(stack):
-    res = run(stack, cs.scn_log_hygiene)
+    res = run(stack, hostile.scn_log_hygiene)
     assert res.result == "PASS", res.notes

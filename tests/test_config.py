@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdsidecar.config import ConfigError, Endpoint, load_config, parse_endpoint, render_config
+from pdsidecar.config import ConfigError, load_config, render_config
+from proxy.endpoints import Endpoint, parse_endpoint
 from pdsidecar.sidecar import run_sidecar
 
 TOKEN = "config-test-token-0123456789"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pdsidecar.engines import pd_pair_configs
+from pdsidecar.dev.engines import pd_pair_configs
 
 pytestmark = pytest.mark.engines
 

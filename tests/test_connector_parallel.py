@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from pdsidecar.engines import EngineConfig
+from pdsidecar.dev.engines import EngineConfig
 
 from test_connector_engines import aggregated, decode, make_prompts, ours_config, post, prefill  # noqa: E402
 

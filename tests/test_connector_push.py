@@ -25,7 +25,7 @@ def control_addr(engine) -> str:
                               "kv_transfer_params": {"do_remote_decode": True}})
     assert status == 200, r
     params = r["kv_transfer_params"]
-    from pdsidecar.engines import harness_token
+    from pdsidecar.dev.engines import harness_token
     from transfer.connector.control_client import configure_auth, send_release
     configure_auth(harness_token())  # the engines' control-plane token
     host, port = params["remote_host"], params["remote_port"]
@@ -34,13 +34,16 @@ def control_addr(engine) -> str:
 
 
 def push_pair_request(pair, prompt, d_addr, *, prefill_prompt=None, prefill=True,
-                      max_tokens=8) -> tuple[tuple[int, dict], tuple[int, dict] | None]:
-    """Decode leg and (optionally) prefill leg at once, linked by a fresh push id."""
+                      max_tokens=8, extra: dict | None = None
+                      ) -> tuple[tuple[int, dict], tuple[int, dict] | None]:
+    """Decode leg and (optionally) prefill leg at once, linked by a fresh push id;
+    ``extra``: more fields of the decode leg's body (e.g. ``logprobs``)."""
     push_id = "push-" + uuid.uuid4().hex
     out: dict = {}
 
     def decode_leg() -> None:
         out["d"] = post(pair[1], {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                  **(extra or {}),
                                   "kv_transfer_params": {"do_remote_prefill": True,
                                                          "transfer_mode": "push",
                                                          "remote_request_id": push_id}})

@@ -302,7 +302,7 @@ def test_host_key_file_is_private_and_shared(tmp_path):
 
 @pytest.fixture(scope="module")
 def tls_dirs(tmp_path_factory):
-    from pdsidecar.k8s_certs import write_control_certs
+    from pdsidecar.k8s.certs import write_control_certs
     good, other = tmp_path_factory.mktemp("tls-good"), tmp_path_factory.mktemp("tls-other")
     write_control_certs(str(good))
     write_control_certs(str(other))  # another CA: a stranger's valid-looking certificate

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pdsidecar import k8s_validate as kv
-from pdsidecar.inject import inject
-from pdsidecar.k8s_manifests import PROFILES, overlay_documents
+from pdsidecar.k8s import validate as kv
+from pdsidecar.k8s.inject import inject
+from pdsidecar.k8s.manifests import PROFILES, overlay_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = ["production", "single-node", "dev-cpu"]
@@ -103,7 +103,7 @@ def test_other_schemas_reject_broken_objects(rendered):
 def test_generated_lws_files_up_to_date(overlay):
     for fname, text in overlay_documents(overlay).items():
         path = ROOT / "deploy" / "overlays" / overlay / fname
-        assert path.read_text() == text, f"{path} is stale: run python -m pdsidecar.k8s_manifests"
+        assert path.read_text() == text, f"{path} is stale: run python -m pdsidecar.k8s.manifests"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -130,7 +130,7 @@ def test_sidecar_requirements_install_in_fresh_venv(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     # The slim set is enough for the sidecar's deploy entry points (webhook, inject) ...
     code = ("import aiohttp, grpc, google.protobuf, prometheus_client, numpy, yaml;"
-            "import pdsidecar.inject, pdsidecar.webhook;"
+            "import pdsidecar.k8s.inject, pdsidecar.k8s.webhook;"
             "import importlib.util as u; assert u.find_spec('torch') is None and u.find_spec('vllm') is None")
     p = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=tmp_path)

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from pdsidecar.engines import Engine, EngineConfig, EngineError, bind_cpus, group_members
+from pdsidecar.dev.engines import Engine, EngineConfig, EngineError
+from pdsidecar.dev.procs import bind_cpus, group_members
 
 
 def _pids_of_group(pgid: int) -> list[int]:
@@ -86,7 +87,7 @@ def test_child_is_confined_to_its_cores():
     import subprocess
     import sys
 
-    from pdsidecar.engines import _child_setup
+    from pdsidecar.dev.procs import _child_setup
 
     core = sorted(os.sched_getaffinity(0))[-1]
     out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
@@ -103,7 +104,7 @@ def test_children_die_with_their_starter(tmp_path):
     pidfile = tmp_path / "child.pid"
     starter = (
         "import subprocess, time, pathlib\n"
-        "from pdsidecar.engines import _die_with_parent\n"
+        "from pdsidecar.dev.procs import _die_with_parent\n"
         "p = subprocess.Popen(['sleep', '300'], start_new_session=True, preexec_fn=_die_with_parent)\n"
         f"pathlib.Path({str(pidfile)!r}).write_text(str(p.pid))\n"
         "time.sleep(300)\n"

@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.chaos_faults import ROGUE_MODES, Detector, FaultProxy
-from bench.chaos_scenarios import (_ipv6_loopback_ok, hostile_cases, log_hygiene, raw_request, rogue_peer_cases,
-                                   slowloris, ssrf_header_values)
-from pdsidecar.engines import free_port
-from pdsidecar.local_sidecars import SidecarProcess
+from bench.chaos_hostile import ipv6_loopback_ok, log_hygiene, raw_request, slowloris, ssrf_header_values
+from bench.chaos_hostile_cases import hostile_cases, rogue_peer_cases
+from pdsidecar.dev.procs import free_port
+from pdsidecar.dev.local_sidecars import SidecarProcess
 from proxy import auth
 
 MODEL = "fake-model"

@@ -17,15 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pdsidecar.inject import (
-    InjectError,
-    InjectOptions,
-    inject,
-    inject_documents,
-    kv_transfer_config,
-    run_inject,
-)
-from pdsidecar import k8s_validate as kv
+from pdsidecar.k8s import validate as kv
+from pdsidecar.k8s.inject import inject, inject_documents, run_inject
+from pdsidecar.k8s.inject_options import InjectError, InjectOptions
+from pdsidecar.k8s.vllm_args import kv_transfer_config
 
 GOLDEN = Path(__file__).parent / "golden"
 INPUTS = ["pod", "deployment", "lws"]
@@ -239,7 +234,7 @@ def test_cli_multidoc_stdin_and_file(tmp_path, capsys, monkeypatch):
 
 def test_module_entry_no_traceback():
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    p = subprocess.run([sys.executable, "-m", "pdsidecar.inject", "--role", "decode"], input="kind: Nope\n",
+    p = subprocess.run([sys.executable, "-m", "pdsidecar.k8s.inject", "--role", "decode"], input="kind: Nope\n",
                        capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.strip().startswith("pdsidecar inject: error:") and "Traceback" not in p.stderr

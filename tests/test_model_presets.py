@@ -2,7 +2,7 @@
 
 import pytest
 
-from pdsidecar.models import PRESETS, TinyModelSpec, _build_config
+from pdsidecar.dev.tiny_models import PRESETS, TinyModelSpec, _build_config
 
 pytest.importorskip("transformers")
 

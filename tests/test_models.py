@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pdsidecar.engines import Engine, EngineConfig
-from pdsidecar.models import ModelError, folder_digest, make_model
+from pdsidecar.dev.engines import Engine, EngineConfig
+from pdsidecar.dev.tiny_models import ModelError, folder_digest, make_model
 
 
 def test_same_seed_same_bytes(tmp_path):

@@ -68,7 +68,7 @@ def rendered():
 @needs_kubectl
 @pytest.mark.parametrize("overlay", ["dev-cpu", "single-node", "production"])
 def test_every_engine_gets_its_pod_ip(rendered, overlay):
-    from pdsidecar import k8s_validate as kv
+    from pdsidecar.k8s import validate as kv
     from pdsidecar.dev.podspec import lws
 
     for role in ("prefill", "decode"):
@@ -117,7 +117,7 @@ def test_command_mapping_refuses_unknown_images_and_commands():
 
 
 def test_inject_prefill_targets_the_decode_service():
-    from pdsidecar.inject import InjectOptions
+    from pdsidecar.k8s.inject_options import InjectOptions
 
     assert InjectOptions().target_for("prefill") == "pd-decode:8000"
     assert InjectOptions(decode_service="dec", sidecar_port=9).target_for("prefill") == "dec:9"
@@ -146,11 +146,11 @@ def test_connector_refuses_loopback_when_peers_read(extra, env, role, refused):
 
 
 def test_local_pods_without_root_says_what_to_do(monkeypatch, capsys):
-    from pdsidecar import engines
+    from pdsidecar.dev import engines
     from pdsidecar.cli import main
 
     monkeypatch.setattr(engines, "vllm_available", lambda: True)
-    monkeypatch.setattr("pdsidecar.local.vllm_available", lambda: True)
+    monkeypatch.setattr("pdsidecar.dev.local.vllm_available", lambda: True)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert main(["local", "--pods", "--short"]) == 2
     err = capsys.readouterr().err.strip()

@@ -12,11 +12,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from pdsidecar.config import Endpoint, load_config
-from pdsidecar.engines import free_port
+from pdsidecar.config import load_config
+from proxy.endpoints import Endpoint
+from pdsidecar.dev.procs import free_port
 from proxy import auth
 from proxy.answer import AnswerRejected, check_prefill_kv, host_allowed
-from proxy.prefill import Pending, PendingKV
+from proxy.pending import Pending, PendingKV
 from proxy.server import Sidecar
 from test_proxy_unit import TOKEN, FakeVllm, Stack, cfg, post, val
 
@@ -467,7 +468,7 @@ async def test_fallback_fail_error_names_no_internal_address():
 
 
 async def test_no_server_version_banner(ss):
-    from bench.chaos_scenarios import raw_request
+    from bench.chaos_hostile import raw_request
     for url in (ss.dec.url + "/health", ss.pre.url + "/health", ss.dec.url + "/nope"):
         async with aiohttp.ClientSession() as c:
             async with c.get(url) as r:

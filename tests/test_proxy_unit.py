@@ -12,8 +12,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from pdsidecar.config import Endpoint, SidecarConfig
-from pdsidecar.engines import free_port
+from proxy.config import SidecarConfig
+from proxy.endpoints import Endpoint
+from pdsidecar.dev.procs import free_port
 from proxy import auth
 from proxy.server import Sidecar
 
@@ -26,12 +27,13 @@ class FakeVllm:
 
     def __init__(self, *, chunks: int = 3, delay: float = 0.0, prefill_status: int = 200,
                  prefill_delay: float = 0.0, no_kv: bool = False, decode_kv: dict | None = None,
-                 kv_load_fails: bool = False):
+                 kv_load_fails: bool = False, prefill_kv_extra: dict | None = None):
         self.requests: list[tuple[str, dict, dict]] = []
         self.chunks, self.delay = chunks, delay
         self.prefill_status, self.prefill_delay, self.no_kv = prefill_status, prefill_delay, no_kv
         self.decode_kv = decode_kv
         self.kv_load_fails = kv_load_fails
+        self.prefill_kv_extra = prefill_kv_extra or {}  # more fields in the prefill answer's params
         self.gate: asyncio.Event | None = None
         self.cancelled: list[str] = []
         self.runner = None
@@ -81,7 +83,7 @@ class FakeVllm:
                 out = {"id": "p", "choices": [{"index": 0, "text": "x"}], "usage": {"prompt_tokens": 7},
                        "kv_transfer_params": None if self.no_kv else
                        {"do_remote_prefill": True, "remote_block_ids": [[1, 2, 3]], "remote_request_id": "abc",
-                        "remote_host": "127.0.0.1", "remote_port": 5600}}
+                        "remote_host": "127.0.0.1", "remote_port": 5600, **self.prefill_kv_extra}}
                 if body.get("return_token_ids"):
                     if chat:
                         out["prompt_token_ids"] = [5, 6, 7]
@@ -426,9 +428,9 @@ async def test_pending_kv_release_stats_and_expiry(st):
                                 {"releases": [{"id": rid, "status": "picked_up"}]}).encode())})
     assert s == 200 and json.loads(data) == {"released": 1} and not st.pre.role.pending.items
     # expiry
-    from proxy.prefill import Pending
+    from proxy.pending import Pending
     st.pre.role.pending.add("old", Pending(me, 1, 1, 0, time.monotonic() - 1000))
-    assert st.pre.role.pending.expire(st.pre.cfg.kv_ttl_s) == 1
+    assert st.pre.role.pending.expire() == 1
 
 
 async def test_decode_stats_and_peer_selection():
@@ -446,7 +448,7 @@ async def test_decode_stats_and_peer_selection():
                 stats = await r.json()
         assert stats["role"] == "decode" and set(stats["peers"]) == {f"127.0.0.1:{s.pre.port}", "127.0.0.2:1"}
         # the peer's own stats inform the choice
-        await s.dec.role._poll_stats(Endpoint("127.0.0.1", s.pre.port))
+        await s.dec.role.watcher.poll_stats(Endpoint("127.0.0.1", s.pre.port))
         assert s.dec.role.peers.peers[Endpoint("127.0.0.1", s.pre.port)].last_stats > 0
     finally:
         await s.stop()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from proxy.decode import load_failure
+from proxy.kv_report import load_failure
 from test_proxy_unit import post, stack, val
 
 

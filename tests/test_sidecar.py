@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pdsidecar.engines import free_port
+from pdsidecar.dev.procs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "sidecar-test-token-0123456789"

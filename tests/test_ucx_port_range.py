@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pdsidecar.inject import DEFAULT_UCX_TCP_PORT_RANGE
+from pdsidecar.k8s.inject_options import DEFAULT_UCX_TCP_PORT_RANGE
 
 ROOT = Path(__file__).resolve().parent.parent
 

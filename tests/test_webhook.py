@@ -16,9 +16,10 @@ pytest.importorskip("cryptography")
 
 from aiohttp import ClientSession, TCPConnector, web  # noqa: E402
 
-from pdsidecar.inject import InjectOptions, inject  # noqa: E402
-from pdsidecar.k8s_certs import make_self_signed  # noqa: E402
-from pdsidecar.webhook import WebhookOptions, build_app, make_patch, ssl_context  # noqa: E402
+from pdsidecar.k8s.certs import make_self_signed  # noqa: E402
+from pdsidecar.k8s.inject import inject  # noqa: E402
+from pdsidecar.k8s.inject_options import InjectOptions  # noqa: E402
+from pdsidecar.k8s.webhook import WebhookOptions, build_app, make_patch, ssl_context  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -237,7 +238,7 @@ def test_make_patch_roundtrip(a, b):
 def test_webhook_cert_command(tmp_path, capsys):
     from cryptography import x509
 
-    from pdsidecar.k8s_certs import run_webhook_cert
+    from pdsidecar.k8s.certs import run_webhook_cert
 
     assert run_webhook_cert(["--namespace", "pd", "--out-dir", str(tmp_path)]) == 0
     ca = base64.b64decode(capsys.readouterr().out.strip())
@@ -249,7 +250,7 @@ def test_webhook_cert_command(tmp_path, capsys):
 
 
 def test_run_webhook_bad_cert_is_one_line_error(capsys):
-    from pdsidecar.webhook import run_webhook
+    from pdsidecar.k8s.webhook import run_webhook
 
     assert run_webhook(["--tls-cert", "/nonexistent.crt", "--tls-key", "/nonexistent.key"]) == 1
     err = capsys.readouterr().err

@@ -19,8 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.proxy import _serve_fake, _wait_http
-from pdsidecar.engines import free_port, group_members
+from bench.proxy_servers import serve_fake, wait_http
+from pdsidecar.dev.procs import free_port, group_members
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNKS, CHUNK_DELAY_S = 8, 0.15  # ~1.2 s per streamed request: long enough to be in flight at SIGTERM
@@ -31,10 +31,10 @@ BODY = {"model": "fake", "prompt": "hello", "stream": True, "max_tokens": 8}
 def fake_vllm():
     """A fake vLLM in its own process (streams CHUNKS SSE chunks, CHUNK_DELAY_S apart)."""
     port = free_port()
-    p = mp.get_context("spawn").Process(target=_serve_fake, args=(port, CHUNKS, CHUNK_DELAY_S), daemon=True)
+    p = mp.get_context("spawn").Process(target=serve_fake, args=(port, CHUNKS, CHUNK_DELAY_S), daemon=True)
     p.start()
     url = f"http://127.0.0.1:{port}"
-    _wait_http(url + "/health")
+    wait_http(url + "/health")
     yield url
     p.terminate()
     p.join(10)
@@ -59,7 +59,7 @@ class Run:
 
     def wait_ready(self) -> "Run":
         """Until every worker answers (each connection reaches one worker, by the kernel's hash)."""
-        _wait_http(f"http://127.0.0.1:{self.mport}/metrics", timeout=60)
+        wait_http(f"http://127.0.0.1:{self.mport}/metrics", timeout=60)
         seen: set[str] = set()
         end = time.monotonic() + 60
         while len(seen) < self.workers and time.monotonic() < end:

@@ -10,7 +10,7 @@ and its worker dies with exit code -4. The permission is per process and is clea
 ``execve``, so every engine process asks for itself:
 
 - our connector's worker half asks when it is constructed (``PdConnectorWorker``);
-- the engine harness (``pdsidecar.engines``) puts ``pdsidecar/engine_site`` on every
+- the engine harness (``pdsidecar.dev.engines``) puts ``pdsidecar/engine_site`` on every
   engine's ``PYTHONPATH``, whose ``sitecustomize`` asks at interpreter start-up, so the
   stock-connector and aggregated engines that ``pdbench`` compares against get it too.
 

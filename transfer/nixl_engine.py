@@ -387,6 +387,29 @@ class NixlTransferEngine(PeerTableEngine):
                     pass
             self._reg_descs.clear()
 
+    def prepare_only(self) -> None:
+        """Benchmark mode (``pdbench transfer --prepare-only``), for good: every later
+        READ/WRITE is built (``make_prepped_xfer``) and then released unposted, as if
+        it completed at once; nothing moves, so ``TransferStats.prepare_us`` is the
+        cost of preparing alone. Not for serving."""
+        with self._lock:
+            if not isinstance(self.agent, _UnpostedAgent):
+                self.agent = _UnpostedAgent(self.agent)
+
+
+class _UnpostedAgent:
+    """:meth:`NixlTransferEngine.prepare_only`: the engine's NIXL agent, except that
+    ``transfer`` posts nothing and reports DONE (the engine then releases the handle)."""
+
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._agent, name)
+
+    def transfer(self, handle: Any, notif_msg: bytes = b"") -> str:
+        return "DONE"
+
 
 def _compute_event() -> Any:
     """A CUDA event recorded on the caller's current stream.

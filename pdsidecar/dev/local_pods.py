@@ -13,7 +13,7 @@ import signal
 import time
 
 from pdsidecar.errors import CliError
-from pdsidecar.local import CHAT_MESSAGE, COMPLETION_PROMPT, KvFigures, SidecarClient, _print_answer
+from pdsidecar.dev.local import CHAT_MESSAGE, COMPLETION_PROMPT, KvFigures, SidecarClient, _print_answer
 
 ENGINE_PORT = "vllm-http"
 

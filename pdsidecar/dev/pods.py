@@ -36,8 +36,8 @@ from typing import Any
 
 from pdsidecar.dev import netns
 from pdsidecar.dev.podspec import ContainerSpec, PodSpec, pod_spec, render_overlay, service_hosts
-from pdsidecar.engines import (_child_setup, _unpin_threads, bind_cpus, cpu_slices, group_members,
-                               set_parent_death_signal)
+from pdsidecar.dev.procs import _child_setup, _unpin_threads, bind_cpus, cpu_slices, group_members
+from pdsidecar.parent_death import set_parent_death_signal
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DEV_CPU = REPO / "deploy" / "overlays" / "dev-cpu"
@@ -247,7 +247,7 @@ class PodCluster:
     def __init__(self, overlay: str | Path = DEV_CPU, *, model_cache: str | Path | None = None,
                  log_dir: str | Path | None = None, docs: list[dict] | None = None,
                  startup_timeout_s: float = 300.0, isolate: bool = True):
-        from pdsidecar.local import DEFAULT_CACHE
+        from pdsidecar.dev.local import DEFAULT_CACHE
 
         self.docs = docs if docs is not None else render_overlay(overlay)
         self.model_cache = str(model_cache or DEFAULT_CACHE / "models")

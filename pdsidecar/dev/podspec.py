@@ -31,8 +31,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from pdsidecar import k8s_validate as kv
-from pdsidecar.k8s_manifests import ENGINE_IMAGE, SIDECAR_IMAGE
+from pdsidecar.k8s import validate as kv
+from pdsidecar.k8s.manifests import ENGINE_IMAGE, SIDECAR_IMAGE
 
 EXECUTABLES: dict[str, list[str]] = {
     "vllm": [sys.executable, "-m", "pdsidecar.dev.vllm_cli"],  # vLLM's own CLI (see that module)

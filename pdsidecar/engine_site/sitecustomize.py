@@ -1,4 +1,4 @@
-"""Runs at start-up of every Python process of an engine started by ``pdsidecar.engines``.
+"""Runs at start-up of every Python process of an engine started by ``pdsidecar.dev.engines``.
 
 It asks Linux for AMX tile permission (``transfer.amx``; a no-op without ``amx_tile``)
 so that every engine the harness starts -- ours, the stock connector's and aggregated

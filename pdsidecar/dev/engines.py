@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdsidecar.dev.procs import (_child_setup, _unpin_threads, bind_cpus, cpu_slices, free_port, group_members,
+                                 port_in_use)
 
 # Put first on every engine's PYTHONPATH: its sitecustomize requests AMX tile permission
 # in each engine process (transfer/amx.py says why), then runs the next sitecustomize.
-ENGINE_SITE = str(Path(__file__).parent / "engine_site")
+ENGINE_SITE = str(Path(__file__).parent.parent / "engine_site")
 
 
 class EngineError(Exception):
@@ -45,36 +46,10 @@ def harness_token() -> str:
     return _HARNESS_TOKEN
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
 def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
-
-
-def cpu_slices(n: int) -> list[str]:
-    """Split this process's CPUs into `n` disjoint `VLLM_CPU_OMP_THREADS_BIND` values."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    if len(cpus) < n:
-        return [",".join(map(str, cpus))] * n
-    per = len(cpus) // n
-    return [",".join(map(str, cpus[i * per : (i + 1) * per])) for i in range(n)]
 
 
 @dataclass
@@ -102,7 +77,7 @@ class EngineConfig:
     stop_timeout_s: float = 20.0
     log_dir: str | None = None
     enforce_eager: bool = True
-    # vLLM's --dtype. None: "float32" for a model made by pdsidecar.models on the CPU
+    # vLLM's --dtype. None: "float32" for a model made by pdsidecar.dev.tiny_models on the CPU
     # build of vLLM (random weights give near-flat logits, so bf16 rounding differences
     # between two kernel paths flip greedy argmaxes; see tiny_model_dtype), else vLLM's
     # own choice. A --dtype in extra_args comes later and wins.
@@ -273,7 +248,7 @@ class Engine:
 
 
 def tiny_model_dtype(model: str) -> str | None:
-    """"float32" when `model` is a folder made by ``pdsidecar.models`` (it holds
+    """"float32" when `model` is a folder made by ``pdsidecar.dev.tiny_models`` (it holds
     ``pdsidecar-model.json``) served by the CPU build of vLLM, else None (vLLM chooses).
 
     Why: a random-weight model has near-flat logits (the tiny Llama in bf16: 10 % of
@@ -300,6 +275,8 @@ def _vllm_is_cpu_build() -> bool:
         return True
     except metadata.PackageNotFoundError:
         return False
+
+
 def _is_loopback_host(host: str) -> bool:
     import ipaddress
 
@@ -307,74 +284,6 @@ def _is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def bind_cpus(spec: str | None) -> set[int] | None:
-    """The cores named by a `VLLM_CPU_OMP_THREADS_BIND` value ("0", "0,2", "0-3",
-    "0-1|2-3" per rank); None for "auto", "nobind", empty or unparsable values."""
-    if not spec:
-        return None
-    cpus: set[int] = set()
-    try:
-        for part in spec.replace("|", ",").split(","):
-            lo, _, hi = part.strip().partition("-")
-            cpus.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        return None
-    return cpus or None
-
-
-def _child_setup(cpus: set[int] | None):
-    def setup() -> None:
-        _die_with_parent()
-        if cpus and hasattr(os, "sched_setaffinity"):
-            with contextlib.suppress(OSError):  # a core outside our cpuset: stay unpinned
-                os.sched_setaffinity(0, cpus)
-    return setup
-
-
-def _unpin_threads(pid: int) -> None:
-    """Let every thread of `pid` (not its children) run on all of our cores again."""
-    cpus = os.sched_getaffinity(0)
-    for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
-        with contextlib.suppress(OSError, ValueError):
-            os.sched_setaffinity(int(tid), cpus)
-
-
-def _die_with_parent() -> None:
-    """In the engine child: SIGTERM it when its starter dies (Linux), however that dies.
-
-    Engines run in their own session (so a group kill reaches their workers), which
-    also takes them out of the starter's signals: without this, a starter killed by a
-    timeout or SIGKILL leaves the engine running, one core busy, forever.
-    """
-    set_parent_death_signal(signal.SIGTERM)
-
-
-def set_parent_death_signal(sig: int) -> bool:
-    """``prctl(PR_SET_PDEATHSIG, sig)``; False where unsupported (not Linux)."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) pids whose process group is `pgid`."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(entry))
-    return out
 
 
 def start_engines(configs: list[EngineConfig], sequential: bool = False) -> list[Engine]:

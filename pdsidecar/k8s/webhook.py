@@ -1,7 +1,7 @@
 """Mutating admission webhook: sidecar injection at pod creation.
 
 Pods annotated ``pdsidecar.io/role: prefill|decode`` get the same injection as
-``pdsidecar inject`` (see :mod:`pdsidecar.inject`), returned as an RFC 6902
+``pdsidecar inject`` (see :mod:`pdsidecar.k8s.inject`), returned as an RFC 6902
 JSON Patch in an ``admission.k8s.io/v1`` AdmissionReview response.
 
 * Pods without the annotation (or with ``pdsidecar.io/inject: "false"``),
@@ -34,20 +34,12 @@ from typing import Any, Iterable
 
 from aiohttp import web
 
-from .inject import (
-    INJECTED_KEY,
-    ROLE_KEY,
-    ROLES,
-    InjectError,
-    InjectOptions,
-    add_inject_arguments,
-    inject,
-    options_from_args,
-)
+from pdsidecar.k8s.inject import add_inject_arguments, inject, options_from_args
+from pdsidecar.k8s.inject_options import ROLE_KEY, ROLES, InjectError, InjectOptions
 
 __all__ = ["WebhookOptions", "make_patch", "review", "build_app", "run_webhook", "MalformedReview"]
 
-log = logging.getLogger("pdsidecar.webhook")
+log = logging.getLogger("pdsidecar.k8s.webhook")
 
 REVIEW_API = "admission.k8s.io/v1"
 OPT_OUT_KEY = "pdsidecar.io/inject"

@@ -12,7 +12,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pdsidecar.engines import Engine, EngineError, free_port
+from pdsidecar.dev.engines import Engine, EngineError
+from pdsidecar.dev.procs import free_port
 
 
 class SidecarProcess:

@@ -1,6 +1,7 @@
 """Prometheus metrics of the sidecar (`pd_*`, own registry, base units, bounded labels).
 
-Label values are closed sets defined here (`PATHS`, `APIS`, `PEER_ERROR_REASONS`, ...);
+Label values are closed sets defined here (`PATHS`, `APIS`, ...) or in proxy.errors (the reason
+enums behind `FALLBACK_REASONS`, `PEER_ERROR_REASONS`);
 the only open-ended label is `peer`, which takes only allowlisted/configured peers.
 docs/sidecar.md documents every family; keep the two in sync.
 
@@ -17,6 +18,8 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .errors import FallbackReason, PeerErrorReason
+
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST", "PATHS", "APIS", "PEER_ERROR_REASONS", "LOCAL_REASONS",
            "MULTIPROC_ENV", "render_multiprocess", "KV_LOAD_FAILURE_REASONS"]
 
@@ -28,10 +31,8 @@ PATHS = ("disagg", "recompute", "local", "fallback", "error")
 APIS = ("completions", "chat")
 # why a request ran locally (path=local) or fell back (path=fallback)
 LOCAL_REASONS = ("threshold", "no_peer", "unsupported", "disabled")
-FALLBACK_REASONS = ("connect", "timeout", "disconnect", "http_5xx", "peer_rejected", "protocol", "kv_load",
-                    "peer_answer_rejected")
-PEER_ERROR_REASONS = ("connect", "timeout", "http_5xx", "http_4xx", "peer_rejected", "protocol", "disconnect",
-                      "stats", "release", "peer_answer_rejected")
+FALLBACK_REASONS = tuple(r.value for r in FallbackReason)
+PEER_ERROR_REASONS = tuple(r.value for r in PeerErrorReason)
 # why the decode engine's KV load failed (PdConnector's pd_transfer.error; other = unknown label)
 KV_LOAD_FAILURE_REASONS = ("bad_params", "foreign_host", "expired", "mismatch", "unreachable", "unknown_engine",
                            "block_range", "transfer_failed", "timeout", "aborted", "other")
@@ -112,7 +113,7 @@ class Metrics:
                                    multiprocess_mode="livesum")
         self.pending_age = Gauge("pd_pending_kv_oldest_age_seconds", "Prefill: age of the oldest pending KV, per peer.",
                                  ["peer"], registry=r, multiprocess_mode="livemax")
-        self.kv_expired = Counter("pd_kv_expired", "Prefill: pending KV forgotten after --kv-ttl without pickup.",
+        self.kv_expired = Counter("pd_kv_expired", "Prefill: pending KV forgotten without pickup once the prefill engine's KV lease ended.",
                                   registry=r)
         self.kv_released = Counter("pd_kv_released", "Prefill: pending KV closed by a decode sidecar's report, by status.",
                                    ["status"], registry=r)

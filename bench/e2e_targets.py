@@ -1,0 +1,154 @@
+"""``pdbench e2e``: one configuration started (engines, sidecars, pods) or connected
+to, as a :class:`Target` the load generator talks to."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from bench.e2e_plan import Plan
+
+
+@dataclass
+class Target:
+    name: str
+    url: str                              # where the client sends requests
+    model: str
+    label: str = ""
+    connector: str = "-"
+    sidecar_url: str | None = None        # decode sidecar (pd_* metrics)
+    prefill_sidecar_url: str | None = None
+    engine_kv_url: str | None = None      # decode engine (KV figures)
+    cores: dict[str, str] = field(default_factory=dict)
+    logs: list[str] = field(default_factory=list)
+    stop: Callable[[], None] = lambda: None
+    netns: str | None = None              # network namespace the client must run in (pods)
+
+
+def start_pods_target(name: str, plan: Plan) -> Target:
+    """``pd-ours-pods``: the rendered dev-cpu overlay as pods (pdsidecar.dev.pods)."""
+    from pdsidecar.dev.local_pods import served_model
+    from pdsidecar.dev.netns import NetnsError, can_create
+    from pdsidecar.dev.pods import PodCluster, PodError
+    from pdsidecar.dev.podspec import PodSpecError
+
+    why = can_create()
+    if why:
+        raise RuntimeError(why)
+    cluster = PodCluster(log_dir=plan.log_dir, startup_timeout_s=plan.startup_timeout)
+    try:
+        p, d = cluster.start_many(["prefill", "decode"])
+    except (PodError, PodSpecError, NetnsError) as e:
+        cluster.close()
+        raise RuntimeError(str(e)) from None
+    except BaseException:
+        cluster.close()
+        raise
+    engine = f"http://{d.ip}:{d.engine.ports['vllm-http']}"
+    return Target(name, d.url("http"), served_model(d), f"P/D across pods {p.ip} -> {d.ip} (dev-cpu overlay)",
+                  "PdConnector", sidecar_url=d.url("http"), prefill_sidecar_url=p.url("http"),
+                  engine_kv_url=engine, cores={"prefill": ",".join(map(str, sorted(p.cpus or []))),
+                                               "decode": ",".join(map(str, sorted(d.cpus or [])))},
+                  logs=[str(cluster.log_dir)], stop=cluster.close, netns=cluster.outer)
+
+
+def _engine_configs(roles: tuple[str, ...], model: str, kv_cfg: dict | None, plan: Plan, stock: bool,
+                    common: dict[str, Any]) -> list[Any]:
+    """One EngineConfig per role: CPU engines pinned to their own cores, or GPU engines
+    sharing the GPU (``--gpu-util``). Each engine gets its own control / side-channel port."""
+    import copy
+
+    from pdsidecar.dev.engines import EngineConfig
+    from pdsidecar.dev.procs import cpu_slices, free_port
+
+    binds = cpu_slices(len(roles))
+    out = []
+    for role, bind in zip(roles, binds):
+        cfg = copy.deepcopy(kv_cfg)
+        if cfg and "kv_connector_extra_config" in cfg and not stock:
+            cfg["kv_connector_extra_config"]["control_port"] = free_port()
+        env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())} if stock else {}
+        if plan.gpu_util is None:
+            out.append(EngineConfig(model=model, name=role, kv_transfer_config=cfg, cpu_bind=bind, env=env,
+                                    log_dir=plan.log_dir, **common))
+        else:
+            out.append(EngineConfig(model=model, name=role, kv_transfer_config=cfg, cpu_bind=None,
+                                    pin_process=False, env=env, log_dir=plan.log_dir,
+                                    extra_args=["--gpu-memory-utilization", str(plan.gpu_util)], **common))
+    return out
+
+
+def _start(configs: list[Any], plan: Plan) -> list[Any]:
+    from pdsidecar.dev.engines import start_engines
+
+    return start_engines(configs, sequential=plan.gpu_util is not None)
+
+
+def start_target(name: str, plan: Plan, model: str) -> Target:
+    from pdsidecar.dev.engines import stock_nixl_config
+
+    if name == "pd-ours-pods":
+        return start_pods_target(name, plan)
+    common = dict(startup_timeout_s=plan.startup_timeout, max_model_len=plan.max_model_len)
+    if name == "agg":
+        (e,) = _start(_engine_configs(("agg",), model, None, plan, False, common), plan)
+        return Target(name, e.url, e.model_name, "aggregated (one engine)", "-",
+                      cores={"engine": e.config.cpu_bind or "gpu"}, logs=[str(e.log_path)], stop=e.stop)
+    from pdsidecar.dev.local_sidecars import start_sidecars
+
+    push = name.endswith("-push")
+    if name.startswith("pd-ours"):
+        from pdsidecar.dev.local import connector_config
+
+        label, kv_cfg = connector_config("ours")
+        if push:
+            kv_cfg["kv_connector_extra_config"]["transfer_mode"] = "push"
+            label = "PdConnector push (ours)"
+        stock = False
+    else:
+        kv_cfg, stock = stock_nixl_config(), True
+        if plan.gpu_util is not None:
+            kv_cfg.pop("kv_buffer_device", None)  # GPU: KV stays in VRAM
+        if push:
+            kv_cfg["kv_connector"] = "NixlPushConnector"
+        label = f"{kv_cfg['kv_connector']} (stock vLLM)"
+    prefill, decode = _start(_engine_configs(("prefill", "decode"), model, kv_cfg, plan, stock, common), plan)
+    extra = list(plan.sidecar_args)
+    if push and not stock:
+        port = decode.config.kv_transfer_config["kv_connector_extra_config"]["control_port"]
+        extra += ["--transfer-mode", "push", "--push-target", f"127.0.0.1:{port}"]
+    try:
+        sc = start_sidecars(prefill, decode, extra_decode_args=extra)
+    except BaseException:
+        prefill.stop()
+        decode.stop()
+        raise
+
+    def stop() -> None:
+        sc.stop()
+        prefill.stop()
+        decode.stop()
+
+    return Target(name, sc.decode_url, decode.model_name, f"P/D, {label}, sidecars", label.split(" ")[0],
+                  sidecar_url=sc.decode_url, prefill_sidecar_url=sc.prefill_url, engine_kv_url=decode.url,
+                  cores={"prefill": prefill.config.cpu_bind or "gpu", "decode": decode.config.cpu_bind or "gpu"},
+                  logs=[str(prefill.log_path), str(decode.log_path), str(sc.decode.log_path),
+                        str(sc.prefill.log_path)], stop=stop)
+
+
+def connect_target(name: str, spec: dict[str, Any], plan: Plan) -> Target:
+    url = spec["url"]
+    model = plan.model_name
+    if model is None:
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+                model = json.loads(r.read())["data"][0]["id"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as e:
+            raise RuntimeError(f"cannot ask {url}/v1/models for the model name ({e}); pass --model-name") from None
+    if name == "agg":
+        return Target(name, url, model, "aggregated (connected)")
+    return Target(name, url, model, "P/D (connected)", sidecar_url=url, prefill_sidecar_url=spec.get("prefill_url"),
+                  engine_kv_url=spec.get("engine_url"))

@@ -1,0 +1,2 @@
+"""Kubernetes: sidecar injection (`inject`, `webhook`), certificates, the generated
+LeaderWorkerSet manifests and their offline validation."""

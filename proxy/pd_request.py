@@ -1,0 +1,42 @@
+"""The decode role's per-request records: `PdRequest` (one client request, from arrival to
+its last byte) and `PrefillResult` (the KV a prefill leg left on a peer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .endpoints import Endpoint
+
+__all__ = ["PdRequest", "PrefillResult"]
+
+
+@dataclass
+class PdRequest:
+    """One client request on the decode role; what its log line and metrics report."""
+
+    http: web.Request
+    api: str  # "completions" | "chat"
+    rid: str  # x-request-id (the client's, or a fresh one)
+    t0: float  # perf_counter() at arrival
+    path: str = "error"  # x-pd-path and the `path` label (proxy.metrics.PATHS)
+    status: int = 0  # HTTP status answered (499: the client left)
+    peer: str | None = None  # the prefill peer of a disaggregated request
+    # the client's bytes, forwarded untouched when served locally (None once re-serialized:
+    # a transfer field or a duplicate key was there)
+    raw: bytes | None = None
+
+
+@dataclass
+class PrefillResult:
+    """KV computed on `peer` for this request and not yet handed back (proxy.release)."""
+
+    peer: Endpoint
+    request_id: str  # the prefill leg's id (the peer's pending-KV key)
+    kv_params: dict[str, Any]
+    ids: list[int] | None  # prompt token ids, only from a signed answer
+    seconds: float  # the prefill leg's round trip
+    tokens: int  # prompt tokens (the answer's usage, else the estimate)
+    settled: bool = False  # handed back (picked up / released / aborted): exactly once
