@@ -80,3 +80,29 @@ def test_one_head_and_odd_shapes():
     assert head_slice_bytes(t, 1) == N * 2 * D * t.element_size()  # whole block
     assert head_slice_bytes(joint(H, False, 3), H + 1) == 0  # heads not where expected
     assert head_slice_bytes(torch.zeros(B, N, 16), 2) == 0  # unknown shape (MLA-like)
+
+
+def block_kv(heads: int, nhd: bool, seed: int):
+    """vLLM 0.26 FLASH_ATTN on the H100: ``[num_blocks, 2, N, H, D]`` (K and V inside
+    each block; measured there), or the HND order of the same logical shape."""
+    g = torch.Generator().manual_seed(seed)
+    if nhd:
+        return torch.randn(B, 2, N, heads, D, generator=g)
+    return torch.randn(B, 2, heads, N, D, generator=g).permute(0, 1, 3, 2, 4)
+
+
+@pytest.mark.parametrize("nhd", [True, False], ids=["NHD", "HND"])
+def test_block_major_kv_cache_is_registered_whole_and_never_head_sliced(nhd):
+    """A block-major K/V cache is one region per layer (K and V of a block move
+    together, byte-exact), and its heads are never sliced: a head is two ranges (K, V)
+    or N ranges of a block, so a TP1 -> TP2 pair is refused (0 bytes per head)."""
+    t = block_kv(H // 2, nhd, 4)
+    (r,) = regions_from_kv_caches({"l": t}, B)
+    assert r.num_blocks == B and r.block_len == 2 * N * (H // 2) * D * t.element_size()
+    assert r.block_stride == t.stride(0) * t.element_size()
+    assert head_slice_bytes(t, H // 2) == 0
+    before = t.clone()
+    ctypes.memset(r.base_addr + 3 * r.block_stride, 0, r.block_len)  # the region's block 3
+    assert torch.count_nonzero(t[3]) == 0  # is exactly the tensor's block 3, K and V
+    keep = [0, 1, 2, 4, 5]
+    assert torch.equal(t[keep], before[keep])
