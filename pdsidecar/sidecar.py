@@ -21,8 +21,8 @@ import sys
 from collections.abc import Sequence
 
 from pdsidecar.config import ConfigError, load_config, render_config
-from proxy.config import SidecarConfig
 from pdsidecar.workers import die_with_supervisor, supervise, worker_index
+from proxy.config import SidecarConfig
 
 log = logging.getLogger("pdsidecar.sidecar")
 

@@ -3,7 +3,8 @@
 Each leg is checked (HMAC-signed `x-pd-peer` identity, allowlist on host AND port, socket
 source address), forwarded untouched to the local vLLM, and the KV it leaves behind is
 tracked per decode peer until that peer reports pickup/release (`POST /pd/v1/release`)
-or the engine's KV lease ends (proxy.pending). `/pd/v1/stats` shows the pending KV to routers and peers.
+or the engine's KV lease ends (proxy.pending). `/pd/v1/stats` shows the pending KV to
+routers and peers.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .endpoints import Endpoint, parse_endpoint
-
 from . import auth
 from .body import API_PATHS, loads_or_none, sanitize_unsigned_leg
+from .endpoints import Endpoint, parse_endpoint
 from .errors import RequestError
 from .peers import Allowlist, canonical_ip
 from .pending import Pending, PendingKV

@@ -36,11 +36,12 @@ for stage in "$@"; do
       python3 -m pdsidecar models make --preset llama3-8b-kv --device cuda \
         --out "$PDSIDECAR_CACHE/models/llama3-8b-kv" > "$OUT/models.txt" 2>&1; echo "models rc=$?" ;;
     bench=*)  # bench=agg,pd-ours,...: concurrency 1, 2k-token prompts, sweep 128..8k
+      # (the presets' max_position_embeddings is 8192: prompt + output must fit)
       c=${stage#bench=}; tag=${c//,/_}
       timeout "${BENCH_TIMEOUT:-500}" python3 -m bench.cli e2e --gpu-util 0.2 --configs "$c" \
-        --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" --max-model-len 8448 --concurrency 1 \
+        --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" --max-model-len 8192 --concurrency 1 \
         --num-requests 6 --warmup 1 --prompt-len fixed:2048 --output-len fixed:16 --long-fraction 0 \
-        --sweep-tokens 128,1024,2048,8192 --sweep-n 3 --json "$OUT/e2e-$tag.json" --no-progress \
+        --sweep-tokens 128,1024,2048,8064 --sweep-n 3 --json "$OUT/e2e-$tag.json" --no-progress \
         --log-dir "$OUT/bench-logs-$tag" > "$OUT/bench-$tag.txt" 2>&1
       echo "bench $c rc=$?"; tail -40 "$OUT/bench-$tag.txt" ;;
     *) echo "unknown stage $stage" >&2 ;;

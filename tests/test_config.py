@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdsidecar.config import ConfigError, load_config, render_config
-from proxy.endpoints import Endpoint, parse_endpoint
 from pdsidecar.sidecar import run_sidecar
+from proxy.endpoints import Endpoint, parse_endpoint
 
 TOKEN = "config-test-token-0123456789"
 

@@ -87,11 +87,11 @@ def test_child_is_confined_to_its_cores():
     import subprocess
     import sys
 
-    from pdsidecar.dev.procs import _child_setup
+    from pdsidecar.dev.procs import child_setup
 
     core = sorted(os.sched_getaffinity(0))[-1]
     out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
-                         capture_output=True, text=True, preexec_fn=_child_setup({core}), check=True)
+                         capture_output=True, text=True, preexec_fn=child_setup({core}), check=True)
     assert out.stdout.strip() == str([core])
 
 
@@ -104,8 +104,8 @@ def test_children_die_with_their_starter(tmp_path):
     pidfile = tmp_path / "child.pid"
     starter = (
         "import subprocess, time, pathlib\n"
-        "from pdsidecar.dev.procs import _die_with_parent\n"
-        "p = subprocess.Popen(['sleep', '300'], start_new_session=True, preexec_fn=_die_with_parent)\n"
+        "from pdsidecar.dev.procs import die_with_parent\n"
+        "p = subprocess.Popen(['sleep', '300'], start_new_session=True, preexec_fn=die_with_parent)\n"
         f"pathlib.Path({str(pidfile)!r}).write_text(str(p.pid))\n"
         "time.sleep(300)\n"
     )

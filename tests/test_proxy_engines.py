@@ -27,10 +27,10 @@ import openai
 import pytest
 import pytest_asyncio
 
-from proxy.config import SidecarConfig
-from proxy.endpoints import Endpoint
 from pdsidecar.dev.engines import pd_pair_configs, vllm_available
 from pdsidecar.dev.procs import free_port
+from proxy.config import SidecarConfig
+from proxy.endpoints import Endpoint
 from proxy.server import Sidecar
 
 pytestmark = [pytest.mark.engines, pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]

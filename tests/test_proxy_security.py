@@ -13,10 +13,10 @@ import pytest
 from aiohttp import web
 
 from pdsidecar.config import load_config
-from proxy.endpoints import Endpoint
 from pdsidecar.dev.procs import free_port
 from proxy import auth
 from proxy.answer import AnswerRejected, check_prefill_kv, host_allowed
+from proxy.endpoints import Endpoint
 from proxy.pending import Pending, PendingKV
 from proxy.server import Sidecar
 from test_proxy_unit import TOKEN, FakeVllm, Stack, cfg, post, val

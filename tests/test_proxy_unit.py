@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.config import SidecarConfig
-from proxy.endpoints import Endpoint
 from pdsidecar.dev.procs import free_port
 from proxy import auth
+from proxy.config import SidecarConfig
+from proxy.endpoints import Endpoint
 from proxy.server import Sidecar
 
 TOKEN = "unit-test-token-0123456789"

@@ -119,6 +119,26 @@ def test_plans_per_layer_subset_and_slice(pair, monkeypatch):
     assert not buf[:2, lids].numpy().any()
 
 
+def test_prepare_only_builds_and_releases_without_moving(pair):
+    """`pdbench transfer --prepare-only`: every transfer is prepared, then released unposted."""
+    _, _, peer = pair
+    buf, caches = make_cache(CacheConfig(L, NB, BL, seed=3))
+    eng = NixlTransferEngine("init-prepare-only")
+    try:
+        eng.register_kv_caches(caches)
+        eng.add_peer(peer.info)
+        eng.prepare_only()
+        local0, remote0 = buf.clone(), _remote_blocks(peer, [4, 5, 6])
+        h = eng.read_blocks(peer.name, [1, 2, 3], [4, 5, 6])
+        assert h.done and h.stats.state == "DONE" and h.stats.descriptors == L * 3
+        assert h.stats.prepare_us > 0
+        eng.wait(eng.write_blocks(peer.name, [1, 2, 3], [4, 5, 6]), timeout_s=10)
+        assert torch.equal(buf, local0)  # nothing was read into the local cache ...
+        assert np.array_equal(_remote_blocks(peer, [4, 5, 6]), remote0)  # ... or written out
+    finally:
+        eng.close()
+
+
 def test_bad_block_ids_and_unknown_peer(pair):
     eng, _, peer = pair
     with pytest.raises(BlockIdError, match="out of range"):

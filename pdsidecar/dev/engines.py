@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pdsidecar.dev.procs import (_child_setup, _unpin_threads, bind_cpus, cpu_slices, free_port, group_members,
-                                 port_in_use)
+from pdsidecar.dev.procs import (bind_cpus, child_setup, cpu_slices, free_port, group_members, port_in_use,
+                                 unpin_threads)
 
 # Put first on every engine's PYTHONPATH: its sitecustomize requests AMX tile permission
 # in each engine process (transfer/amx.py says why), then runs the next sitecustomize.
@@ -170,7 +170,7 @@ class Engine:
         self.proc = subprocess.Popen(
             self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=self.environment(), start_new_session=True,
-            preexec_fn=_child_setup(bind_cpus(c.cpu_bind) if c.pin_process else None),
+            preexec_fn=child_setup(bind_cpus(c.cpu_bind) if c.pin_process else None),
         )
         return self
 
@@ -202,7 +202,7 @@ class Engine:
                 )
             if self._health():
                 if self.config.pin_process and bind_cpus(self.config.cpu_bind):
-                    _unpin_threads(self.proc.pid)
+                    unpin_threads(self.proc.pid)
                 return self
             time.sleep(0.5)
         self.stop()

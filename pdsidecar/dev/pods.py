@@ -36,7 +36,7 @@ from typing import Any
 
 from pdsidecar.dev import netns
 from pdsidecar.dev.podspec import ContainerSpec, PodSpec, pod_spec, render_overlay, service_hosts
-from pdsidecar.dev.procs import _child_setup, _unpin_threads, bind_cpus, cpu_slices, group_members
+from pdsidecar.dev.procs import bind_cpus, child_setup, cpu_slices, group_members, unpin_threads
 from pdsidecar.parent_death import set_parent_death_signal
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -50,7 +50,7 @@ def _container_setup(cpus: set[int] | None, isolate: bool):
     Isolated containers run under ``unshare --fork``, which ignores SIGTERM while it waits,
     so their death signal is SIGKILL (``--kill-child`` passes it on to the container)."""
     if not isolate:
-        return _child_setup(cpus)
+        return child_setup(cpus)
 
     def setup() -> None:
         set_parent_death_signal(signal.SIGKILL)
@@ -189,7 +189,7 @@ class Pod:
                 if cont.spec.kind != "init" and cont.spec.probe is not None:
                     self._wait_probe(cont, cont.spec.probe, self._deadline)
                     if cont.spec.is_engine and self.cpus:
-                        _unpin_threads(cont.main_pid())  # like engines.Engine: API server floats once ready
+                        unpin_threads(cont.main_pid())  # like engines.Engine: API server floats once ready
         except BaseException:
             self.stop()
             raise

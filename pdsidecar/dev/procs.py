@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from pdsidecar.parent_death import set_parent_death_signal
@@ -53,16 +54,17 @@ def bind_cpus(spec: str | None) -> set[int] | None:
     return cpus or None
 
 
-def _child_setup(cpus: set[int] | None):
+def child_setup(cpus: set[int] | None) -> Callable[[], None]:
+    """A ``preexec_fn`` for an engine child: die with its starter, run on `cpus` (if any)."""
     def setup() -> None:
-        _die_with_parent()
+        die_with_parent()
         if cpus and hasattr(os, "sched_setaffinity"):
             with contextlib.suppress(OSError):  # a core outside our cpuset: stay unpinned
                 os.sched_setaffinity(0, cpus)
     return setup
 
 
-def _unpin_threads(pid: int) -> None:
+def unpin_threads(pid: int) -> None:
     """Let every thread of `pid` (not its children) run on all of our cores again."""
     cpus = os.sched_getaffinity(0)
     for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
@@ -70,7 +72,7 @@ def _unpin_threads(pid: int) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the engine child: SIGTERM it when its starter dies (Linux), however that dies.
 
     Engines run in their own session (so a group kill reaches their workers), which

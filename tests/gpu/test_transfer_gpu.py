@@ -116,7 +116,13 @@ def test_ipc_handles_are_plain_and_forged_ones_fall_back(ipc_peer):
 def test_copy_waits_for_work_queued_on_the_compute_stream(ipc_peer):
     """A WRITE posted right after a (slow) kernel that fills the block on the caller's
     stream carries the filled bytes, not the stale ones: the copy stream waits for the
-    caller's stream on the device (the push path posts from ``save_kv_layer``)."""
+    caller's stream on the device (the push path posts from ``save_kv_layer``).
+
+    Each round fills its own source block: like the engine, which never rewrites a
+    block while a push of it is in flight (blocks are held until the WRITE is done).
+    Rewriting one source block every round is a write-after-read race of the test, not
+    of the engine: measured on the H100, the copy then also sees the next round's poison.
+    """
     from transfer.ipc import IpcTransferEngine
     buf, caches = make_cache(CacheConfig(L, NB, BL, mem="VRAM", seed=12))
     eng = IpcTransferEngine("gpu-order", use_triton=True)
@@ -125,10 +131,11 @@ def test_copy_waits_for_work_queued_on_the_compute_stream(ipc_peer):
     compute = torch.cuda.Stream()
     with torch.cuda.stream(compute):
         for rnd in range(3):
-            buf[:, 7].fill_(0x11)  # poison, then a long kernel, then the real KV
+            src = 7 + rnd
+            buf[:, src].fill_(0x11)  # poison, then a long kernel, then the real KV
             torch.cuda._sleep(200_000_000)  # ~0.1 s of device time on the compute stream
-            buf[:, 7].fill_(0x60 + rnd)
-            h = eng.write_blocks(ipc_peer.name, [7], [90 + rnd])
+            buf[:, src].fill_(0x60 + rnd)
+            h = eng.write_blocks(ipc_peer.name, [src], [90 + rnd])
     deadline = __import__("time").monotonic() + 30
     while not eng.poll(h) and __import__("time").monotonic() < deadline:
         pass
