@@ -66,7 +66,7 @@ def load_meta(rid: str, ids: list[int], port: int, blocks: int):
     from transfer.connector.metadata import PdConnectorMetadata, RecvJob, RemoteSource
     src = RemoteSource(engine_id="P", request_id=rid, host="127.0.0.1", port=port,
                        block_ids=tuple(ids), num_tokens=16 * blocks, tp_size=1,
-                       dp_rank=0, expiry=time.time() + 60, block_size=16)
+                       dp_rank=0, lease_s=60.0, block_size=16)
     return PdConnectorMetadata(recv={rid: RecvJob(rid, src, ids, ids)})
 
 
@@ -85,7 +85,9 @@ def run(blocks: int, spin_us: float, n: int) -> dict:
     from transfer.control import ControlServer
     nb = max(256, 2 * blocks + 2)
     (p, p_cache), (d, d_cache) = make("P", 0, 1, nb), make("D", spin_us, 2, nb)
-    server = ControlServer("127.0.0.1:0")  # the prefill engine's control plane, as in vLLM
+    # the prefill engine's control plane, as in vLLM; it grants every read: (leases are
+    # not what this measures)
+    server = ControlServer("127.0.0.1:0", on_notify=lambda sender, receiver, message: None)
     try:
         server.add_rank(p.desc)
         port = server.start()

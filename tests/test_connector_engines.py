@@ -119,6 +119,15 @@ def prefill(pair, prompt, **kw) -> dict:
     return r["kv_transfer_params"]
 
 
+def release(params: dict) -> None:
+    """Free a prefill lease without reading it (``release:`` over the control plane)."""
+    from pdsidecar.dev.engines import harness_token
+    from transfer.connector.control_client import configure_auth, send_release
+    configure_auth(harness_token())  # the engines' control-plane token
+    send_release(params["remote_host"], params["remote_port"], "test",
+                 params["remote_engine_id"], params["remote_request_id"], 5.0)
+
+
 def decode(pair, prompt, params, max_tokens=8, timeout=120.0) -> tuple[int, dict]:
     return post(pair[1], {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                           "kv_transfer_params": params}, timeout)
@@ -138,7 +147,7 @@ def check_identical(pair, model_dir, seed):
         params = prefill(pair, p)
         nblocks = len(params["remote_block_ids"][0])
         assert nblocks == -(-len(p) // params["remote_block_size"])
-        assert params["remote_dp_rank"] == 0 and params["pd_protocol_version"] == 1
+        assert params["remote_dp_rank"] == 0 and params["pd_protocol_version"] == 2
         status, r = decode(pair, p, params)
         assert status == 200, r
         assert r["choices"][0]["text"] == ref[i], f"prompt {i} ({len(p)} tokens) differs"
@@ -210,8 +219,8 @@ def test_bad_params_recompute(ours_pair, llama_dir, case):
         params["remote_block_ids"] = [[10_000_000 + i for i in range(len(good["remote_block_ids"][0]))]]
     elif case == "foreign_host":
         params["remote_host"] = "198.51.100.7"
-    elif case == "expired":
-        params["remote_blocks_expiry_time"] = time.time() - 5
+    elif case == "expired":  # a lease the prefill no longer holds: it refuses the read
+        release(params)
     elif case == "unreachable":
         params["remote_port"] = 1
     elif case == "token_mismatch":

@@ -39,7 +39,7 @@ def make_worker(engine_id: str, rank: int, tp: int, seed: int):
 def src_for(tp: int, rids) -> RemoteSource:
     return RemoteSource(engine_id="P", request_id="req-p", host="127.0.0.1", port=1,
                         block_ids=tuple(rids), num_tokens=len(rids) * N, tp_size=tp,
-                        dp_rank=0, expiry=time.time() + 60, block_size=N)
+                        dp_rank=0, lease_s=60.0, block_size=N)
 
 
 def drive(decoders, prefills, rid="d", timeout=20.0):
@@ -64,7 +64,7 @@ def drive(decoders, prefills, rid="d", timeout=20.0):
 
 def setup_prefill(prefills):
     for w in prefills:
-        w.start_load_kv(PdConnectorMetadata(send={"req-p": (time.time() + 60, 3)}))
+        w.start_load_kv(PdConnectorMetadata(send={"req-p": 3}))
 
 
 @pytest.mark.parametrize("p_tp,d_tp", [(2, 1), (1, 2), (2, 2)])
@@ -111,7 +111,10 @@ def test_block_ids_out_of_range_fail_cleanly():
 def test_prefill_lease_expiry_frees_and_counts():
     p, _ = make_worker("P", 0, 1, 3)
     try:
-        p.start_load_kv(PdConnectorMetadata(send={"old": (time.time() - 1, 4)}))
+        p.start_load_kv(PdConnectorMetadata(send={"old": 4}))
+        s, _, _ = p.get_transfer_results({"old"})
+        assert s == set()  # held: only the scheduler's lease decides
+        p.start_load_kv(PdConnectorMetadata(expired={"old"}))
         s, _, _ = p.get_transfer_results({"old"})
         assert s == {"old"}
         st = p.take_stats().data
@@ -142,11 +145,12 @@ def test_token_major_cache_refuses_heterogeneous_tp():
 
 def test_prefill_lease_runs_on_the_monotonic_clock(monkeypatch):
     """A wall-clock step on the prefill host (NTP, an injected +1 h) does not end a
-    lease early: once the worker has it, only its monotonic clock counts."""
+    lease early: the worker holds the blocks until the scheduler's (monotonic) lease
+    says otherwise."""
     import transfer.connector.pull_worker as cw
     p, _ = make_worker("P", 0, 1, 6)
     try:
-        p.start_load_kv(PdConnectorMetadata(send={"r": (time.time() + 30, 2)}))
+        p.start_load_kv(PdConnectorMetadata(send={"r": 2}))
         real = time.time
         monkeypatch.setattr(cw.time, "time", lambda: real() + 3600)
         s, _, _ = p.get_transfer_results({"r"})

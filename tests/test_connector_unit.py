@@ -38,7 +38,8 @@ def test_parse_good_params():
     p = good_params(remote_blocks_expiry_time=None)
     for k in ("pd_protocol_version", "remote_dp_rank", "remote_block_size"):
         p.pop(k)
-    assert parse_remote_params(p).expiry is None
+    assert parse_remote_params(p).lease_s is None
+    assert parse_remote_params(good_params(pd_kv_lease_s=30)).lease_s == 30.0
 
 
 @pytest.mark.parametrize("override,reason", [
@@ -53,7 +54,8 @@ def test_parse_good_params():
     ({"remote_host": None}, FailureReason.BAD_PARAMS),
     ({"remote_num_tokens": 1.5}, FailureReason.BAD_PARAMS),
     ({"remote_blocks_expiry_time": "soon"}, FailureReason.BAD_PARAMS),
-    ({"remote_blocks_expiry_time": 1.0}, FailureReason.EXPIRED),
+    ({"pd_kv_lease_s": -1}, FailureReason.BAD_PARAMS),
+    ({"pd_kv_lease_s": True}, FailureReason.BAD_PARAMS),
     ({"transfer_mode": "teleport"}, FailureReason.BAD_PARAMS),
     ({"pd_protocol_version": 99}, FailureReason.MISMATCH),
     ({"remote_host": "10.9.9.9"}, FailureReason.FOREIGN_HOST),
@@ -138,10 +140,11 @@ def test_prefill_side_finish_holds_blocks_and_returns_params():
     assert params["remote_block_ids"] == [[3, 4, 5]]  # trimmed to the prompt's blocks
     assert params["do_remote_prefill"] is True and params["remote_num_tokens"] == 40
     assert params["remote_port"] == 7000 and params["remote_engine_id"] == "eng-d"
-    assert params["remote_blocks_expiry_time"] > time.time() + 25
+    # no wall-clock expiry leaves the prefill host: the lease duration does
+    assert params["remote_blocks_expiry_time"] is None and params["pd_kv_lease_s"] == 30
     assert {"tp_size", "remote_dp_rank", "pd_protocol_version", "transfer_mode"} <= set(params)
     meta = s.build_connector_meta(None)
-    assert meta.send["p1"][1] == 3
+    assert meta.send["p1"] == 3
     assert s.build_connector_meta(None).send == {}  # per-step state was reset
     st = s.get_stats()
     assert st.data["pending_blocks"] == 3 and st.data["pending_reqs"] == 1
@@ -192,7 +195,7 @@ def test_decode_side_full_local_hit_releases_prefill():
 @pytest.mark.parametrize("override,reason", [
     ({"remote_block_ids": "nope"}, FailureReason.BAD_PARAMS),
     ({"remote_host": "203.0.113.9"}, FailureReason.FOREIGN_HOST),
-    ({"remote_blocks_expiry_time": 3.0}, FailureReason.EXPIRED),
+    ({"pd_kv_lease_s": "long"}, FailureReason.BAD_PARAMS),
     ({"remote_num_tokens": 7}, FailureReason.MISMATCH),
 ])
 def test_decode_side_bad_params_become_failed_loads(override, reason):

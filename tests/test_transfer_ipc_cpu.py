@@ -73,7 +73,7 @@ def test_protocol_selection(monkeypatch):
 def test_check_block_ids_fast_path_matches_validate():
     import numpy as np
 
-    from transfer.layout import validate_block_ids as check_block_ids
+    from transfer.blocks import validate_block_ids as check_block_ids
     ids = np.array([5, 1, 9], dtype=np.int64)
     assert check_block_ids(ids, 10) is ids  # no copy on the hot path
     assert check_block_ids([3], 10).tolist() == [3]
@@ -86,7 +86,7 @@ def test_check_block_ids_fast_path_matches_validate():
 
 
 def test_plan_groups_geometry():
-    from transfer.ipc import plan_groups
+    from transfer.ipc_plan import plan_groups
     kb = 64 * 1024
     pairs = [(1 << 20 | i * 2 * kb * 0, 2 << 20, kb, kb, 0, 0, kb) for i in range(3)]
     g = plan_groups(pairs)
@@ -113,7 +113,7 @@ def test_many_transfers_cpu_fallback_bytes_and_stats(engines):
 def test_check_block_ids_large_arrays_numpy_path():
     import numpy as np
 
-    from transfer.layout import validate_block_ids as check_block_ids
+    from transfer.blocks import validate_block_ids as check_block_ids
     ids = np.random.default_rng(0).permutation(1000)[:300]
     assert check_block_ids(ids, 1000) is ids
     dup = ids.copy()

@@ -6,10 +6,10 @@ import torch
 
 from transfer.errors import BlockIdError
 from transfer.connector.tp_mapping import expected_notifications, tp_read_plan
-from transfer.layout import (KVCacheSpec, Region, block_descriptors, coalesce_pairs,
-                             coalesce_runs, memory_ranges, regions_for_buffer,
-                             regions_from_kv_caches, validate_block_id_pair,
-                             validate_block_ids)
+from transfer.blocks import (block_descriptors, coalesce_pairs, coalesce_runs,
+                             validate_block_id_pair, validate_block_ids)
+from transfer.layout import (KVCacheSpec, Region, memory_ranges, regions_for_buffer,
+                             regions_from_kv_caches)
 
 
 def test_dense_llama8b_bytes():

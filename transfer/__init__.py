@@ -10,8 +10,8 @@ from .connector.tp_mapping import TPPlan, TPReadSlice, expected_notifications, t
 from .errors import (BackendUnavailableError, BlockIdError, FailureReason, HandshakeError,
                      HandshakeMismatchError, TransferError, TransferFailedError,
                      TransferTimeoutError, UnknownPeerError, UnregisteredMemoryError)
-from .layout import (KVCacheSpec, Region, block_descriptors, coalesce_runs,
-                     regions_for_buffer, regions_from_kv_caches)
+from .blocks import block_descriptors, coalesce_runs
+from .layout import KVCacheSpec, Region, regions_for_buffer, regions_from_kv_caches
 from .select import create_engine, resolve_protocol
 
 __all__ = [

@@ -32,7 +32,8 @@ from . import hostproof
 from .control_auth import AUTH_KEY, RESP_KEY, AuthError, AuthInterceptor, ControlAuth, \
     RefusalCounter, TlsFiles, metadata_value
 from .engine import TransferStats
-from .errors import HandshakeError, HandshakeMismatchError
+from .errors import (FailureReason, HandshakeError, HandshakeMismatchError, PeerRefused,
+                     ReasonError)
 from .control_messages import (PushRegistry, PushTarget, RankDescriptor, check_compat,
                                proven_info, proves_same_host)
 
@@ -113,7 +114,11 @@ class _Servicer(pb_grpc.KVTransferControlServicer):
     def Notify(self, request: pb.NotifyRequest, context: Any) -> pb.NotifyResponse:
         if self.s.on_notify is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server takes no notifications")
-        self.s.on_notify(request.sender, request.receiver, request.message)
+        try:
+            self.s.on_notify(request.sender, request.receiver, request.message)
+        except ReasonError as e:  # a refusal the caller acts on (e.g. a lease that is over)
+            context.set_trailing_metadata((("refused-reason", str(e.reason)),))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return pb.NotifyResponse()
 
 
@@ -369,6 +374,8 @@ def _map_rpc_error(e: grpc.RpcError, target: str) -> Exception:
     code, details = e.code(), e.details()
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         md = dict(e.trailing_metadata() or ())
+        if "refused-reason" in md:
+            return PeerRefused(FailureReason.parse(md["refused-reason"]), details)
         if "mismatch-field" in md:
             return HandshakeMismatchError(md["mismatch-field"], md.get("local"),
                                           md.get("remote"))

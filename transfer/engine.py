@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import TransferError, TransferTimeoutError, UnknownPeerError
-from .layout import Region, validate_block_id_pair
+from .blocks import validate_block_id_pair
+from .layout import Region
 
 DEFAULT_WAIT_TIMEOUT_S = float(os.environ.get("PDSIDECAR_TRANSFER_TIMEOUT_S", "30"))
 DEFAULT_POLL_INTERVAL_S = 0.0002

@@ -8,7 +8,7 @@ Descriptor lists are prepared once: locally at registration, per peer at
 Everything a transfer needs that depends only on (peer, layers, slices) — the region
 selection, each selected region's first descriptor, bytes per block, layer count — is
 kept per peer in a :class:`_Plan` on first use (a :class:`~transfer.engine.PlanCache`);
-a submit then does one id check (:func:`~transfer.layout.validate_block_id_pair`) and one
+a submit then does one id check (:func:`~transfer.blocks.validate_block_id_pair`) and one
 int32 add for both index arrays, which NIXL's binding takes as they are (1-D, C-contiguous int32: no conversion).
 
 ``protocol="tcp"`` forces UCX onto TCP (``UCX_TLS=tcp,self``); it sets the variable
@@ -21,9 +21,6 @@ the transfer never completes), but with a non-zero delay: the Python API hard-co
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,48 +28,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .blocks import block_descriptors, region_indices
 from .engine import (PeerInfo, PeerTableEngine, PlanCache, TransferHandle, TransferStats,
                      as_bytes, new_transfer_id)
-from .errors import (BackendUnavailableError, TransferError,
-                     TransferFailedError, UnknownPeerError, UnregisteredMemoryError)
-from .layout import Region, block_descriptors, memory_ranges, region_indices, \
-    regions_from_kv_caches
-
-UCX_TLS_BY_PROTOCOL = {"tcp": "tcp,self"}
-#: Progress-thread delay (µs) between polls; 0 is NIXL's busy-poll default.
-DEFAULT_PROGRESS_DELAY_US = int(os.environ.get("PDSIDECAR_NIXL_PROGRESS_DELAY_US", "100"))
-_agent_ctor_lock = threading.Lock()
-
-
-def _import_nixl() -> Any:
-    try:
-        from nixl import _api  # type: ignore[import-not-found]
-    except Exception as e:  # ImportError, or a broken CUDA-flavoured build
-        raise BackendUnavailableError(f"NIXL is not importable: {e}") from e
-    return _api
-
-
-@contextlib.contextmanager
-def _progress_delay(api: Any, delay_us: int):
-    """Create agents inside this block with ``pthrDelay = delay_us``.
-
-    ``nixl_agent.__init__`` builds its ``nixlAgentConfig`` itself and sets
-    ``pthrDelay = 0``; the binding's agent constructor is wrapped for the duration
-    (under a lock, restored afterwards) to set the delay we want.
-    """
-    with _agent_ctor_lock:
-        bind = api.nixlBind
-        original = bind.nixlAgent
-
-        def make_agent(name: str, cfg: Any) -> Any:
-            cfg.pthrDelay = delay_us
-            return original(name, cfg)
-
-        bind.nixlAgent = make_agent
-        try:
-            yield
-        finally:
-            bind.nixlAgent = original
+from .errors import TransferError, TransferFailedError, UnknownPeerError, UnregisteredMemoryError
+from .layout import Region, memory_ranges, regions_from_kv_caches
+from .nixl_agent import DEFAULT_PROGRESS_DELAY_US, make_agent
 
 
 @dataclass
@@ -107,21 +68,9 @@ class NixlTransferEngine(PeerTableEngine):
                  backends: Sequence[str] = ("UCX",),
                  progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US) -> None:
         super().__init__(name or f"pdx-{uuid.uuid4().hex[:12]}")
-        if protocol in UCX_TLS_BY_PROTOCOL:
-            os.environ["UCX_TLS"] = UCX_TLS_BY_PROTOCOL[protocol]
-        elif protocol not in ("rdma", "auto"):
-            raise ValueError(f"unknown NIXL protocol {protocol!r} (rdma, tcp)")
         self.protocol = protocol
-        api = _import_nixl()
-        cfg = api.nixl_agent_config(backends=list(backends), num_threads=num_threads,
-                                    capture_telemetry=capture_telemetry)
-        if progress_delay_us < 0:
-            raise ValueError(f"progress_delay_us must be >= 0, got {progress_delay_us}")
-        self._api = api
-        with _progress_delay(api, progress_delay_us):
-            self.agent = api.nixl_agent(self.name, cfg)
-        if not self.agent.backends:
-            raise BackendUnavailableError(f"NIXL backends {list(backends)} unavailable")
+        self._api, self.agent = make_agent(self.name, protocol, backends, num_threads,
+                                           capture_telemetry, progress_delay_us)
         self._reg_descs: list[Any] = []
         self._local_dlist: Any = None
         self._local_first = np.zeros(0, dtype=np.int64)

@@ -85,7 +85,7 @@ def test_write_layer_subset_bit_exact(eng, peer):
 def test_many_in_flight_reuse_slots(eng, peer):
     """More transfers in flight than staging slots; each into its own blocks."""
     e, buf = eng
-    from transfer.ipc import _NSLOTS
+    from transfer.ipc_plan import _NSLOTS
     k = 3 * _NSLOTS
     rng = np.random.default_rng(3)
     dst = rng.permutation(NB)[: 4 * k].reshape(k, 4)

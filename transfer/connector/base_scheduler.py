@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import FailureReason
 from .config import PdConfig
@@ -53,11 +53,12 @@ class BaseScheduler:
         self.block_size = block_size
         self.tp_size = tp_size
         self.dp_rank = dp_rank
-        self._lock = threading.Lock()
+        self.clock: Callable[[], float] = time.monotonic  # lease clock (tests inject one)
+        self._lock = threading.Lock()  # the control server's threads vs the engine thread
         self._recv: dict[str, RecvJob] = {}
-        self._send: dict[str, tuple[float, int]] = {}
-        self._release_in: set[str] = set()  # from Release RPCs
-        self._pending: dict[str, tuple[float, int]] = {}  # prefill reqs held for pickup
+        self._send: dict[str, int] = {}  # prefill: req -> blocks, for the next step
+        self._release_in: set[str] = set()  # from release: notifications
+        self._pending: dict[str, Any] = {}  # prefill reqs held for pickup (pull_scheduler.Lease)
         self._results: dict[str, dict[str, Any]] = {}  # decode: req -> pd_transfer
         self._recv_blocks: dict[str, int] = {}  # decode: req -> blocks inflight
         self._push_recv: dict[str, PushRecvJob] = {}  # decode: jobs for the next step
@@ -65,6 +66,7 @@ class BaseScheduler:
         self._push_fail_in: dict[str, str] = {}  # decode: push id -> reason (Notify)
         self._push_finished: set[str] = set()  # prefill: freed, for the next step
         self._gauges_dirty = True
+        self._renewed_new = 0  # prefill: lease renewals applied, not yet in get_stats
         self.bad_params = 0  # requests whose kv_transfer_params were not an object
         self._bad_params_new = 0  # ... not yet reported in get_stats
         self._server = None
@@ -85,25 +87,28 @@ class BaseScheduler:
         log.info("PdConnector %s control plane on %s:%d", self.engine_id, self.host, self.port)
 
     def _on_notify(self, sender: str, receiver: str, message: bytes) -> None:
-        """``Notify(receiver=<our engine id>, message=b"release:<request id>")``.
+        """A control-plane ``Notify`` (on one of the server's threads).
 
-        ``push-fail:<push id>:<reason>`` may come with an empty receiver (a prefill
-        engine that could not look our registration up does not know our id).
+        Leases (pull, :meth:`_on_lease_notify`): ``release:<id>``, ``renew:<id>,<id>``,
+        ``read:<id>`` (refused with a reason when the lease is over). Push:
+        ``push-fail:<push id>:<reason>``, which may come with an empty receiver (a
+        prefill engine that could not look our registration up does not know our id).
         """
         msg = bytes(message).decode(errors="replace")
         if receiver != self.engine_id and not (receiver == "" and msg.startswith("push-fail:")):
             raise ValueError(f"notification for engine {receiver!r}, this is {self.engine_id!r}")
-        if msg.startswith("push-fail:"):
-            push_id, _, reason = msg[len("push-fail:"):].partition(":")
+        kind, _, arg = msg.partition(":")
+        if kind == "push-fail":
+            push_id, _, reason = arg.partition(":")
             with self._lock:
                 self._push_fail_in[push_id] = reason or FailureReason.TRANSFER
             return
-        if not msg.startswith("release:"):
+        if kind not in ("release", "renew", "read"):
             raise ValueError(f"unknown notification {msg[:40]!r}")
-        rid = msg[len("release:"):]
-        with self._lock:
-            if rid in self._pending:
-                self._release_in.add(rid)
+        self._on_lease_notify(kind, arg)
+
+    def _on_lease_notify(self, kind: str, arg: str) -> None:
+        raise ValueError(f"{kind}: notifications are not served here")
 
     def set_workers_metadata(self, descs: dict[int, Any]) -> None:
         """Workers' ``transfer.control_messages.RankDescriptor`` by TP rank, served by Handshake."""
@@ -147,6 +152,12 @@ class BaseScheduler:
     def _plan_push_steps(self, scheduler_output: Any) -> dict:
         return {}
 
+    def _expired_leases(self) -> set[str]:
+        return set()
+
+    def _send_renewals(self) -> None:
+        pass
+
     def build_connector_meta(self, scheduler_output: Any) -> PdConnectorMetadata:
         with self._lock:
             release, self._release_in = self._release_in, set()
@@ -154,7 +165,9 @@ class BaseScheduler:
         now = time.monotonic()
         for job in self._recv.values():
             job.t_meta = now
+        self._send_renewals()
         meta = PdConnectorMetadata(recv=self._recv, send=self._send, release=release,
+                                   expired=self._expired_leases(),
                                    push_recv=self._push_recv,
                                    push_send=self._plan_push_steps(scheduler_output),
                                    push_finished=self._push_finished, push_fail=push_fail)
@@ -184,26 +197,27 @@ class BaseScheduler:
             if push_id is not None and self._server is not None:
                 self._server.push_targets.drop(push_id)
         for rid in connector_output.finished_sending or ():
-            if self._pending.pop(rid, None) is not None:
-                self._gauges_dirty = True
-
-    def note_expired_or_freed(self, rid: str) -> None:
-        if self._pending.pop(rid, None) is not None:
-            self._gauges_dirty = True
+            with self._lock:
+                if self._pending.pop(rid, None) is not None:
+                    self._gauges_dirty = True
 
     def get_stats(self) -> PdConnectorStats | None:
         refused = self._server.refused.take() if self._server is not None else {}
-        if not self._gauges_dirty and not refused:
+        with self._lock:
+            renewed, self._renewed_new = self._renewed_new, 0
+        if not self._gauges_dirty and not refused and not renewed:
             return None
         self._gauges_dirty = False
         s = PdConnectorStats()
+        s.record_renewals(renewed)
         for _ in range(self._bad_params_new):
             s.record_failure(FailureReason.BAD_PARAMS)
         self._bad_params_new = 0
         for reason, n in refused.items():
             s.record_control_refused(reason, n)
-        s.set_gauge("pending_blocks", sum(n for _, n in self._pending.values()))
-        s.set_gauge("pending_reqs", len(self._pending))
+        with self._lock:
+            s.set_gauge("pending_blocks", sum(lease.nblocks for lease in self._pending.values()))
+            s.set_gauge("pending_reqs", len(self._pending))
         s.set_gauge("recv_inflight_blocks", sum(self._recv_blocks.values()))
         return s
 

@@ -144,7 +144,7 @@ class BaseWorker:
                     self._fail(job, reason, str(e))
                 continue
             for job in jobs:
-                self._submit(job, rem)
+                self._remote_ready(job, rem)
 
     def _add_remote(self, key: tuple[str, int], descs: list[Any]) -> RemoteEngine:
         old = self._remotes.pop(key, None)
@@ -183,8 +183,8 @@ class BaseWorker:
                 pass
 
     # ------------------------------------------------------------ hooks of the parts
-    def _submit(self, job: RecvJob, rem: RemoteEngine) -> None:
-        """Post the READs of ``job`` (pull part)."""
+    def _remote_ready(self, job: RecvJob, rem: RemoteEngine) -> None:
+        """The engine ``job`` reads from is known: go on with the load (pull part)."""
         raise NotImplementedError
 
     def _busy_peers(self) -> set[str]:

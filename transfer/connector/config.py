@@ -14,8 +14,9 @@ class PdConfig:
     control_host: str = ""  # advertised + bind address ("" = env PD_CONTROL_HOST / VLLM_HOST_IP / 127.0.0.1)
     protocol: str = "auto"  # transfer protocol: auto, rdma, tcp, ipc (env KV_TRANSFER_PROTOCOL wins)
     transfer_mode: str = "pull"  # pull = pull only; push = also accept push-mode requests
-    kv_lease_s: float = 30.0  # unread prefill blocks are freed after this
-    lease_guard_s: float = 1.0  # decode does not start a READ this close to expiry
+    # prefill: unread blocks are freed this long after the request finished (on this
+    # host's monotonic clock), or after the last renewal / read grant (pull_scheduler)
+    kv_lease_s: float = 30.0
     transfer_timeout_s: float = 10.0  # a READ not done after this fails
     handshake_timeout_s: float = 5.0
     allowed_remote_hosts: list[str] | None = None  # None = any
@@ -66,8 +67,8 @@ class PdConfig:
         if cfg.nixl_progress_delay_us < 0:
             raise ValueError("PdConnector: nixl_progress_delay_us must be >= 0")
         cfg.kv_lease_s = float(cfg.kv_lease_s)
-        if cfg.kv_lease_s <= cfg.lease_guard_s:
-            raise ValueError("PdConnector: kv_lease_s must exceed lease_guard_s")
+        if not 0 < cfg.kv_lease_s < 1e6:
+            raise ValueError("PdConnector: kv_lease_s must be a number of seconds in (0, 1e6)")
         if not isinstance(cfg.require_control_auth, bool):
             raise ValueError("PdConnector: require_control_auth must be true or false")
         from ..control_auth import load_tls, load_token

@@ -155,6 +155,9 @@ class PdConnector(KVConnectorBase_V1):
         return None
 
     # ============================================================ scheduler side
+    def on_new_request(self, request: Any) -> None:
+        self.connector_scheduler.on_new_request(request)
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
         return self.connector_scheduler.get_num_new_matched_tokens(request, num_computed_tokens)

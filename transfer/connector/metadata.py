@@ -16,6 +16,7 @@ engine's control plane, where it registers its block ids for that push id).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -36,7 +37,8 @@ except Exception:  # pragma: no cover - unit tests without vLLM
         def aggregate(self, other):  # noqa: D401
             raise NotImplementedError
 
-PD_PROTOCOL_VERSION = 1
+#: 2: pull leases on the prefill's monotonic clock; the decode asks ``read:<id>`` first
+PD_PROTOCOL_VERSION = 2
 CONNECTOR_NAME = "PdConnector"
 
 # ----------------------------------------------------------------- request params
@@ -54,7 +56,7 @@ class RemoteSource:
     num_tokens: int
     tp_size: int
     dp_rank: int
-    expiry: float | None  # wall clock (time.time())
+    lease_s: float | None  # the prefill's lease (pd_kv_lease_s): paces renewals, bounds a READ
     block_size: int | None
 
 
@@ -72,10 +74,10 @@ def _str(v: Any, name: str, maxlen: int = 512) -> str:
     return v
 
 
-def parse_remote_params(params: Mapping[str, Any], *, now: float | None = None,
-                        allowed_hosts: list[str] | None = None, guard_s: float = 0.0,
+def parse_remote_params(params: Mapping[str, Any], *, allowed_hosts: list[str] | None = None,
                         max_blocks: int = 1 << 24) -> RemoteSource:
-    """Validate the decode-side ``kv_transfer_params`` (types, host, expiry)."""
+    """Validate the decode-side ``kv_transfer_params`` (types, host). Expiry is never
+    judged here: only the prefill engine knows whether its lease still holds."""
     if not isinstance(params, Mapping):
         raise ParamsError(FailureReason.BAD_PARAMS, "kv_transfer_params must be an object")
     mode = params.get("transfer_mode", "pull")
@@ -106,10 +108,10 @@ def parse_remote_params(params: Mapping[str, Any], *, now: float | None = None,
             raise ParamsError(FailureReason.BAD_PARAMS, "remote_blocks_expiry_time must be a number")
         if not -1e18 < exp < 1e18:  # a huge int would raise OverflowError in float(); NaN/inf
             raise ParamsError(FailureReason.BAD_PARAMS, "remote_blocks_expiry_time out of range")
-        now = time.time() if now is None else now
-        if now > float(exp) - guard_s:
-            raise ParamsError(FailureReason.EXPIRED, f"prefill blocks expired {now - float(exp):.3f} s ago"
-                              if now > exp else "prefill blocks about to expire")
+    lease = params.get("pd_kv_lease_s")
+    if lease is not None and (isinstance(lease, bool) or not isinstance(lease, (int, float))
+                              or not 0 < lease < 1e6):
+        raise ParamsError(FailureReason.BAD_PARAMS, "pd_kv_lease_s must be a number in (0, 1e6)")
     bs = params.get("remote_block_size")
     return RemoteSource(
         engine_id=_str(params.get("remote_engine_id"), "remote_engine_id"),
@@ -120,7 +122,7 @@ def parse_remote_params(params: Mapping[str, Any], *, now: float | None = None,
         num_tokens=_int(params.get("remote_num_tokens"), "remote_num_tokens", 0),
         tp_size=_int(params.get("tp_size", 1), "tp_size", 1, 1024),
         dp_rank=_int(params.get("remote_dp_rank", 0), "remote_dp_rank", 0, 4096),
-        expiry=None if exp is None else float(exp),
+        lease_s=None if lease is None else float(lease),
         block_size=None if bs is None else _int(bs, "remote_block_size", 1, 1 << 16),
     )
 
@@ -218,10 +220,12 @@ class RecvJob:
 @dataclass
 class PdConnectorMetadata(KVConnectorMetadata):
     recv: dict[str, RecvJob] = field(default_factory=dict)
-    # prefill side: req_id -> (expiry wall clock, number of blocks)
-    send: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # prefill side: req_id -> number of blocks held under a lease (see pull_scheduler)
+    send: dict[str, int] = field(default_factory=dict)
     # prefill side: requests the decode side released without reading (or aborted)
     release: set[str] = field(default_factory=set)
+    # prefill side: requests whose lease ended unread (freed, counted as expired)
+    expired: set[str] = field(default_factory=set)
     # push mode: decode side waits, prefill side writes during the forward
     push_recv: dict[str, PushRecvJob] = field(default_factory=dict)
     push_send: dict[str, PushSendStep] = field(default_factory=dict)
@@ -270,5 +274,11 @@ class PdHandshakeMetadata(KVConnectorHandshakeMetadata):
     desc: Any
 
 
+#: Test hook: seconds added to this process's wall clock (``PDSIDECAR_TEST_CLOCK_OFFSET_S``),
+#: to show that no lease decision depends on two hosts' wall clocks agreeing.
+WALL_CLOCK_OFFSET_S = float(os.environ.get("PDSIDECAR_TEST_CLOCK_OFFSET_S", "0") or 0)
+
+
 def now_wall() -> float:
-    return time.time()
+    """The connector's only wall clock (push-mode deadlines); leases never use it."""
+    return time.time() + WALL_CLOCK_OFFSET_S

@@ -1,36 +1,123 @@
 """Scheduler half, pull mode.
 
 Prefill side: ``request_finished`` keeps a finished ``do_remote_decode`` request's
-blocks under a lease (``kv_lease_s``) and returns NixlConnector-compatible params;
-the worker frees them when the decode side's READ-completion notification arrives,
-a ``release:`` notification comes in, or the lease expires.
+blocks under a :class:`Lease` on this host's monotonic clock (``kv_lease_s``) and
+returns NixlConnector-compatible params carrying the lease *duration*
+(``pd_kv_lease_s``), never a wall-clock time. Over the control plane a decode engine
+renews it while the request waits in its queue (``renew:``: deadline = now + 2/3
+lease) and asks before it READs (``read:``: deadline = now + lease, refused once the
+lease is over, so a decode never reads freed blocks). The worker frees the blocks
+when the READ-completion notifications arrive, a ``release:`` comes in, or the lease
+ends (decided here, each step).
 
 Decode side: a ``do_remote_prefill`` request asks for ``prompt - local hit`` tokens
 asynchronously; ``update_state_after_alloc`` validates the params and plans which
 local blocks receive which remote blocks (only the blocks past the local prefix
 hit). Invalid params become a failed load, so vLLM's ``kv_load_failure_policy``
-decides (recompute or error), never a crash.
+decides (recompute or error), never a crash. From ``on_new_request`` until its blocks
+are allocated, a request's prefill lease is renewed every lease/6 (batched per
+prefill engine, on the notifier's threads: never inside a step).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FailureReason, ParamsError
+from ..errors import FailureReason, ParamsError, PeerRefused
 from .base_scheduler import FINISHED_OK, BaseScheduler
-from .metadata import (PD_PROTOCOL_VERSION, RecvJob, now_wall, parse_remote_params,
-                       plan_block_read)
+from .metadata import PD_PROTOCOL_VERSION, RecvJob, is_push, parse_remote_params, plan_block_read
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("vllm.pdsidecar.connector")
 
+RENEW_EVERY = 1 / 6  # decode: renew a waiting request's lease every lease * this
+RENEW_TO = 2 / 3  # prefill: a renewal extends the lease to now + lease * this
+RENEW_BATCH = 64  # request ids per renew: notification
+
+
+@dataclass
+class Lease:
+    """Prefill side: one finished request's blocks held for a decode engine."""
+
+    nblocks: int
+    lease_s: float
+    deadline: float  # the scheduler's clock (monotonic)
+    closed: bool = False  # released or expired: every later read: is refused
+
+    def alive(self, now: float) -> bool:
+        return not self.closed and now <= self.deadline
+
+
+@dataclass
+class Renewal:
+    """Decode side: a queued request whose prefill lease we keep alive."""
+
+    host: str
+    port: int
+    engine_id: str
+    remote_request_id: str
+    every_s: float
+    next_at: float
+
 
 class PullScheduler(BaseScheduler):
     """Pull mode: the decode engine READs the prefill engine's leased blocks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._renewals: dict[str, Renewal] = {}  # decode: req -> its prefill lease
+        self._next_renewal = math.inf
+        self._next_expiry = math.inf  # prefill: no lease ends before this
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------ prefill leases
+    def _on_lease_notify(self, kind: str, arg: str) -> None:
+        """``release:<id>`` / ``renew:<id>,...`` / ``read:<id>`` from a decode engine."""
+        now = self.clock()
+        with self._lock:
+            if kind == "release":
+                lease = self._pending.get(arg)
+                if lease is not None and not lease.closed:
+                    lease.closed = True
+                    self._release_in.add(arg)
+            elif kind == "renew":
+                for rid in arg.split(",")[:RENEW_BATCH]:
+                    lease = self._pending.get(rid)
+                    if lease is not None and lease.alive(now):
+                        lease.deadline = max(lease.deadline, now + RENEW_TO * lease.lease_s)
+                        self._renewed_new += 1
+            else:  # read: the decode READs once this returns; refused when too late
+                lease = self._pending.get(arg)
+                if lease is None or not lease.alive(now):
+                    raise PeerRefused(FailureReason.EXPIRED, f"the KV lease of {arg[:80]!r} is "
+                                      f"over: its blocks are freed or being freed")
+                lease.deadline = max(lease.deadline, now + lease.lease_s)
+
+    def _expired_leases(self) -> set[str]:
+        """Leases that ended unread (closed now; the worker frees and counts them)."""
+        now = self.clock()
+        if now < self._next_expiry:
+            return set()
+        out: set[str] = set()
+        nxt = math.inf
+        with self._lock:
+            for rid, lease in self._pending.items():
+                if lease.closed:
+                    continue
+                if now > lease.deadline:
+                    lease.closed = True
+                    out.add(rid)
+                else:
+                    nxt = min(nxt, lease.deadline)
+            self._next_expiry = nxt
+        if out:
+            self._gauges_dirty = True
+        return out
 
     def _release_remote(self, src_host: str, src_port: int, remote_req_id: str,
                         remote_engine_id: str = "") -> None:
@@ -38,6 +125,41 @@ class PullScheduler(BaseScheduler):
         self.notifier.release(src_host, src_port, remote_engine_id, remote_req_id)
 
     # ------------------------------------------------------------ decode side
+    def on_new_request(self, request: "Request") -> None:
+        """Start renewing the prefill lease of a pull request that just arrived."""
+        params = self._params(request)
+        if not params or not params.get("do_remote_prefill") or is_push(params):
+            return
+        try:
+            src = parse_remote_params(params, allowed_hosts=self.cfg.allowed_remote_hosts)
+        except ParamsError:
+            return  # refused when its blocks are allocated
+        if src.lease_s is None:
+            return
+        every = src.lease_s * RENEW_EVERY
+        r = Renewal(src.host, src.port, src.engine_id, src.request_id, every,
+                    self.clock() + every)
+        self._renewals[request.request_id] = r
+        self._next_renewal = min(self._next_renewal, r.next_at)
+
+    def _send_renewals(self) -> None:
+        """Renew the leases that are due, one notification per prefill engine."""
+        now = self.clock()
+        if now < self._next_renewal:
+            return
+        due: dict[tuple[str, int, str], list[str]] = {}
+        nxt = math.inf
+        for r in self._renewals.values():
+            if r.next_at <= now:
+                due.setdefault((r.host, r.port, r.engine_id), []).append(r.remote_request_id)
+                r.next_at = now + r.every_s
+            nxt = min(nxt, r.next_at)
+        self._next_renewal = nxt
+        for (host, port, engine_id), rids in due.items():
+            for i in range(0, len(rids), RENEW_BATCH):
+                self.notifier.notify(host, port, engine_id,
+                                     "renew:" + ",".join(rids[i:i + RENEW_BATCH]))
+
     def _pull_matched_tokens(self, request: "Request", num_computed_tokens: int
                              ) -> tuple[int, bool]:
         count = request.num_prompt_tokens - num_computed_tokens
@@ -46,9 +168,9 @@ class PullScheduler(BaseScheduler):
     def _pull_after_alloc(self, request: "Request", params: dict, blocks: Any,
                           num_external_tokens: int) -> None:
         rid = request.request_id
+        self._renewals.pop(rid, None)  # from here on the worker's read: holds the lease
         try:
-            src = parse_remote_params(params, allowed_hosts=self.cfg.allowed_remote_hosts,
-                                      guard_s=self.cfg.lease_guard_s)
+            src = parse_remote_params(params, allowed_hosts=self.cfg.allowed_remote_hosts)
         except ParamsError as e:
             self._reject_load(request, blocks, num_external_tokens, None, e.reason, str(e))
             log.warning("PdConnector: request %s: invalid kv_transfer_params: %s", rid, e)
@@ -76,10 +198,11 @@ class PullScheduler(BaseScheduler):
         self._recv_blocks[rid] = len(lids)
         self._gauges_dirty = True
 
-    def _pull_aborted_before_load(self, params: dict) -> dict[str, Any]:
+    def _pull_aborted_before_load(self, rid: str, params: dict) -> dict[str, Any]:
         """A decode request finished (aborted) before it was scheduled: free the prefill
         blocks now instead of waiting for the lease."""
         params["do_remote_prefill"] = False
+        self._renewals.pop(rid, None)
         try:
             src = parse_remote_params(params)
             self._release_remote(src.host, src.port, src.request_id, src.engine_id)
@@ -92,6 +215,7 @@ class PullScheduler(BaseScheduler):
         """Decode side (or a plain request): what the transfer cost, if there was one."""
         res = self._results.pop(rid, None)
         self._recv_blocks.pop(rid, None)
+        self._renewals.pop(rid, None)
         if res is None:
             return None
         return {"pd_transfer": res, "pd_protocol_version": PD_PROTOCOL_VERSION}
@@ -108,9 +232,12 @@ class PullScheduler(BaseScheduler):
         n_tokens = request.num_computed_tokens
         need = -(-n_tokens // self.block_size)
         ids = ids[:need] if need else ids
-        expiry = now_wall() + self.cfg.kv_lease_s
-        self._send[rid] = (expiry, len(ids))
-        self._pending[rid] = (expiry, len(ids))
+        lease_s = self.cfg.kv_lease_s
+        lease = Lease(len(ids), lease_s, self.clock() + lease_s)
+        with self._lock:
+            self._pending[rid] = lease
+            self._next_expiry = min(self._next_expiry, lease.deadline)
+        self._send[rid] = len(ids)
         self._gauges_dirty = True
         return True, {
             "do_remote_prefill": True,
@@ -124,12 +251,14 @@ class PullScheduler(BaseScheduler):
             "dcp_size": 1,
             "pp_size": 1,
             "remote_num_tokens": n_tokens,
-            "remote_blocks_expiry_time": expiry,
+            "remote_blocks_expiry_time": None,  # no wall-clock expiry (as NixlConnector)
             "transfer_mode": "pull",
             "pd_protocol_version": PD_PROTOCOL_VERSION,
             "pd_control_addr": f"{self.host}:{self.port}",
             "remote_dp_rank": self.dp_rank,
             "remote_block_size": self.block_size,
             "pd_kv_bytes": len(ids) * self.block_bytes,
-            "pd_kv_lease_s": self.cfg.kv_lease_s,  # the sidecar forgets pending KV after it
+            # the lease duration: the decode paces renewals by it, the sidecar learns
+            # the pending-KV lifetime from it; expiry is judged only here
+            "pd_kv_lease_s": lease_s,
         }

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import FailureReason, reason_of
+from ..errors import FailureReason, PeerRefused, reason_of
 from .base_worker import BaseWorker, RemoteEngine, backend_of
+from .control_client import control_client, drop_client
 from .metadata import PdConnectorMetadata, RecvJob, RemoteSource
 from .tp_mapping import expected_notifications_cached, tp_read_plan
 
@@ -39,6 +41,9 @@ class _Inflight:
     descs: int = 0
     t_posted: float = 0.0  # time.monotonic() once every READ was posted
     t_done: float = 0.0  # ... when a poll saw them all done
+    # time.monotonic() after which a completion no longer counts: the prefill granted
+    # the read for lease_s from its answer, which came after we asked (None: no bound)
+    valid_until: float | None = None
     notifs: list[tuple[str, str]] = field(default_factory=list)  # (peer, msg) once done
 
 
@@ -57,9 +62,20 @@ class _Quarantined:
 
 @dataclass
 class _Sending:
-    deadline: float  # time.monotonic() of this host: a wall-clock step cannot move it
+    """Prefill side: blocks held for a decode; the scheduler decides the lease."""
+
     nblocks: int
     released: bool = False
+
+
+@dataclass
+class _Grant:
+    """Decode side: a ``read:`` asked of the prefill engine, its answer pending."""
+
+    job: RecvJob
+    rem: RemoteEngine
+    answer: Future
+    t_asked: float  # time.monotonic() before the call went out
 
 
 @dataclass
@@ -77,18 +93,24 @@ class PullWorker(BaseWorker):
         self._quarantine: dict[str, _Quarantined] = {}
         self._sending: dict[str, _Sending] = {}
         self._notifs: dict[str, _Notifs] = {}
+        self._grants: dict[str, _Grant] = {}
+        self._grant_pool: ThreadPoolExecutor | None = None
         self._posted_this_step = False
         super().__init__(*args, **kwargs)
 
     def _start_pull(self, meta: PdConnectorMetadata, now: float) -> None:
-        for rid, (expiry, nblocks) in meta.send.items():
-            # the scheduler stamped the lease end on this host's wall clock;
-            # from here on it is kept on the monotonic clock
-            self._sending[rid] = _Sending(now + max(0.0, expiry - time.time()), nblocks)
+        for rid, nblocks in meta.send.items():
+            self._sending[rid] = _Sending(nblocks)
         for rid in meta.release:
             s = self._sending.get(rid)
             if s is not None:
                 s.released = True
+        for rid in meta.expired:
+            s = self._sending.get(rid)
+            if s is not None and not s.released:
+                s.released = True
+                self.stats.record_expired(s.nblocks)
+                log.info("PdConnector: lease of %s expired, freeing %d blocks", rid, s.nblocks)
         for job in meta.recv.values():
             job.t_start = now
             self._start_job(job)
@@ -101,7 +123,7 @@ class PullWorker(BaseWorker):
         key = (src.host, src.port)
         rem = self._remotes.get(key)
         if rem is not None and rem.engine_id == src.engine_id:
-            self._submit(job, rem)
+            self._remote_ready(job, rem)
             return
         # unknown (or changed) engine at that address: (re-)handshake
         self._waiting.setdefault(key, []).append(job)
@@ -113,7 +135,10 @@ class PullWorker(BaseWorker):
                                              self.compat["num_kv_heads"],
                                              self.compat.get("is_mla", False))
 
-    def _submit(self, job: RecvJob, rem: RemoteEngine) -> None:
+    # ------------------------------------------------------------ read grants
+    def _remote_ready(self, job: RecvJob, rem: RemoteEngine) -> None:
+        """The prefill engine is known: ask it for the read (``read:<id>``), off the
+        engine thread; a later step posts the READs once it agreed (:meth:`_advance_grants`)."""
         src: RemoteSource = job.src
         if rem.engine_id != src.engine_id:
             self._fail(job, FailureReason.UNKNOWN_ENGINE, f"engine at {src.host}:{src.port} is "
@@ -122,14 +147,49 @@ class PullWorker(BaseWorker):
         if rem.tp_size != src.tp_size:
             self._fail(job, FailureReason.MISMATCH, f"tp_size {src.tp_size} != remote {rem.tp_size}")
             return
-        if src.expiry is not None and time.time() > src.expiry - self.cfg.lease_guard_s:
-            self._fail(job, FailureReason.EXPIRED, "prefill lease (nearly) expired before the READ")
-            return
+        if self._grant_pool is None:
+            self._grant_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pd-grant")
+        t = time.monotonic()
+        self._grants[job.req_id] = _Grant(job, rem, self._grant_pool.submit(self._ask_read, src), t)
+
+    def _ask_read(self, src: RemoteSource) -> None:
+        """``read:<remote request id>`` to the prefill's control plane; raises
+        :class:`~transfer.errors.PeerRefused` (``EXPIRED``) when its lease is over."""
+        try:
+            control_client(src.host, src.port, self.cfg.handshake_timeout_s).notify(
+                self.engine_id, src.engine_id, f"read:{src.request_id}".encode(),
+                timeout_s=self.cfg.handshake_timeout_s)
+        except PeerRefused:
+            raise
+        except Exception:
+            drop_client(src.host, src.port)
+            raise
+
+    def _advance_grants(self) -> None:
+        """Post the READs the prefill agreed to; fail the refused (expired) ones."""
+        for rid, g in list(self._grants.items()):
+            if not g.answer.done():
+                continue
+            del self._grants[rid]
+            try:
+                g.answer.result()
+            except Exception as e:
+                refused = reason_of(e) == FailureReason.EXPIRED
+                self._fail(g.job, FailureReason.EXPIRED if refused else FailureReason.UNREACHABLE,
+                           f"read of {g.job.src.request_id!r} at {g.job.src.host}:"
+                           f"{g.job.src.port}: {e}", release=False)
+                continue
+            lease_s = g.job.src.lease_s
+            self._submit(g.job, g.rem, None if lease_s is None else g.t_asked + lease_s)
+
+    def _submit(self, job: RecvJob, rem: RemoteEngine, valid_until: float | None = None) -> None:
+        """Post the READs of ``job`` (the prefill holds its blocks until ``valid_until``)."""
+        src: RemoteSource = job.src
         plan = tp_read_plan(self.tp_rank, self.tp_size, rem.tp_size,
                             self.compat["num_kv_heads"], self.compat.get("is_mla", False),
                             bytes_per_head=self.bytes_per_head)
         t0 = time.perf_counter()
-        infl = _Inflight(job, [], t0)
+        infl = _Inflight(job, [], t0, valid_until=valid_until)
         try:
             by_rank: dict[int, list[Any]] = {}
             for s in plan.slices:
@@ -186,13 +246,13 @@ class PullWorker(BaseWorker):
                 del self._inflight[rid]
                 self._quarantine_load(infl, FailureReason.TRANSFER, str(e))
                 continue
-            src = infl.job.src
+            late = infl.valid_until is not None and time.monotonic() > infl.valid_until
             if done:
                 del self._inflight[rid]
                 self._send_done_notifs(infl)
-                if src.expiry is not None and time.time() > src.expiry:
-                    # the prefill side may have reused the blocks while we read
-                    self._fail(infl.job, FailureReason.EXPIRED, "READ completed after the lease expired")
+                if late:  # the prefill may have freed and reused the blocks while we read
+                    self._fail(infl.job, FailureReason.EXPIRED,
+                               "READ completed after the read grant ended")
                     continue
                 secs = max(h.stats.transfer_us for h in infl.handles) / 1e6 \
                     if infl.handles else now - infl.t0
@@ -204,8 +264,7 @@ class PullWorker(BaseWorker):
                                       "ms": round(secs * 1e3, 4), "seconds": secs,
                                       "backend": backend_of(infl.handles, self.engine),
                                       "error": "", "stages_ms": _stages(infl)}
-            elif now - infl.t0 > self.cfg.transfer_timeout_s or \
-                    (src.expiry is not None and time.time() > src.expiry):
+            elif now - infl.t0 > self.cfg.transfer_timeout_s or late:
                 del self._inflight[rid]
                 for h in infl.handles:
                     try:
@@ -255,14 +314,9 @@ class PullWorker(BaseWorker):
     def _poll_sending(self) -> set[str]:
         """Prefill side: requests whose blocks may be freed (read, released, expired)."""
         out: set[str] = set()
-        mono = time.monotonic()
         for rid, s in list(self._sending.items()):
             st = self._notifs.get(rid)
             if (st is not None and st.count >= st.expected) or s.released:
-                out.add(rid)
-            elif mono > s.deadline:
-                self.stats.record_expired(s.nblocks)
-                log.info("PdConnector: lease of %s expired, freeing %d blocks", rid, s.nblocks)
                 out.add(rid)
         for rid in out:
             del self._sending[rid]
@@ -274,8 +328,16 @@ class PullWorker(BaseWorker):
                 del self._notifs[rid]
         return out
 
+    def shutdown(self) -> None:
+        if self._grant_pool is not None:
+            self._grant_pool.shutdown(wait=False, cancel_futures=True)
+        super().shutdown()
+
     def _poll_pull(self) -> None:
-        """Decode side, every step: quarantined and in-flight loads, retired peers."""
+        """Decode side, every step: read grants, quarantined and in-flight loads,
+        retired peers."""
+        if self._grants:
+            self._advance_grants()
         if self._quarantine:
             self._poll_quarantine()
         if self._retired:

@@ -19,9 +19,13 @@ from typing import Any
 
 from ..errors import FailureReason
 from .base_worker import BaseWorker
-from .metadata import PdConnectorMetadata, PushRecvJob, PushSendStep, RecvJob
+from .metadata import PdConnectorMetadata, PushRecvJob, PushSendStep, RecvJob, now_wall
 
 log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
+
+#: Decode side: a push not done this long after its deadline fails (a WRITE the prefill
+#: started just before the deadline may still be landing until then).
+PUSH_GRACE_S = 1.0
 
 
 @dataclass
@@ -125,7 +129,7 @@ class PushWorker(BaseWorker):
             if w.error:
                 w.deferred.clear()
             return
-        if time.time() > w.step.expiry:
+        if now_wall() > w.step.expiry:
             w.error = FailureReason.EXPIRED
             w.deferred.clear()
             return
@@ -146,7 +150,7 @@ class PushWorker(BaseWorker):
         layer = self._layer_index.get(layer_name)
         if layer is None:
             return
-        now = time.time()
+        now = now_wall()
         for st in self._push_step:
             w = self._push_writes[st.req_id]
             if w.error or not st.local_ids:
@@ -255,8 +259,8 @@ class PushWorker(BaseWorker):
         self._fail(RecvJob(job.req_id, None, [], []), known, msg, release=False)
 
     def _expire_pushes(self) -> None:
-        now = time.time()
+        now = now_wall()
         for push_id, job in list(self._push_waiting.items()):
-            if now > job.expiry + self.cfg.lease_guard_s:
+            if now > job.expiry + PUSH_GRACE_S:
                 del self._push_waiting[push_id]
                 self._fail_push(job, FailureReason.TIMEOUT, f"no push within {self.cfg.push_wait_s} s")

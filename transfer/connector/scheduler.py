@@ -59,7 +59,7 @@ class PdConnectorScheduler(PullScheduler, PushScheduler):
         if is_push(params) and rid in self._push_out:
             return self._push_request_finished(request, params)
         if params.get("do_remote_prefill"):
-            return False, self._pull_aborted_before_load(params)
+            return False, self._pull_aborted_before_load(rid, params)
         if not params.get("do_remote_decode"):
             return False, self._decode_finished(rid)
         return self._prefill_finished(request, block_ids)

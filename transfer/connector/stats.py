@@ -9,6 +9,7 @@ Prometheus names (prefix ``pd_connector_``):
   pd_connector_failures_total{reason}    counter   failed loads by reason
   pd_connector_expired_blocks_total      counter   prefill blocks freed unread (lease expired)
   pd_connector_expired_requests_total    counter   prefill requests whose lease expired
+  pd_connector_lease_renewals_total      counter   prefill leases renewed by a waiting decode
   pd_connector_blocks_pending_pickup     gauge     prefill blocks held for a decode to read
   pd_connector_requests_pending_pickup   gauge     prefill requests held for a decode to read
   pd_connector_recv_blocks_inflight      gauge     decode blocks waiting for their READ
@@ -38,7 +39,7 @@ _GAUGES = ("pending_blocks", "pending_reqs", "recv_inflight_blocks")
 
 def _empty() -> dict[str, Any]:
     return {"xfer_s": [], "bytes": [], "descs": [], "failures": {}, "control_refused": {},
-            "expired_blocks": 0, "expired_reqs": 0,
+            "expired_blocks": 0, "expired_reqs": 0, "renewals": 0,
             "pending_blocks": None, "pending_reqs": None, "recv_inflight_blocks": None}
 
 
@@ -69,6 +70,9 @@ class PdConnectorStats(KVConnectorStats):
         self.data["expired_blocks"] += int(nblocks)
         self.data["expired_reqs"] += 1
 
+    def record_renewals(self, n: int) -> None:
+        self.data["renewals"] = self.data.get("renewals", 0) + int(n)
+
     def set_gauge(self, name: str, value: int) -> None:
         assert name in _GAUGES
         self.data[name] = int(value)
@@ -84,6 +88,7 @@ class PdConnectorStats(KVConnectorStats):
             d["control_refused"][r] = d["control_refused"].get(r, 0) + n
         d["expired_blocks"] += o.get("expired_blocks", 0)
         d["expired_reqs"] += o.get("expired_reqs", 0)
+        d["renewals"] = d.get("renewals", 0) + o.get("renewals", 0)
         for g in _GAUGES:
             if o.get(g) is not None:
                 d[g] = o[g]  # latest wins (gauges come from the scheduler only)
@@ -92,6 +97,7 @@ class PdConnectorStats(KVConnectorStats):
     def is_empty(self) -> bool:
         d = self.data
         return (not d["xfer_s"] and not d["failures"] and not d["expired_blocks"]
+                and not d.get("renewals")
                 and not d.get("control_refused")
                 and all(d.get(g) is None for g in _GAUGES))
 
@@ -151,6 +157,10 @@ class PdPromMetrics(KVConnectorPromMetrics):
             name="pd_connector_expired_blocks",
             documentation="Prefill KV blocks freed unread after their lease expired.",
             labelnames=labelnames), pe)
+        self.renewals = per_engine(C(
+            name="pd_connector_lease_renewals",
+            documentation="Prefill KV leases renewed by a decode engine whose request waits.",
+            labelnames=labelnames), pe)
         self.expired_reqs = per_engine(C(
             name="pd_connector_expired_requests",
             documentation="Prefill requests whose KV lease expired unread.",
@@ -198,6 +208,8 @@ class PdPromMetrics(KVConnectorPromMetrics):
             self.expired_blocks[engine_idx].inc(d["expired_blocks"])
         if d.get("expired_reqs"):
             self.expired_reqs[engine_idx].inc(d["expired_reqs"])
+        if d.get("renewals"):
+            self.renewals[engine_idx].inc(d["renewals"])
         for g, m in self.gauges.items():
             if d.get(g) is not None:
                 m[engine_idx].set(d[g])

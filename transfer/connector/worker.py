@@ -18,6 +18,8 @@ class PdConnectorWorker(PullWorker, PushWorker):
             self._start_pull(meta, time.monotonic())
             self._start_push(meta)
         self._advance_handshakes()
+        if self._grants:
+            self._advance_grants()
 
     def get_transfer_results(self, finished_req_ids: set[str]
                              ) -> tuple[set[str], set[str], set[str]]:

@@ -1,0 +1,68 @@
+"""Making a NIXL agent: the import (lazy, a clear error without NIXL), the UCX
+transports a protocol selects, and the progress thread's poll delay."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any, Sequence
+
+from .errors import BackendUnavailableError
+
+UCX_TLS_BY_PROTOCOL = {"tcp": "tcp,self"}
+#: Progress-thread delay (µs) between polls; 0 is NIXL's busy-poll default.
+DEFAULT_PROGRESS_DELAY_US = int(os.environ.get("PDSIDECAR_NIXL_PROGRESS_DELAY_US", "100"))
+_agent_ctor_lock = threading.Lock()
+
+
+def _import_nixl() -> Any:
+    try:
+        from nixl import _api  # type: ignore[import-not-found]
+    except Exception as e:  # ImportError, or a broken CUDA-flavoured build
+        raise BackendUnavailableError(f"NIXL is not importable: {e}") from e
+    return _api
+
+
+@contextlib.contextmanager
+def _progress_delay(api: Any, delay_us: int):
+    """Create agents inside this block with ``pthrDelay = delay_us``.
+
+    ``nixl_agent.__init__`` builds its ``nixlAgentConfig`` itself and sets
+    ``pthrDelay = 0``; the binding's agent constructor is wrapped for the duration
+    (under a lock, restored afterwards) to set the delay we want.
+    """
+    with _agent_ctor_lock:
+        bind = api.nixlBind
+        original = bind.nixlAgent
+
+        def make_agent(name: str, cfg: Any) -> Any:
+            cfg.pthrDelay = delay_us
+            return original(name, cfg)
+
+        bind.nixlAgent = make_agent
+        try:
+            yield
+        finally:
+            bind.nixlAgent = original
+
+
+def make_agent(name: str, protocol: str, backends: Sequence[str], num_threads: int = 0,
+               capture_telemetry: bool = False,
+               progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US) -> tuple[Any, Any]:
+    """``(nixl._api module, agent)`` named ``name``. ``protocol="tcp"`` sets
+    ``UCX_TLS`` for this process before the agent exists (one protocol per process)."""
+    if protocol in UCX_TLS_BY_PROTOCOL:
+        os.environ["UCX_TLS"] = UCX_TLS_BY_PROTOCOL[protocol]
+    elif protocol not in ("rdma", "auto"):
+        raise ValueError(f"unknown NIXL protocol {protocol!r} (rdma, tcp)")
+    api = _import_nixl()
+    cfg = api.nixl_agent_config(backends=list(backends), num_threads=num_threads,
+                                capture_telemetry=capture_telemetry)
+    if progress_delay_us < 0:
+        raise ValueError(f"progress_delay_us must be >= 0, got {progress_delay_us}")
+    with _progress_delay(api, progress_delay_us):
+        agent = api.nixl_agent(name, cfg)
+    if not agent.backends:
+        raise BackendUnavailableError(f"NIXL backends {list(backends)} unavailable")
+    return api, agent
