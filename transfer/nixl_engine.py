@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .engine import (PeerInfo, PeerTableEngine, PlanCache, TransferHandle, TransferStats,
-                     as_bytes, new_transfer_id)
+                     as_bytes, new_transfer_id, thread_clock)
 from .errors import (BackendUnavailableError, TransferError,
                      TransferFailedError, UnknownPeerError, UnregisteredMemoryError)
 from .layout import Region, block_descriptors, memory_ranges, region_indices, \
@@ -278,24 +278,28 @@ class NixlTransferEngine(PeerTableEngine):
                                                   plan.remote_dlist, ridx, msg)
             except Exception as e:
                 raise TransferFailedError(f"{op} to {peer!r}: cannot create transfer: {e}") from e
-            t1 = time.perf_counter_ns()
             ev = _compute_event() if op == "WRITE" and self.mem_type == "VRAM" else None
+            cpu0, preempt0 = thread_clock()
+            t1 = time.perf_counter_ns()
             if ev is not None and not ev.query():
                 state = "PENDING"  # posted by poll() once the KV is written
             else:
                 ev = None
                 try:
+                    # over CMA/shared memory the copy runs inside this call
                     state = self.agent.transfer(xh)
                 except Exception as e:
                     self._release(xh)
                     raise TransferFailedError(f"{op} to {peer!r}: post failed: {e}") from e
             t2 = time.perf_counter_ns()
+            cpu1, preempt1 = thread_clock()
         n = ids.shape[1]
         stats = TransferStats(
             transfer_id=new_transfer_id(), request_id=request_id, peer=peer, op=op,
             backend=self.backend, bytes=plan.bytes_per_block * n, descriptors=int(lidx.size),
             num_blocks=n, num_layers=plan.num_layers,
-            prepare_us=(t1 - t0) / 1e3, post_us=(t2 - t1) / 1e3)
+            prepare_us=(t1 - t0) / 1e3, post_us=(t2 - t1) / 1e3,
+            post_cpu_us=cpu1 - cpu0, post_preempted=preempt1 - preempt0)
         h = TransferHandle(stats=stats, native=xh, t_submit_ns=t0, notif=msg, post_after=ev)
         if state == "ERR":
             self._finish(h, "ERR", f"{op} to {peer!r}: NIXL post returned ERR")
