@@ -17,6 +17,13 @@ for this process before the agent is created, so use one protocol per process.
 NIXL's progress thread is kept (the passive side of a READ must progress UCX or
 the transfer never completes), but with a non-zero delay: the Python API hard-codes
 ``pthrDelay = 0``, which busy-polls a whole core per agent even when idle.
+
+UCX guards a worker shared with that thread with a spinlock by default. Over CMA a
+READ copies inside its post, holding the lock; the progress thread, woken by its poll
+timeout, preempts the posting thread and spins on the lock for a whole scheduler slice
+when both share a core (an engine pinned to one): 1-3 ms per transfer, measured. So
+the agent is created with ``UCX_USE_MT_MUTEX=y`` (a waiting thread sleeps) unless the
+environment sets it.
 """
 
 from __future__ import annotations
@@ -112,6 +119,7 @@ class NixlTransferEngine(PeerTableEngine):
         elif protocol not in ("rdma", "auto"):
             raise ValueError(f"unknown NIXL protocol {protocol!r} (rdma, tcp)")
         self.protocol = protocol
+        os.environ.setdefault("UCX_USE_MT_MUTEX", "y")  # see the module docstring
         api = _import_nixl()
         cfg = api.nixl_agent_config(backends=list(backends), num_threads=num_threads,
                                     capture_telemetry=capture_telemetry)
