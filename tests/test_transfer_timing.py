@@ -79,3 +79,23 @@ def test_connector_records_the_post_to_done_span():
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def test_agent_uses_a_sleeping_ucx_lock_unless_told_otherwise(monkeypatch):
+    """UCX_USE_MT_MUTEX=y is set before the agent (so UCX reads it) unless the
+    environment already chose; UCX does read it at agent creation (a bad value fails)."""
+    pytest.importorskip("nixl._api")
+    import os
+
+    from transfer.nixl_engine import NixlTransferEngine
+
+    monkeypatch.setenv("UCX_USE_MT_MUTEX", "x")
+    monkeypatch.delenv("UCX_USE_MT_MUTEX")
+    NixlTransferEngine("mutex-default").close()
+    assert os.environ["UCX_USE_MT_MUTEX"] == "y"
+    monkeypatch.setenv("UCX_USE_MT_MUTEX", "n")
+    NixlTransferEngine("mutex-kept").close()
+    assert os.environ["UCX_USE_MT_MUTEX"] == "n"
+    monkeypatch.setenv("UCX_USE_MT_MUTEX", "bogus")
+    with pytest.raises(Exception):  # NIXL's backend error: UCX refused the value
+        NixlTransferEngine("mutex-bogus")
