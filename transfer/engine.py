@@ -22,12 +22,18 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+try:
+    import resource
+except ImportError:  # not on this OS: thread_clock() reports nothing
+    resource = None  # type: ignore[assignment]
+
 from .errors import TransferError, TransferTimeoutError, UnknownPeerError
 from .blocks import validate_block_id_pair
 from .layout import Region
 
 DEFAULT_WAIT_TIMEOUT_S = float(os.environ.get("PDSIDECAR_TRANSFER_TIMEOUT_S", "30"))
 DEFAULT_POLL_INTERVAL_S = 0.0002
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)
 
 
 def host_id() -> str:
@@ -77,9 +83,22 @@ class TransferStats:
     num_layers: int
     prepare_us: float
     post_us: float
-    transfer_us: float = 0.0  # submit -> observed completion
+    transfer_us: float = 0.0  # submit -> observed completion (prepare included)
     state: str = "PROC"  # PROC, DONE, ERR
     error: str = ""
+    post_cpu_us: float = 0.0  # CPU time of the posting thread inside the post
+    post_preempted: int = 0  # times that thread was preempted inside the post
+
+    @property
+    def xfer_us(self) -> float:
+        """Post -> observed completion: ``transfer_us`` less ``prepare_us``.
+
+        The span NIXL's own per-transfer telemetry calls ``xferDuration`` (from the
+        post to the status check that sees it done), which vLLM's NixlConnector
+        reports as ``vllm:nixl_xfer_time_seconds``; PdConnector reports this one, so
+        both connectors' in-engine transfer times measure the same thing.
+        """
+        return max(0.0, self.transfer_us - self.prepare_us) if self.transfer_us else 0.0
 
     @property
     def gbps(self) -> float:
@@ -115,6 +134,17 @@ class TransferHandle:
 
 def new_transfer_id() -> int:
     return next(_ids)
+
+
+def thread_clock() -> tuple[float, int]:
+    """(CPU µs used by the calling thread, its involuntary context switches so far).
+
+    Around a post, the differences tell the copy's own work from time the thread sat
+    preempted on a shared core. ``(0.0, 0)`` where the OS has no per-thread usage.
+    """
+    if _RUSAGE_THREAD is None:
+        return 0.0, 0
+    return time.thread_time_ns() / 1e3, resource.getrusage(_RUSAGE_THREAD).ru_nivcsw
 
 
 StatsListener = Callable[[TransferStats], None]

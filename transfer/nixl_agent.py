@@ -56,6 +56,9 @@ def make_agent(name: str, protocol: str, backends: Sequence[str], num_threads: i
         os.environ["UCX_TLS"] = UCX_TLS_BY_PROTOCOL[protocol]
     elif protocol not in ("rdma", "auto"):
         raise ValueError(f"unknown NIXL protocol {protocol!r} (rdma, tcp)")
+    # UCX reads this when the agent's worker is made: a thread waiting for the worker
+    # lock sleeps instead of spinning (see transfer.nixl_engine's docstring)
+    os.environ.setdefault("UCX_USE_MT_MUTEX", "y")
     api = _import_nixl()
     cfg = api.nixl_agent_config(backends=list(backends), num_threads=num_threads,
                                 capture_telemetry=capture_telemetry)

@@ -17,6 +17,13 @@ for this process before the agent is created, so use one protocol per process.
 NIXL's progress thread is kept (the passive side of a READ must progress UCX or
 the transfer never completes), but with a non-zero delay: the Python API hard-codes
 ``pthrDelay = 0``, which busy-polls a whole core per agent even when idle.
+
+UCX guards a worker shared with that thread with a spinlock by default. Over CMA a
+READ copies inside its post, holding the lock; the progress thread, woken by its poll
+timeout, preempts the posting thread and spins on the lock for a whole scheduler slice
+when both share a core (an engine pinned to one): 1-3 ms per transfer, measured. So
+the agent is created with ``UCX_USE_MT_MUTEX=y`` (a waiting thread sleeps) unless the
+environment sets it.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 
 from .blocks import block_descriptors, region_indices
 from .engine import (PeerInfo, PeerTableEngine, PlanCache, TransferHandle, TransferStats,
-                     as_bytes, new_transfer_id)
+                     as_bytes, new_transfer_id, thread_clock)
 from .errors import TransferError, TransferFailedError, UnknownPeerError, UnregisteredMemoryError
 from .layout import Region, memory_ranges, regions_from_kv_caches
 from .nixl_agent import DEFAULT_PROGRESS_DELAY_US, make_agent
@@ -227,24 +234,28 @@ class NixlTransferEngine(PeerTableEngine):
                                                   plan.remote_dlist, ridx, msg)
             except Exception as e:
                 raise TransferFailedError(f"{op} to {peer!r}: cannot create transfer: {e}") from e
-            t1 = time.perf_counter_ns()
             ev = _compute_event() if op == "WRITE" and self.mem_type == "VRAM" else None
+            cpu0, preempt0 = thread_clock()
+            t1 = time.perf_counter_ns()
             if ev is not None and not ev.query():
                 state = "PENDING"  # posted by poll() once the KV is written
             else:
                 ev = None
                 try:
+                    # over CMA/shared memory the copy runs inside this call
                     state = self.agent.transfer(xh)
                 except Exception as e:
                     self._release(xh)
                     raise TransferFailedError(f"{op} to {peer!r}: post failed: {e}") from e
             t2 = time.perf_counter_ns()
+            cpu1, preempt1 = thread_clock()
         n = ids.shape[1]
         stats = TransferStats(
             transfer_id=new_transfer_id(), request_id=request_id, peer=peer, op=op,
             backend=self.backend, bytes=plan.bytes_per_block * n, descriptors=int(lidx.size),
             num_blocks=n, num_layers=plan.num_layers,
-            prepare_us=(t1 - t0) / 1e3, post_us=(t2 - t1) / 1e3)
+            prepare_us=(t1 - t0) / 1e3, post_us=(t2 - t1) / 1e3,
+            post_cpu_us=cpu1 - cpu0, post_preempted=preempt1 - preempt0)
         h = TransferHandle(stats=stats, native=xh, t_submit_ns=t0, notif=msg, post_after=ev)
         if state == "ERR":
             self._finish(h, "ERR", f"{op} to {peer!r}: NIXL post returned ERR")

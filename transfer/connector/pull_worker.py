@@ -254,7 +254,9 @@ class PullWorker(BaseWorker):
                     self._fail(infl.job, FailureReason.EXPIRED,
                                "READ completed after the read grant ended")
                     continue
-                secs = max(h.stats.transfer_us for h in infl.handles) / 1e6 \
+                # post -> completion seen: the span stock NixlConnector reports (NIXL's
+                # xferDuration); the prepare before it is in stages_ms["prepare"]
+                secs = max(h.stats.xfer_us for h in infl.handles) / 1e6 \
                     if infl.handles else now - infl.t0
                 self.stats.record_transfer(infl.nbytes, secs, infl.descs)
                 self._done_recv.add(rid)
@@ -366,4 +368,12 @@ def _stages(infl: _Inflight) -> dict[str, float]:
             "posted_to_done_seen": ms(infl.t_posted, infl.t_done),
             "nixl_submit_to_done_seen": round(max((h.stats.transfer_us for h in infl.handles),
                                                   default=0.0) / 1e3, 3),
+            # submit = prepare (id checks, index arrays, make_prepped_xfer) + post;
+            # post -> done seen is what pd_connector_transfer_seconds records
+            "prepare": round(sum(h.stats.prepare_us for h in infl.handles) / 1e3, 3),
+            "post": round(sum(h.stats.post_us for h in infl.handles) / 1e3, 3),
+            "post_cpu": round(sum(h.stats.post_cpu_us for h in infl.handles) / 1e3, 3),
+            "post_preempted": sum(h.stats.post_preempted for h in infl.handles),
+            "post_to_done_seen": round(max((h.stats.xfer_us for h in infl.handles),
+                                           default=0.0) / 1e3, 3),
             "_t_done": infl.t_done}

@@ -3,7 +3,9 @@
 Prometheus names (prefix ``pd_connector_``):
   pd_connector_bytes_transferred_total   counter   KV bytes read/written by this engine
   pd_connector_transfers_total           counter   completed transfers (one per request per rank)
-  pd_connector_transfer_seconds          histogram submit -> completion per transfer
+  pd_connector_transfer_seconds          histogram post -> completion seen per transfer
+                                                   (NIXL's xferDuration span, as stock's
+                                                   vllm:nixl_xfer_time_seconds)
   pd_connector_transfer_bytes            histogram bytes per transfer
   pd_connector_transfer_gbps             histogram throughput per transfer (GB/s)
   pd_connector_failures_total{reason}    counter   failed loads by reason
