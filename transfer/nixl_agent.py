@@ -1,5 +1,6 @@
 """Making a NIXL agent: the import (lazy, a clear error without NIXL), the UCX
-transports a protocol selects, and the progress thread's poll delay."""
+transports a protocol selects, and the progress thread's poll delay; the agent
+wrapper of ``prepare_only`` and the CUDA event a VRAM WRITE is posted after."""
 
 from __future__ import annotations
 
@@ -69,3 +70,30 @@ def make_agent(name: str, protocol: str, backends: Sequence[str], num_threads: i
     if not agent.backends:
         raise BackendUnavailableError(f"NIXL backends {list(backends)} unavailable")
     return api, agent
+
+
+class UnpostedAgent:
+    """:meth:`NixlTransferEngine.prepare_only`: the engine's NIXL agent, except that
+    ``transfer`` posts nothing and reports DONE (the engine then releases the handle)."""
+
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._agent, name)
+
+    def transfer(self, handle: Any, notif_msg: bytes = b"") -> str:
+        return "DONE"
+
+
+def compute_event() -> Any:
+    """A CUDA event recorded on the caller's current stream.
+
+    A WRITE out of a CUDA cache (push, from ``save_kv_layer``) must not start before
+    the layer's cache write queued on that stream is done; NIXL cannot wait on a
+    stream, so the post waits for this event, checked without blocking by ``poll``.
+    """
+    import torch
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream())
+    return ev

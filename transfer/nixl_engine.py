@@ -40,7 +40,7 @@ from .engine import (PeerInfo, PeerTableEngine, PlanCache, TransferHandle, Trans
                      as_bytes, new_transfer_id, thread_clock)
 from .errors import TransferError, TransferFailedError, UnknownPeerError, UnregisteredMemoryError
 from .layout import Region, memory_ranges, regions_from_kv_caches
-from .nixl_agent import DEFAULT_PROGRESS_DELAY_US, make_agent
+from .nixl_agent import DEFAULT_PROGRESS_DELAY_US, UnpostedAgent, compute_event, make_agent
 
 
 @dataclass
@@ -234,7 +234,7 @@ class NixlTransferEngine(PeerTableEngine):
                                                   plan.remote_dlist, ridx, msg)
             except Exception as e:
                 raise TransferFailedError(f"{op} to {peer!r}: cannot create transfer: {e}") from e
-            ev = _compute_event() if op == "WRITE" and self.mem_type == "VRAM" else None
+            ev = compute_event() if op == "WRITE" and self.mem_type == "VRAM" else None
             cpu0, preempt0 = thread_clock()
             t1 = time.perf_counter_ns()
             if ev is not None and not ev.query():
@@ -404,35 +404,8 @@ class NixlTransferEngine(PeerTableEngine):
         it completed at once; nothing moves, so ``TransferStats.prepare_us`` is the
         cost of preparing alone. Not for serving."""
         with self._lock:
-            if not isinstance(self.agent, _UnpostedAgent):
-                self.agent = _UnpostedAgent(self.agent)
-
-
-class _UnpostedAgent:
-    """:meth:`NixlTransferEngine.prepare_only`: the engine's NIXL agent, except that
-    ``transfer`` posts nothing and reports DONE (the engine then releases the handle)."""
-
-    def __init__(self, agent: Any) -> None:
-        self._agent = agent
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._agent, name)
-
-    def transfer(self, handle: Any, notif_msg: bytes = b"") -> str:
-        return "DONE"
-
-
-def _compute_event() -> Any:
-    """A CUDA event recorded on the caller's current stream.
-
-    A WRITE out of a CUDA cache (push, from ``save_kv_layer``) must not start before
-    the layer's cache write queued on that stream is done; NIXL cannot wait on a
-    stream, so the post waits for this event, checked without blocking by ``poll``.
-    """
-    import torch
-    ev = torch.cuda.Event()
-    ev.record(torch.cuda.current_stream())
-    return ev
+            if not isinstance(self.agent, UnpostedAgent):
+                self.agent = UnpostedAgent(self.agent)
 
 
 def _bytes(regions: Sequence[Region], reg_idx: np.ndarray, nblocks: int,
