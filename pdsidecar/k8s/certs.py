@@ -120,16 +120,23 @@ def write_control_certs(out_dir: str, *, days: int = 365) -> None:
         f.write(key)
 
 
+def _parse(p: argparse.ArgumentParser, argv: Iterable[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code argparse chose (``--help``, a usage error)."""
+    try:
+        return p.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
 def run_control_certs(argv: Iterable[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pdsidecar control-certs",
                                 description="Write a CA and an engine certificate (ca.crt, tls.crt, tls.key) for "
                                             "mutual TLS on the connector's control plane.")
     p.add_argument("--out-dir", default=".", help="where to write ca.crt, tls.crt and tls.key")
     p.add_argument("--days", type=int, default=365)
-    try:
-        ns = p.parse_args(list(argv) if argv is not None else None)
-    except SystemExit as e:
-        return int(e.code or 0)
+    ns = _parse(p, argv)
+    if isinstance(ns, int):
+        return ns
     try:
         write_control_certs(ns.out_dir, days=ns.days)
     except ImportError:
@@ -151,10 +158,9 @@ def run_webhook_cert(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--namespace", default="pdsidecar")
     p.add_argument("--out-dir", default=".", help="where to write tls.crt and tls.key")
     p.add_argument("--days", type=int, default=365)
-    try:
-        ns = p.parse_args(list(argv) if argv is not None else None)
-    except SystemExit as e:
-        return int(e.code or 0)
+    ns = _parse(p, argv)
+    if isinstance(ns, int):
+        return ns
     try:
         cert, key = make_self_signed(service_dns_names(ns.service, ns.namespace), days=ns.days)
         os.makedirs(ns.out_dir, exist_ok=True)
