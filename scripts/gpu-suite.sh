@@ -35,15 +35,20 @@ for stage in "$@"; do
     models)  # Llama-3-8B's KV shape with little compute, drawn on the GPU
       python3 -m pdsidecar models make --preset llama3-8b-kv --device cuda \
         --out "$PDSIDECAR_CACHE/models/llama3-8b-kv" > "$OUT/models.txt" 2>&1; echo "models rc=$?" ;;
-    bench=*)  # bench=agg,pd-ours,...: concurrency 1, 2k-token prompts, sweep 128..8k
-      # (the presets' max_position_embeddings is 8192: prompt + output must fit)
+    bench=*)  # bench=agg,pd-ours,...: a Poisson workload (short requests decoding while
+      # long prompts arrive: decode ITL under prefill interference), then a sequential
+      # sweep 128..8k tokens (TTFT, KV move). The presets' max_position_embeddings is 8192.
       c=${stage#bench=}; tag=${c//,/_}
       timeout "${BENCH_TIMEOUT:-500}" python3 -m bench.cli e2e --gpu-util 0.2 --configs "$c" \
-        --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" --max-model-len 8192 --concurrency 1 \
-        --num-requests 6 --warmup 1 --prompt-len fixed:2048 --output-len fixed:16 --long-fraction 0 \
+        --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" --max-model-len 8192 \
+        --rate "${BENCH_RATE:-4}" --num-requests "${BENCH_N:-24}" --warmup 2 \
+        --prompt-len uniform:128-512 --output-len fixed:64 \
+        --long-prompt-len uniform:4096-7936 --long-output-len fixed:4 --long-fraction 0.25 \
         --sweep-tokens 128,1024,2048,8064 --sweep-n 3 --json "$OUT/e2e-$tag.json" --no-progress \
         --log-dir "$OUT/bench-logs-$tag" > "$OUT/bench-$tag.txt" 2>&1
-      echo "bench $c rc=$?"; tail -40 "$OUT/bench-$tag.txt" ;;
+      echo "bench $c rc=$?"; tail -45 "$OUT/bench-$tag.txt"
+      for f in "$OUT"/bench-logs-"$tag"/*.log; do grep -E "Error|Traceback" "$f" | head -5 > "$f.grep"; done
+      du -sh "$OUT"/bench-logs-"$tag" ;;
     *) echo "unknown stage $stage" >&2 ;;
   esac
 done
