@@ -413,3 +413,16 @@ def test_push_lookup_asks_in_short_calls_on_its_own_executor():
         assert s._lookups() is not s.notifier.executor()
     finally:
         srv.stop()
+
+
+def test_progress_delay_comes_from_the_key_else_the_environment():
+    """The documented env var sets the connector's NIXL poll delay; the key wins over it."""
+    from transfer.connector.config import PdConfig
+    from transfer.nixl_agent import PROGRESS_DELAY_US
+
+    env = {"PDSIDECAR_NIXL_PROGRESS_DELAY_US": "5000"}
+    assert PdConfig.from_extra({}, env={}).nixl_progress_delay_us == PROGRESS_DELAY_US
+    assert PdConfig.from_extra({}, env=env).nixl_progress_delay_us == 5000
+    assert PdConfig.from_extra({"nixl_progress_delay_us": 0}, env=env).nixl_progress_delay_us == 0
+    with pytest.raises(ValueError, match="PDSIDECAR_NIXL_PROGRESS_DELAY_US"):
+        PdConfig.from_extra({}, env={"PDSIDECAR_NIXL_PROGRESS_DELAY_US": "fast"})

@@ -12,8 +12,19 @@ from typing import Any, Sequence
 from .errors import BackendUnavailableError
 
 UCX_TLS_BY_PROTOCOL = {"tcp": "tcp,self"}
-#: Progress-thread delay (µs) between polls; 0 is NIXL's busy-poll default.
-DEFAULT_PROGRESS_DELAY_US = int(os.environ.get("PDSIDECAR_NIXL_PROGRESS_DELAY_US", "100"))
+#: Progress-thread delay (µs) between polls when nothing sets one; 0 is NIXL's busy-poll.
+PROGRESS_DELAY_US = 100
+PROGRESS_DELAY_ENV = "PDSIDECAR_NIXL_PROGRESS_DELAY_US"
+
+
+def progress_delay_default(env: Any = None) -> int:
+    """The poll delay from ``PDSIDECAR_NIXL_PROGRESS_DELAY_US``, else :data:`PROGRESS_DELAY_US`."""
+    env = os.environ if env is None else env
+    raw = env.get(PROGRESS_DELAY_ENV, "")
+    try:
+        return int(raw) if raw else PROGRESS_DELAY_US
+    except ValueError:
+        raise ValueError(f"{PROGRESS_DELAY_ENV}={raw!r} is not a whole number of µs") from None
 _agent_ctor_lock = threading.Lock()
 
 
@@ -50,7 +61,7 @@ def _progress_delay(api: Any, delay_us: int):
 
 def make_agent(name: str, protocol: str, backends: Sequence[str], num_threads: int = 0,
                capture_telemetry: bool = False,
-               progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US) -> tuple[Any, Any]:
+               progress_delay_us: int | None = None) -> tuple[Any, Any]:
     """``(nixl._api module, agent)`` named ``name``. ``protocol="tcp"`` sets
     ``UCX_TLS`` for this process before the agent exists (one protocol per process)."""
     if protocol in UCX_TLS_BY_PROTOCOL:
@@ -63,6 +74,8 @@ def make_agent(name: str, protocol: str, backends: Sequence[str], num_threads: i
     api = _import_nixl()
     cfg = api.nixl_agent_config(backends=list(backends), num_threads=num_threads,
                                 capture_telemetry=capture_telemetry)
+    if progress_delay_us is None:
+        progress_delay_us = progress_delay_default()
     if progress_delay_us < 0:
         raise ValueError(f"progress_delay_us must be >= 0, got {progress_delay_us}")
     with _progress_delay(api, progress_delay_us):

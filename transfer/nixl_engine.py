@@ -40,7 +40,7 @@ from .engine import (PeerInfo, PeerTableEngine, PlanCache, TransferHandle, Trans
                      as_bytes, new_transfer_id, thread_clock)
 from .errors import TransferError, TransferFailedError, UnknownPeerError, UnregisteredMemoryError
 from .layout import Region, memory_ranges, regions_from_kv_caches
-from .nixl_agent import DEFAULT_PROGRESS_DELAY_US, UnpostedAgent, compute_event, make_agent
+from .nixl_agent import UnpostedAgent, compute_event, make_agent
 
 
 @dataclass
@@ -73,7 +73,7 @@ class NixlTransferEngine(PeerTableEngine):
     def __init__(self, name: str | None = None, *, protocol: str = "rdma",
                  num_threads: int = 0, capture_telemetry: bool = False,
                  backends: Sequence[str] = ("UCX",),
-                 progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US) -> None:
+                 progress_delay_us: int | None = None) -> None:
         super().__init__(name or f"pdx-{uuid.uuid4().hex[:12]}")
         self.protocol = protocol
         self._api, self.agent = make_agent(self.name, protocol, backends, num_threads,

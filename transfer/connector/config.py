@@ -22,7 +22,9 @@ class PdConfig:
     allowed_remote_hosts: list[str] | None = None  # None = any
     spin_wait_us: float = 0.0  # worker may spin this long for a just-posted READ (0: never)
     backends: list[str] = field(default_factory=lambda: ["UCX"])
-    nixl_progress_delay_us: int = 100  # NIXL progress-thread poll delay; 0 busy-polls a core
+    # NIXL progress-thread poll delay (µs); 0 busy-polls a core. None: env
+    # PDSIDECAR_NIXL_PROGRESS_DELAY_US, else transfer.nixl_agent's default
+    nixl_progress_delay_us: int | None = None
     push_wait_s: float = 30.0  # decode: how long a push request waits for the prefill's KV
     push_lookup_s: float = 5.0  # prefill: how long to wait for the decode's registration
     # control-plane authentication (transfer.control_auth): the shared token's file
@@ -63,6 +65,9 @@ class PdConfig:
             if not v > 0:
                 raise ValueError(f"PdConnector: {name} must be > 0")
             setattr(cfg, name, v)
+        if cfg.nixl_progress_delay_us is None:
+            from ..nixl_agent import progress_delay_default
+            cfg.nixl_progress_delay_us = progress_delay_default(env)
         cfg.nixl_progress_delay_us = int(cfg.nixl_progress_delay_us)
         if cfg.nixl_progress_delay_us < 0:
             raise ValueError("PdConnector: nixl_progress_delay_us must be >= 0")
