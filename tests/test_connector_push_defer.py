@@ -27,7 +27,7 @@ KEY = ("127.0.0.1", 1)
 def push_step(lids, rids) -> PushSendStep:
     return PushSendStep(req_id="p", push_id="pid", host=KEY[0], port=KEY[1], engine_id="D",
                         dp_rank=0, tp_size=1, local_ids=lids, remote_ids=rids, final=True,
-                        expiry=time.time() + 60)
+                        valid_until=time.monotonic() + 60)
 
 
 def forward(p, meta) -> None:
@@ -42,7 +42,7 @@ def test_writes_deferred_until_the_handshake_completes():
     (p, pc), (d, dc) = make_worker("P", 0, 1, seed=1), make_worker("D", 0, 1, seed=2)
     try:
         d.start_load_kv(PdConnectorMetadata(push_recv={"d": PushRecvJob(
-            "d", "pid", 2, time.time() + 60)}))
+            "d", "pid", 2)}))
         fut: Future = Future()
         p._hs_futures[KEY] = fut  # the handshake is in flight
         lids, rids = [3, 4], [7, 8]

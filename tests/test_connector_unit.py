@@ -299,12 +299,15 @@ def test_push_decode_registers_blocks_past_local_hit():
     s.update_state_after_alloc(req, blocks, 24)
     t = s._server.push_targets.get("push-1")
     assert (t.first_block, t.block_ids, t.num_tokens, t.engine_id) == (1, [21, 22], 40, "eng-d")
-    assert t.expiry > time.time() + 5
+    assert t.write_lease_s == s.cfg.push_write_lease_s  # a duration, no wall-clock time
     job = s.build_connector_meta(None).push_recv["d9"]
     assert (job.push_id, job.num_blocks) == ("push-1", 2)
-    # KV arrived -> registration dropped
+    # KV arrived -> the registration keeps no block ids, then is forgotten
     s.update_connector_output(SimpleNamespace(finished_sending=set(), finished_recving={"d9"},
                                               kv_connector_worker_meta=None))
+    assert s._server.push_targets.get("push-1").block_ids == []
+    s.clock = lambda: time.monotonic() + 8  # push_wait_s later
+    s.build_connector_meta(None)
     assert s._server.push_targets.get("push-1") is None
 
 
@@ -341,11 +344,12 @@ def test_push_prefill_waits_for_registration_then_plans_chunks():
     req = fake_request("p3", 40, params, computed=0)
     pending: Future = Future()
     s._lookup = lambda host, port, push_id: pending.result()  # blocks until set
+    s._ask_write = lambda *a: None  # granted
     assert s.get_num_new_matched_tokens(req, 0) == (None, False)  # not found yet
     assert s.get_num_new_matched_tokens(req, 0) == (None, False)
     pending.set_result(PushTarget(engine_id="eng-x", dp_rank=0, tp_size=1, block_size=BS,
                                   num_tokens=40, first_block=1, block_ids=[71, 72],
-                                  expiry=time.time() + 30))
+                                  write_lease_s=30.0))
     deadline = time.time() + 10
     while (r := s.get_num_new_matched_tokens(req, 0)) == (None, False) and time.time() < deadline:
         time.sleep(0.01)
@@ -402,7 +406,7 @@ def test_push_lookup_asks_in_short_calls_on_its_own_executor():
         s = sched(transfer_mode="push", push_lookup_s=5)
         target = PushTarget(engine_id="eng-x", dp_rank=0, tp_size=1, block_size=BS,
                             num_tokens=40, first_block=0, block_ids=[1, 2, 3],
-                            expiry=time.time() + 30)
+                            write_lease_s=30.0)
         threading.Timer(1.2, srv.push_targets.register, ("push-9", target)).start()
         assert s._lookup("127.0.0.1", port, "push-9").block_ids == [1, 2, 3]
         assert len(waits) >= 2 and max(waits) <= control.PUSH_TARGET_MAX_WAIT_MS / 1e3

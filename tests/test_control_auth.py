@@ -143,7 +143,7 @@ def test_push_target_and_handshake_need_the_token():
     srv = ControlServer(auth=ControlAuth(TOKEN))
     srv.add_rank(_desc("p0"))
     srv.push_targets.register("push-1", PushTarget("eng-d", 0, 1, BS, 40, 0, [7, 8, 9],
-                                                   time.time() + 60))
+                                                   10.0))
     srv.start()
     try:
         with ControlClient(srv.target, timeout_s=5) as c:  # no token
@@ -171,7 +171,7 @@ def test_client_refuses_unsigned_or_forged_answers():
     for server_auth in (None, ControlAuth("o" * 24)):
         srv = ControlServer(auth=server_auth)
         srv.push_targets.register("push-1", PushTarget("eng-evil", 0, 1, BS, 40, 0, [1],
-                                                       time.time() + 60))
+                                                       10.0))
         srv.start()
         try:
             with ControlClient(srv.target, timeout_s=5, auth=ControlAuth(TOKEN)) as c:
@@ -315,7 +315,7 @@ def test_mtls_refuses_plaintext_and_foreign_certificates(tls_dirs):
     srv = ControlServer(tls=good, auth=ControlAuth(TOKEN))
     srv.add_rank(_desc("p0"))
     srv.push_targets.register("push-1", PushTarget("eng-d", 0, 1, BS, 40, 0, [4],
-                                                   time.time() + 60))
+                                                   10.0))
     srv.start()
     try:
         for tls in (None, other):  # plaintext / a certificate from another CA

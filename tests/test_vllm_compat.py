@@ -69,7 +69,7 @@ def test_legacy_get_finished_reports_failed_blocks(monkeypatch):
     conn.connector_worker = _Worker([(set(), {"a", "b", "p"}, {"b", "p"}), (set(), set(), set())])
     meta = PdConnectorMetadata(recv={"a": RecvJob("a", None, [1, 2], [5, 6]),
                                      "b": RecvJob("b", None, [3, 4], [7, 8])},
-                               push_recv={"p": PushRecvJob("p", "x", 1, 0.0, local_ids=[9])})
+                               push_recv={"p": PushRecvJob("p", "x", 1, local_ids=[9])})
     conn._connector_metadata = meta
     conn.start_load_kv(None)
     assert conn.get_finished(set()) == (None, {"a", "b", "p"})

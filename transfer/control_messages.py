@@ -113,15 +113,17 @@ class PushTarget:
     num_tokens: int
     first_block: int
     block_ids: list[int]
-    expiry: float  # wall clock
+    # seconds a granted ``write:`` lets the prefill WRITE (its own monotonic clock);
+    # 0 = a decode that grants no writes (then nothing is pushed)
+    write_lease_s: float = 0.0
     request_id: str = ""
 
     @classmethod
     def from_proto(cls, m: pb.PushTargetResponse) -> "PushTarget":
         return cls(engine_id=m.engine_id, dp_rank=m.dp_rank, tp_size=m.tp_size,
                    block_size=m.block_size, num_tokens=m.num_tokens,
-                   first_block=m.first_block, block_ids=list(m.block_ids), expiry=m.expiry,
-                   request_id=m.request_id)
+                   first_block=m.first_block, block_ids=list(m.block_ids),
+                   write_lease_s=m.write_lease_s, request_id=m.request_id)
 
 
 class PushRegistry:

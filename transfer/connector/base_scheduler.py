@@ -90,24 +90,26 @@ class BaseScheduler:
         """A control-plane ``Notify`` (on one of the server's threads).
 
         Leases (pull, :meth:`_on_lease_notify`): ``release:<id>``, ``renew:<id>,<id>``,
-        ``read:<id>`` (refused with a reason when the lease is over). Push:
-        ``push-fail:<push id>:<reason>``, which may come with an empty receiver (a
-        prefill engine that could not look our registration up does not know our id).
+        ``read:<id>`` (refused with a reason when the lease is over). Push
+        (:meth:`_on_push_notify`): ``write:<push id>`` (a write grant, refused the same
+        way) and ``push-fail:<push id>:<reason>``, which may come with an empty receiver
+        (a prefill engine that could not look our registration up does not know our id).
         """
         msg = bytes(message).decode(errors="replace")
         if receiver != self.engine_id and not (receiver == "" and msg.startswith("push-fail:")):
             raise ValueError(f"notification for engine {receiver!r}, this is {self.engine_id!r}")
         kind, _, arg = msg.partition(":")
-        if kind == "push-fail":
-            push_id, _, reason = arg.partition(":")
-            with self._lock:
-                self._push_fail_in[push_id] = reason or FailureReason.TRANSFER
+        if kind in ("write", "push-fail"):
+            self._on_push_notify(kind, arg)
             return
         if kind not in ("release", "renew", "read"):
             raise ValueError(f"unknown notification {msg[:40]!r}")
         self._on_lease_notify(kind, arg)
 
     def _on_lease_notify(self, kind: str, arg: str) -> None:
+        raise ValueError(f"{kind}: notifications are not served here")
+
+    def _on_push_notify(self, kind: str, arg: str) -> None:
         raise ValueError(f"{kind}: notifications are not served here")
 
     def set_workers_metadata(self, descs: dict[int, Any]) -> None:
@@ -158,10 +160,21 @@ class BaseScheduler:
     def _send_renewals(self) -> None:
         pass
 
+    def _sweep_push_holds(self) -> dict[str, str]:
+        return {}
+
+    def _push_load_ended(self, push_id: str) -> None:
+        if self._server is not None:
+            self._server.push_targets.drop(push_id)
+
+    def _push_grant_counts(self) -> tuple[int, int]:
+        return 0, 0
+
     def build_connector_meta(self, scheduler_output: Any) -> PdConnectorMetadata:
         with self._lock:
             release, self._release_in = self._release_in, set()
             push_fail, self._push_fail_in = self._push_fail_in, {}
+        push_fail.update(self._sweep_push_holds())
         now = time.monotonic()
         for job in self._recv.values():
             job.t_meta = now
@@ -194,8 +207,8 @@ class BaseScheduler:
             if self._recv_blocks.pop(rid, None) is not None:
                 self._gauges_dirty = True
             push_id = self._push_ids.pop(rid, None)
-            if push_id is not None and self._server is not None:
-                self._server.push_targets.drop(push_id)
+            if push_id is not None:
+                self._push_load_ended(push_id)
         for rid in connector_output.finished_sending or ():
             with self._lock:
                 if self._pending.pop(rid, None) is not None:
@@ -205,11 +218,13 @@ class BaseScheduler:
         refused = self._server.refused.take() if self._server is not None else {}
         with self._lock:
             renewed, self._renewed_new = self._renewed_new, 0
-        if not self._gauges_dirty and not refused and not renewed:
+        grants = self._push_grant_counts()
+        if not self._gauges_dirty and not refused and not renewed and not any(grants):
             return None
         self._gauges_dirty = False
         s = PdConnectorStats()
         s.record_renewals(renewed)
+        s.record_push_grants(*grants)
         for _ in range(self._bad_params_new):
             s.record_failure(FailureReason.BAD_PARAMS)
         self._bad_params_new = 0

@@ -10,10 +10,11 @@ The pull and push parts are :mod:`.pull_worker` and :mod:`.push_worker`.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..amx import request_amx_tile_permission
 from ..errors import FailureReason, PeerRefused, reason_of
@@ -66,6 +67,8 @@ class BaseWorker:
         self.bytes_per_head = 0
         self._cache_strides: tuple[int, ...] = ()
         self.stats = PdConnectorStats()
+        # push write windows (PushSendStep.valid_until; tests inject a clock)
+        self.clock: Callable[[], float] = time.monotonic
         self._remotes: dict[tuple[str, int], RemoteEngine] = {}
         self._hs_futures: dict[tuple[str, int], Future] = {}
         self._waiting: dict[tuple[str, int], list[RecvJob]] = {}  # jobs for a handshake

@@ -26,6 +26,9 @@ class PdConfig:
     # PDSIDECAR_NIXL_PROGRESS_DELAY_US, else transfer.nixl_agent's default
     nixl_progress_delay_us: int | None = None
     push_wait_s: float = 30.0  # decode: how long a push request waits for the prefill's KV
+    # decode: a granted write: lets the prefill WRITE this long (its monotonic clock;
+    # it renews at half); the decode holds the blocks this + transfer_timeout_s past a grant
+    push_write_lease_s: float = 10.0
     push_lookup_s: float = 5.0  # prefill: how long to wait for the decode's registration
     # control-plane authentication (transfer.control_auth): the shared token's file
     # ("" = env PDSIDECAR_AUTH_TOKEN_FILE, else env PDSIDECAR_AUTH_TOKEN)
@@ -60,7 +63,7 @@ class PdConfig:
                              f"tcp, ipc")
         if cfg.transfer_mode not in ("pull", "push"):
             raise ValueError(f"PdConnector: transfer_mode {cfg.transfer_mode!r} not pull/push")
-        for name in ("push_wait_s", "push_lookup_s"):
+        for name in ("push_wait_s", "push_lookup_s", "push_write_lease_s"):
             v = float(getattr(cfg, name))
             if not v > 0:
                 raise ValueError(f"PdConnector: {name} must be > 0")

@@ -84,10 +84,15 @@ def send_release(host: str, port: int, sender: str, receiver: str, request_id: s
 
 def send_notify(host: str, port: int, sender: str, receiver: str, message: str,
                 timeout_s: float) -> None:
-    """``Notify`` an engine's control server (``release:<rid>``, ``push-fail:<id>:<why>``)."""
+    """``Notify`` an engine's control server (``release:<rid>``, ``push-fail:<id>:<why>``,
+    ``write:<push id>``). A refusal (:class:`~transfer.errors.PeerRefused`, e.g. a grant
+    that is over) is raised as is; any other failure drops the cached client first."""
+    from ..errors import PeerRefused
     try:
         control_client(host, port, timeout_s).notify(
             sender, receiver, message.encode(), timeout_s=timeout_s)
+    except PeerRefused:
+        raise
     except Exception:
         drop_client(host, port)
         raise

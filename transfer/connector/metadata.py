@@ -37,7 +37,8 @@ except Exception:  # pragma: no cover - unit tests without vLLM
         def aggregate(self, other):  # noqa: D401
             raise NotImplementedError
 
-#: 2: pull leases on the prefill's monotonic clock; the decode asks ``read:<id>`` first
+#: 2: pull leases on the prefill's monotonic clock; the decode asks ``read:<id>`` first;
+#: push: the prefill asks ``write:<push id>`` and WRITEs within a lease on its own clock
 PD_PROTOCOL_VERSION = 2
 CONNECTOR_NAME = "PdConnector"
 
@@ -179,8 +180,9 @@ class PushRecvJob:
     req_id: str
     push_id: str
     num_blocks: int
-    expiry: float  # wall clock; after it the load fails (policy decides)
-    local_ids: list[int] = field(default_factory=list)  # blocks the WRITEs fill
+    # blocks the WRITEs fill; the scheduler decides when the wait is over (its write
+    # holds, push_grant.py) and tells the workers through ``push_fail``
+    local_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -197,7 +199,9 @@ class PushSendStep:
     local_ids: list[int]
     remote_ids: list[int]
     final: bool  # last prompt chunk: notify the decode side when all WRITEs are done
-    expiry: float  # wall clock: no WRITE starts after it
+    # this host's time.monotonic(): no WRITE starts after it (time the write grant was
+    # asked + the decode's write lease; see push_grant.py)
+    valid_until: float
 
 
 @dataclass
@@ -280,5 +284,8 @@ WALL_CLOCK_OFFSET_S = float(os.environ.get("PDSIDECAR_TEST_CLOCK_OFFSET_S", "0")
 
 
 def now_wall() -> float:
-    """The connector's only wall clock (push-mode deadlines); leases never use it."""
+    """The connector's only wall clock. No lease, grant or push decision uses it (they
+    run on each host's monotonic clock); connector code that needs wall time reads it
+    here, never ``time.time()`` (a unit test checks), so the engine tests that shift
+    it per engine would catch a wall-clock comparison between hosts coming back."""
     return time.time() + WALL_CLOCK_OFFSET_S

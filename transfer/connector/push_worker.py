@@ -6,8 +6,12 @@ once every WRITE of a request's last chunk completed, send the decode worker
 ``push:<push id>:<bytes>:<µs>:<tail µs>`` (or ``push-fail:<push id>:<reason>``) over
 the engine, or over the control plane when there is no engine path to it.
 
-Decode side: turn that notification into finished (or failed) receiving; a push that
-does not come within ``push_wait_s`` fails (the load policy decides).
+A WRITE starts only while the step's ``valid_until`` (time the scheduler asked the
+decode's write grant + the write lease, this host's monotonic clock) has not passed.
+
+Decode side: turn that notification into finished (or failed) receiving; the decode
+scheduler decides when a push that does not come is over (its write holds,
+:mod:`.push_grant`) and says so in the step's ``push_fail``.
 """
 
 from __future__ import annotations
@@ -19,13 +23,12 @@ from typing import Any
 
 from ..errors import FailureReason
 from .base_worker import BaseWorker
-from .metadata import PdConnectorMetadata, PushRecvJob, PushSendStep, RecvJob, now_wall
+from .metadata import PdConnectorMetadata, PushRecvJob, PushSendStep, RecvJob
 
 log = logging.getLogger("vllm.pdsidecar.connector")  # vLLM's handlers and format
 
-#: Decode side: a push not done this long after its deadline fails (a WRITE the prefill
-#: started just before the deadline may still be landing until then).
-PUSH_GRACE_S = 1.0
+_FAIL_MSG = {FailureReason.TIMEOUT: "no push within push_wait_s",
+             FailureReason.ABORTED: "the request was aborted before its push arrived"}
 
 
 @dataclass
@@ -62,7 +65,7 @@ class PushWorker(BaseWorker):
         for push_id, reason in meta.push_fail.items():
             job = self._push_waiting.pop(push_id, None)
             if job is not None:
-                self._fail_push(job, reason, "the prefill engine could not push")
+                self._fail_push(job, reason, _FAIL_MSG.get(reason, "the prefill engine could not push"))
         for rid in meta.push_finished:
             w = self._push_writes.get(rid)
             if w is not None:
@@ -129,7 +132,7 @@ class PushWorker(BaseWorker):
             if w.error:
                 w.deferred.clear()
             return
-        if now_wall() > w.step.expiry:
+        if self.clock() > w.step.valid_until:  # the write grant is over
             w.error = FailureReason.EXPIRED
             w.deferred.clear()
             return
@@ -150,12 +153,12 @@ class PushWorker(BaseWorker):
         layer = self._layer_index.get(layer_name)
         if layer is None:
             return
-        now = now_wall()
+        now = self.clock()
         for st in self._push_step:
             w = self._push_writes[st.req_id]
             if w.error or not st.local_ids:
                 continue
-            if now > st.expiry:
+            if now > st.valid_until:  # the write grant is over: the decode may give up
                 w.error = FailureReason.EXPIRED
                 continue
             peer = None if w.deferred else self._push_peer(w)
@@ -257,10 +260,3 @@ class PushWorker(BaseWorker):
         if known != reason:
             msg = f"{msg} ({reason[:40]})"
         self._fail(RecvJob(job.req_id, None, [], []), known, msg, release=False)
-
-    def _expire_pushes(self) -> None:
-        now = now_wall()
-        for push_id, job in list(self._push_waiting.items()):
-            if now > job.expiry + PUSH_GRACE_S:
-                del self._push_waiting[push_id]
-                self._fail_push(job, FailureReason.TIMEOUT, f"no push within {self.cfg.push_wait_s} s")

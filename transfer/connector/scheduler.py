@@ -61,5 +61,6 @@ class PdConnectorScheduler(PullScheduler, PushScheduler):
         if params.get("do_remote_prefill"):
             return False, self._pull_aborted_before_load(rid, params)
         if not params.get("do_remote_decode"):
+            self._push_decode_finished(rid)  # a push still awaited: aborted
             return False, self._decode_finished(rid)
         return self._prefill_finished(request, block_ids)

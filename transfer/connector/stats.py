@@ -12,6 +12,9 @@ Prometheus names (prefix ``pd_connector_``):
   pd_connector_expired_blocks_total      counter   prefill blocks freed unread (lease expired)
   pd_connector_expired_requests_total    counter   prefill requests whose lease expired
   pd_connector_lease_renewals_total      counter   prefill leases renewed by a waiting decode
+  pd_connector_push_write_grants_total{result} counter decode: push write grants asked by a
+                                                   prefill, granted or refused (the push
+                                                   was not awaited any more)
   pd_connector_blocks_pending_pickup     gauge     prefill blocks held for a decode to read
   pd_connector_requests_pending_pickup   gauge     prefill requests held for a decode to read
   pd_connector_recv_blocks_inflight      gauge     decode blocks waiting for their READ
@@ -41,7 +44,7 @@ _GAUGES = ("pending_blocks", "pending_reqs", "recv_inflight_blocks")
 
 def _empty() -> dict[str, Any]:
     return {"xfer_s": [], "bytes": [], "descs": [], "failures": {}, "control_refused": {},
-            "expired_blocks": 0, "expired_reqs": 0, "renewals": 0,
+            "expired_blocks": 0, "expired_reqs": 0, "renewals": 0, "push_grants": {},
             "pending_blocks": None, "pending_reqs": None, "recv_inflight_blocks": None}
 
 
@@ -75,6 +78,12 @@ class PdConnectorStats(KVConnectorStats):
     def record_renewals(self, n: int) -> None:
         self.data["renewals"] = self.data.get("renewals", 0) + int(n)
 
+    def record_push_grants(self, granted: int, refused: int) -> None:
+        g = self.data.setdefault("push_grants", {})
+        for result, n in (("granted", granted), ("refused", refused)):
+            if n:
+                g[result] = g.get(result, 0) + int(n)
+
     def set_gauge(self, name: str, value: int) -> None:
         assert name in _GAUGES
         self.data[name] = int(value)
@@ -91,6 +100,9 @@ class PdConnectorStats(KVConnectorStats):
         d["expired_blocks"] += o.get("expired_blocks", 0)
         d["expired_reqs"] += o.get("expired_reqs", 0)
         d["renewals"] = d.get("renewals", 0) + o.get("renewals", 0)
+        g = d.setdefault("push_grants", {})
+        for r, n in (o.get("push_grants") or {}).items():
+            g[r] = g.get(r, 0) + n
         for g in _GAUGES:
             if o.get(g) is not None:
                 d[g] = o[g]  # latest wins (gauges come from the scheduler only)
@@ -99,7 +111,7 @@ class PdConnectorStats(KVConnectorStats):
     def is_empty(self) -> bool:
         d = self.data
         return (not d["xfer_s"] and not d["failures"] and not d["expired_blocks"]
-                and not d.get("renewals")
+                and not d.get("renewals") and not d.get("push_grants")
                 and not d.get("control_refused")
                 and all(d.get(g) is None for g in _GAUGES))
 
@@ -163,6 +175,10 @@ class PdPromMetrics(KVConnectorPromMetrics):
             name="pd_connector_lease_renewals",
             documentation="Prefill KV leases renewed by a decode engine whose request waits.",
             labelnames=labelnames), pe)
+        self._grants = C(name="pd_connector_push_write_grants",
+                         documentation="Push write grants a prefill engine asked of this "
+                                       "decode engine, by result (granted, refused).",
+                         labelnames=labelnames + ["result"])
         self.expired_reqs = per_engine(C(
             name="pd_connector_expired_requests",
             documentation="Prefill requests whose KV lease expired unread.",
@@ -189,6 +205,8 @@ class PdPromMetrics(KVConnectorPromMetrics):
                 self._fail.labels(*lv, r)
             for r in REFUSAL_REASONS:
                 self._refused.labels(*lv, r)
+            for r in ("granted", "refused"):
+                self._grants.labels(*lv, r)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         d = transfer_stats_data
@@ -212,6 +230,8 @@ class PdPromMetrics(KVConnectorPromMetrics):
             self.expired_reqs[engine_idx].inc(d["expired_reqs"])
         if d.get("renewals"):
             self.renewals[engine_idx].inc(d["renewals"])
+        for r, n in (d.get("push_grants") or {}).items():
+            self._grants.labels(*lv, r).inc(n)
         for g, m in self.gauges.items():
             if d.get(g) is not None:
                 m[engine_idx].set(d[g])

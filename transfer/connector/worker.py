@@ -32,8 +32,6 @@ class PdConnectorWorker(PullWorker, PushWorker):
             sending = self._poll_sending()
         if self._push_writes:
             sending |= self._poll_push_writes()
-        if self._push_waiting:
-            self._expire_pushes()
         recving, failed = self._done_recv, self._failed_recv
         self._done_recv, self._failed_recv = set(), set()
         if recving:
