@@ -4,7 +4,8 @@ Worker halves over real NIXL agents in one process. The prefill worker's handsha
 with the decode engine is still in flight when ``save_kv_layer`` runs: the layers'
 WRITEs are deferred (no wait), posted by a later step once the handshake completed,
 and the decode side gets every byte; a handshake that fails ends the push cleanly
-(the prefill frees its blocks, nothing is written).
+(the prefill frees its blocks, nothing is written). No WRITE starts once the step's
+write-grant window (issue 16, push_grant.py) is over, deferred layers included.
 """
 
 from __future__ import annotations
@@ -89,6 +90,49 @@ def test_failed_handshake_ends_the_push_without_writing():
             freed = "p" in s
             time.sleep(0.002)
         assert freed and "p" not in p._push_writes
+        assert all(torch.equal(before[n], dc[n]) for n in dc)
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_no_write_starts_after_the_write_grant_window(deferred):
+    """A step whose window (time the grant was asked + write lease, the prefill's
+    monotonic clock) is over posts nothing, also for layers deferred behind a handshake
+    that completes too late; the decode is told (``expired``) and its blocks keep
+    their content."""
+    (p, pc), (d, dc) = make_worker("P", 0, 1, seed=5), make_worker("D", 0, 1, seed=6)
+    try:
+        before = {n: t.clone() for n, t in dc.items()}
+        d.start_load_kv(PdConnectorMetadata(push_recv={"d": PushRecvJob("d", "pid", 2)}))
+        now = [1000.0]
+        p.clock = lambda: now[0]
+        step = push_step([3, 4], [7, 8])
+        step.valid_until = 1010.0
+        fut: Future = Future()
+        if deferred:
+            p._hs_futures[KEY] = fut
+        else:
+            p._add_remote(KEY, [d.desc])
+            now[0] = 1010.5
+        forward(p, PdConnectorMetadata(push_send={"p": step}))
+        if deferred:
+            assert len(p._push_writes["p"].deferred) == len(p._layer_index)
+            now[0] = 1010.5
+            fut.set_result([d.desc])
+        p.start_load_kv(PdConnectorMetadata(push_finished={"p"}))
+        got, freed = None, False
+        deadline = time.monotonic() + 20
+        while not (got and freed) and time.monotonic() < deadline:
+            s, _, _ = p.get_transfer_results({"p"})
+            freed = freed or "p" in s
+            _, r, f = d.get_transfer_results(set())
+            if "d" in r:
+                got = "failed" if "d" in f else "ok"
+            time.sleep(0.002)
+        assert got == "failed" and freed and not p._push_writes
+        assert d.take_worker_meta().results["d"]["error"] == "expired"
         assert all(torch.equal(before[n], dc[n]) for n in dc)
     finally:
         p.shutdown()
