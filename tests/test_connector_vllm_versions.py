@@ -31,7 +31,8 @@ VERSIONS = (OLDEST, LATEST)
 # the test; a listed one makes it xfail (XPASS once fixed: then delete the entry).
 # Empty since transfer/vllm_compat.py (0.26 has no KVConnectorTransferResults).
 KNOWN_GAPS: dict[str, dict[str, str]] = {}
-UNIT_TESTS = ("tests/test_connector_unit.py", "tests/test_vllm_compat.py", "tests/test_connector_lease.py")
+UNIT_TESTS = ("tests/test_connector_unit.py", "tests/test_vllm_compat.py", "tests/test_connector_lease.py",
+              "tests/test_connector_push_lease.py")
 
 
 def _sources(version: str) -> Path:
