@@ -215,6 +215,8 @@ class StreamFormat:
             if self.chat and not c.get("text") and fr is None:
                 return b""  # vLLM's chat stream sends no empty deltas
             out["choices"] = [self._choice(c.get("text"), fr, c.get("stop_reason"))]
+        if isinstance(obj.get("system_fingerprint"), str):
+            out["system_fingerprint"] = obj["system_fingerprint"]
         usage = obj.get("usage")
         if isinstance(usage, dict):
             out["usage"] = self.usage(usage)
