@@ -22,7 +22,7 @@ __all__ = ["FirstToken", "StreamFormat", "continuation_body", "first_token", "sk
            "SKIP_REASONS", "wanted"]
 
 # why a streaming P/D request took the normal path although the option is on
-SKIP_REASONS = ("request", "no_max_tokens", "no_token_ids", "connector", "answer", "partial_char", "context")
+SKIP_REASONS = ("request", "no_max_tokens", "no_token_ids", "connector", "answer", "partial_char")
 
 _COMMON_KEYS = frozenset((
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",

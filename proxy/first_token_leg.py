@@ -48,7 +48,6 @@ class FirstTokenLeg:
     def __init__(self, sc, release: KvRelease):
         self.sc = sc
         self.release = release
-        self._mml: int | None = None  # the local vLLM's max_model_len, once known
         cfg = sc.cfg
         self._timeouts = tuple(
             aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s * k, sock_read=cfg.decode_timeout_s)
@@ -78,38 +77,11 @@ class FirstTokenLeg:
         elif type(kv.get("pd_protocol_version")) is not int or kv.get("transfer_mode", "pull") != "pull":
             why = "connector"  # only PdConnector loads a prompt shorter than the decode's
         else:
-            limit = limit_of(rq.api, body)
-            got = first_token(rq.api, pre.answer, limit)
+            got = first_token(rq.api, pre.answer, limit_of(rq.api, body))
             if isinstance(got, FirstToken):
-                mml = await self._max_model_len(rq, body["model"])
-                if mml is not None and got.prompt_tokens + limit <= mml:
-                    return await self._stream(rq, body, pre, got)
-                got = "context"  # the engine's 400 must come as aggregated serving's: before any output
+                return await self._stream(rq, body, pre, got)
             why = got
         m.first_token_skipped.labels(why).inc()
-        return None
-
-    async def _max_model_len(self, rq: PdRequest, model: str) -> int | None:
-        """The local vLLM's `max_model_len` (its `/v1/models`, asked once with the client's
-        headers; None while unknown)."""
-        if self._mml is not None:
-            return self._mml
-        cfg = self.sc.cfg
-        try:
-            async with self.sc.upstreams.get(cfg.vllm_url).get(
-                    cfg.vllm_url + "/v1/models", headers=forward_headers(rq.http, rq.rid), allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=cfg.prefill_timeout_s, sock_connect=cfg.connect_timeout_s)) as r:
-                obj = json.loads(await r.read()) if r.status == 200 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RecursionError):
-            return None
-        cards = obj.get("data") if isinstance(obj, dict) else None
-        if not isinstance(cards, list):
-            return None
-        for c in sorted((c for c in cards if isinstance(c, dict)), key=lambda c: c.get("id") != model):
-            v = c.get("max_model_len")
-            if type(v) is int and v > 0:
-                self._mml = v
-                return v
         return None
 
     async def _stream(self, rq: PdRequest, body: dict, pre: PrefillResult, first: FirstToken) -> web.StreamResponse:

@@ -187,11 +187,6 @@ class FtFake(FakeVllm):
         return await super().gen(request)
 
     first_finish = "length"
-    max_model_len: int | None = 64
-
-    async def models(self, request):
-        return web.json_response({"data": [{"id": "other", "max_model_len": 2},
-                                           {"id": "m", "max_model_len": self.max_model_len}]})
 
 
 OURS = {"pd_protocol_version": 2, "transfer_mode": "pull"}
@@ -259,19 +254,5 @@ async def test_fake_first_token_stop_ends_without_decode_leg():
         ev = events(raw)
         assert ev[0]["choices"][0]["finish_reason"] == "stop" and ev[-1] == "[DONE]" and len(ev) == 2
         assert not [b for _, b, _ in s.d_vllm.requests if b.get("stream")]  # only the release pull
-    finally:
-        await s.stop()
-
-
-async def test_fake_context_overflow_normal_path():
-    """prompt + limit over the engine's max_model_len: the normal path, so the client gets
-    the engine's 400 before any output, as from aggregated serving."""
-    s = await ft_stack(p_kw={"prefill_kv_extra": OURS})
-    s.d_vllm.max_model_len = 7 + 7  # 7 prompt tokens + max_tokens 8 = 15 > 14
-    try:
-        await post(s.dec.url + "/v1/completions", REQ)
-        assert val(s.dec, "pd_first_token_skipped_total", reason="context") == 1
-        assert val(s.dec, "pd_first_token_from_prefill_total", api="completions") == 0
-        assert "pd_extra_tokens" not in s.d_vllm.requests[-1][1]["kv_transfer_params"]
     finally:
         await s.stop()
