@@ -190,7 +190,7 @@ class FirstTokenLeg:
                     buf = buf[i + 2:]
             if buf.strip():
                 await self._write_event(out, fmt, buf)
-        except _CLIENT_GONE:
+        except (asyncio.CancelledError, *_CLIENT_GONE):
             if resp is not None:
                 resp.close()  # vLLM sees the disconnect and aborts the request
             raise

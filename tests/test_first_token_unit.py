@@ -4,7 +4,10 @@ beside the real-engine test (tests/test_first_token_engines.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+
+import aiohttp
 
 import pytest
 from aiohttp import web
@@ -254,5 +257,29 @@ async def test_fake_first_token_stop_ends_without_decode_leg():
         ev = events(raw)
         assert ev[0]["choices"][0]["finish_reason"] == "stop" and ev[-1] == "[DONE]" and len(ev) == 2
         assert not [b for _, b, _ in s.d_vllm.requests if b.get("stream")]  # only the release pull
+    finally:
+        await s.stop()
+
+
+async def test_fake_client_leaves_during_continuation():
+    """The client leaves after the first token: the continuation is aborted upstream and
+    the prefill result settled once."""
+    s = await ft_stack(p_kw={"prefill_kv_extra": OURS}, d_kw={"chunks": 100, "delay": 0.05})
+    try:
+        async with aiohttp.ClientSession() as c:
+            async with c.post(s.dec.url + "/v1/completions", json=REQ) as r:
+                assert b'"text":"x"' in await r.content.readuntil(b"\n\n")  # the first token
+                await r.content.readuntil(b"\n\n")  # a continuation chunk: the leg is running
+                r.close()
+        for _ in range(50):
+            if s.d_vllm.cancelled:
+                break
+            await asyncio.sleep(0.1)
+        assert s.d_vllm.cancelled == ["decode"]
+        for _ in range(50):
+            if not s.pre.role.pending.items and s.dec.in_flight == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert not s.pre.role.pending.items and s.dec.in_flight == 0
     finally:
         await s.stop()
