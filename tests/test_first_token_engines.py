@@ -263,3 +263,24 @@ async def test_first_token_decode_failures(ours_pair):
         assert metric(dec, "pd_upstream_errors_total", reason="stream") == 1
         assert metric(dec, "pd_requests_total", role="decode", api="completions", path="error") == 1
         await wait_for(lambda: not pre.role.pending.items, 20, "every prefill result settled")
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+async def test_stock_connector_takes_the_normal_path(stock_pair, api):
+    """vLLM's NixlConnector cannot load a prompt shorter than the decode's: with the option
+    on, its requests are served the normal way (counted), identical to aggregated."""
+    prefill_engine, decode_engine = stock_pair
+    model = decode_engine.model_name
+    agg = client(prefill_engine.url)
+    chat = api == "chat"
+    p = prompt(90, seed=zlib.crc32(f"stock{api}".encode()))
+    async with gated(prefill_engine, decode_engine, first_token_from_prefill="all") as (gate, pre, dec):
+        want = await collect(await ask(agg, api, model, p), chat)
+        got = await collect(await ask(client(dec.url), api, model, p), chat)
+        same(got, want)
+        path, body = gate.seen[-1]
+        assert path.endswith("chat/completions" if chat else "/v1/completions")
+        assert "pd_extra_tokens" not in body["kv_transfer_params"] and body["max_tokens"] == 12
+        assert metric(dec, "pd_first_token_skipped_total", reason="connector") == 1
+        assert metric(dec, "pd_first_token_from_prefill_total", api=api) == 0
+        assert metric(dec, "pd_requests_total", role="decode", api=api, path="disagg") == 1
