@@ -21,6 +21,7 @@ PROTOCOLS = ("rdma", "ipc", "tcp", "auto")
 FALLBACK_POLICIES = ("fallback", "fail")
 TOKEN_ESTIMATORS = ("chars", "tokenize")
 REUSE_MODES = ("off", "completions", "all")
+FIRST_TOKEN_MODES = ("off", "completions", "all")
 TRANSFER_MODES = ("pull", "push")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -217,6 +218,10 @@ OPTIONS: list[Option] = [
            "decode: extra attempts on another peer after a connect error (nothing sent yet)"),
     Option("reuse_token_ids", "--reuse-token-ids", ("PDSIDECAR_REUSE_TOKEN_IDS",), "all", _choice(REUSE_MODES),
            "decode: hand the decode leg the prefill leg's prompt token ids (off|completions|all)"),
+    Option("first_token_from_prefill", "--first-token-from-prefill", ("PDSIDECAR_FIRST_TOKEN_FROM_PREFILL",), "off",
+           _choice(FIRST_TOKEN_MODES),
+           "decode, streaming, PdConnector: send the prefill leg's token at once, the decode engine "
+           "continues from it (off|completions|all; needs --auth-token; see docs/sidecar.md)"),
     Option("transfer_mode", "--transfer-mode", ("PDSIDECAR_TRANSFER_MODE",), "pull", _choice(TRANSFER_MODES),
            "pull (decode leg after prefill) or push (both legs at once; connector must support it)"),
     Option("push_target", "--push-target", ("PDSIDECAR_PUSH_TARGET",), None, _endpoints,
@@ -276,6 +281,7 @@ class SidecarConfig:
     fallback: str = "fallback"
     prefill_retries: int = 1
     reuse_token_ids: str = "all"
+    first_token_from_prefill: str = "off"
     transfer_mode: str = "pull"
     push_target: list[Endpoint] | None = None
     peer_stats_interval_s: float = 2.0

@@ -4,7 +4,9 @@ Per request (`PdRequest`): validate, decide whether to disaggregate (proxy.token
 local threshold), pick a prefill peer (llm-d `x-prefiller-host-port`, or the least
 pending-KV target: proxy.peers), run the prefill leg (proxy.prefill_leg), then the decode
 leg on the local vLLM with the returned `kv_transfer_params` (proxy.decode_leg), streaming
-bytes through as they arrive; push mode runs both legs at once (proxy.push). Short
+bytes through as they arrive (or, `--first-token-from-prefill`, the prefill leg's token
+first and the decode engine continuing from it: proxy.first_token_leg); push mode runs
+both legs at once (proxy.push). Short
 prompts and unsupported requests run locally; a failed prefill leg is recomputed locally
 (`--fallback fallback`) or answered 502/504 (`--fallback fail`). KV left on a peer is
 handed back through proxy.release.
@@ -23,6 +25,7 @@ from .body import decode_body, parse_client_request, reuse_eligible, unsupported
 from .decode_leg import DecodeLeg
 from .endpoints import Endpoint
 from .errors import ClientFault, PrefillFailed, RecomputeLocally, RequestError, error_response
+from .first_token_leg import FirstTokenLeg
 from .pd_request import PdRequest, PrefillResult
 from .peers import Allowlist, PeerSet, PeerWatcher, parse_prefiller_header
 from .prefill_leg import PrefillLeg
@@ -50,6 +53,7 @@ class DecodeRole:
         self.tokens = TokenEstimator(sc)
         self.prefill_leg = PrefillLeg(sc, self.peers, self.identity)
         self.decode_leg = DecodeLeg(sc, self.release)
+        self.first_token = FirstTokenLeg(sc, self.release)
         self.push = PushLeg(sc, self.peers, self.identity, self.decode_leg)
 
     def add_routes(self, app: web.Application) -> None:
@@ -162,9 +166,11 @@ class DecodeRole:
         cfg, m = self.sc.cfg, self.sc.metrics
         # token ids are taken only from a signed answer: no token, no reuse
         want_ids = bool(cfg.auth_token) and reuse_eligible(rq.api, body, cfg.reuse_token_ids)
+        # the first token from the prefill leg needs its token ids, whatever the reuse mode
+        first = self.first_token.eligible(rq.api, body)
         try:
             with span("pd.prefill_leg", request_id=rq.rid):
-                pre = await self.prefill_leg.run(rq, body, forced, est, want_ids)
+                pre = await self.prefill_leg.run(rq, body, forced, est, want_ids or first)
         except ClientFault as e:
             rq.path, rq.status = "error", e.status
             return web.Response(status=e.status, body=e.body, content_type=e.content_type,
@@ -172,6 +178,12 @@ class DecodeRole:
         except PrefillFailed as e:
             return await self._prefill_failed(rq, body, e)
         rq.path, rq.peer = "disagg", str(pre.peer)
+        if first:
+            resp = await self.first_token.serve(rq, body, pre)
+            if resp is not None:
+                return resp
+        if not want_ids:
+            pre.ids = None  # asked for the first token's sake only
         if pre.ids is not None:
             m.token_reuse.labels(rq.api).inc()
         try:

@@ -135,6 +135,11 @@ class Metrics:
                               multiprocess_mode="livemax")
         self.token_reuse = Counter("pd_token_id_reuse", "Decode: decode legs sent the prefill leg's prompt token ids.",
                                    ["api"], registry=r)
+        self.first_token = Counter("pd_first_token_from_prefill", "Decode: streaming requests whose first token "
+                                   "was sent from the prefill leg's answer.", ["api"], registry=r)
+        self.first_token_skipped = Counter("pd_first_token_skipped", "Decode: streaming P/D requests served the "
+                                           "normal way although --first-token-from-prefill is on, by reason.",
+                                           ["reason"], registry=r)
 
     def render(self) -> bytes:
         return render_multiprocess() if self.multiprocess else generate_latest(self.registry)

@@ -192,9 +192,10 @@ class PrefillLeg:
         usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
         tokens = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else est
         # prompt token ids only from a verified (signed) answer
-        ids = prompt_ids_from_prefill(rq.api, obj) if want_ids and cfg.auth_token else None
+        verified = want_ids and bool(cfg.auth_token)
+        ids = prompt_ids_from_prefill(rq.api, obj) if verified else None
         m.prefill_leg.observe(ans.seconds)
-        return PrefillResult(ep, prid, kv, ids, ans.seconds, tokens)
+        return PrefillResult(ep, prid, kv, ids, ans.seconds, tokens, answer=obj if verified else None)
 
     async def _engine_hosts(self, ep: Endpoint) -> set[str]:
         """Addresses the chosen peer's engine may advertise (proxy.answer's rule)."""

@@ -48,7 +48,7 @@ def prompt(n_words: int, seed: int) -> str:
 
 def ours_available() -> str | None:
     """None when our connector (transfer.connector.PdConnector) is importable, else why not."""
-    if not (REPO / "transfer" / "connector.py").exists():
+    if not (REPO / "transfer" / "connector" / "__init__.py").exists():
         return "transfer/connector/ (PdConnector) has not landed yet"
     return None
 

@@ -8,6 +8,12 @@ group), ``remote_engine_id``, ``remote_request_id``, ``remote_host``,
 ``transfer_mode``) and add ``pd_protocol_version``, ``pd_control_addr``,
 ``remote_dp_rank``, ``remote_block_size``. The decode response adds ``pd_transfer``.
 
+Continuation (the decode sidecar's first token from the prefill leg): the decode leg may
+set ``pd_extra_tokens: k`` (1 <= k <= ``MAX_EXTRA_TOKENS``): its prompt is the prefill's
+``remote_num_tokens`` tokens plus k tokens the prefill sampled, not computed. Only the
+remote prompt's tokens are claimed and read; the decode engine computes the k tokens.
+Without it a prompt of another length is refused (``mismatch``).
+
 Push mode (``transfer_mode: "push"``): both legs carry ``remote_request_id`` = a
 push id chosen by the proxy; the decode leg ``do_remote_prefill: true``, the
 prefill leg ``do_remote_decode: true`` plus ``push_target: "host:port"`` (the decode
@@ -40,6 +46,8 @@ except Exception:  # pragma: no cover - unit tests without vLLM
 #: 2: pull leases on the prefill's monotonic clock; the decode asks ``read:<id>`` first;
 #: push: the prefill asks ``write:<push id>`` and WRITEs within a lease on its own clock
 PD_PROTOCOL_VERSION = 2
+#: most tokens a decode prompt may add to the remote prompt (``pd_extra_tokens``)
+MAX_EXTRA_TOKENS = 16
 CONNECTOR_NAME = "PdConnector"
 
 # ----------------------------------------------------------------- request params
@@ -59,6 +67,7 @@ class RemoteSource:
     dp_rank: int
     lease_s: float | None  # the prefill's lease (pd_kv_lease_s): paces renewals, bounds a READ
     block_size: int | None
+    extra_tokens: int = 0  # pd_extra_tokens: local tokens after the remote prompt
 
 
 def _int(v: Any, name: str, lo: int = 0, hi: int | None = None) -> int:
@@ -125,22 +134,43 @@ def parse_remote_params(params: Mapping[str, Any], *, allowed_hosts: list[str] |
         dp_rank=_int(params.get("remote_dp_rank", 0), "remote_dp_rank", 0, 4096),
         lease_s=None if lease is None else float(lease),
         block_size=None if bs is None else _int(bs, "remote_block_size", 1, 1 << 16),
+        extra_tokens=extra_tokens(params),
     )
+
+
+def extra_tokens(params: Mapping[str, Any]) -> int:
+    """``pd_extra_tokens`` (0 when absent); ParamsError when not in 1..MAX_EXTRA_TOKENS."""
+    v = params.get("pd_extra_tokens")
+    return 0 if v is None else _int(v, "pd_extra_tokens", 1, MAX_EXTRA_TOKENS)
+
+
+def remote_prompt_tokens(params: Mapping[str, Any], num_prompt_tokens: int) -> int:
+    """How many of a decode prompt's tokens the remote computed: the prompt less its
+    declared ``pd_extra_tokens`` (cheap: called in ``get_num_new_matched_tokens``; a bad
+    value claims the whole prompt and is refused when the blocks are planned)."""
+    v = params.get("pd_extra_tokens")
+    if type(v) is int and 1 <= v <= MAX_EXTRA_TOKENS and v < num_prompt_tokens:
+        return num_prompt_tokens - v
+    return num_prompt_tokens
 
 
 def plan_block_read(src: RemoteSource, num_prompt_tokens: int, block_size: int,
                     local_block_ids: list[int], num_local_hit_blocks: int
                     ) -> tuple[list[int], list[int]]:
-    """``(local_ids, remote_ids)`` to READ: prompt blocks past the local prefix hit."""
+    """``(local_ids, remote_ids)`` to READ: prompt blocks past the local prefix hit.
+
+    A continuation (``src.extra_tokens`` > 0) reads only the blocks holding the remote
+    prompt's ``src.num_tokens`` tokens (the last one partly; the decode engine writes the
+    extra tokens after it once the READ is done): never KV the prefill did not compute."""
     if src.block_size is not None and src.block_size != block_size:
         raise ParamsError(FailureReason.MISMATCH, f"remote block size {src.block_size} != {block_size}")
-    if src.num_tokens != num_prompt_tokens:
-        raise ParamsError(FailureReason.MISMATCH, f"remote_num_tokens {src.num_tokens} != prompt "
-                                      f"length {num_prompt_tokens}")
-    need = -(-num_prompt_tokens // block_size)
+    if src.num_tokens + src.extra_tokens != num_prompt_tokens:
+        raise ParamsError(FailureReason.MISMATCH, f"remote_num_tokens {src.num_tokens} + pd_extra_tokens "
+                                      f"{src.extra_tokens} != prompt length {num_prompt_tokens}")
+    need = -(-src.num_tokens // block_size)
     if len(src.block_ids) < need:
         raise ParamsError(FailureReason.BLOCK_RANGE, f"{len(src.block_ids)} remote blocks for "
-                                         f"{num_prompt_tokens} tokens (need {need})")
+                                         f"{src.num_tokens} tokens (need {need})")
     if len(local_block_ids) < need:
         raise ParamsError(FailureReason.BLOCK_RANGE, f"only {len(local_block_ids)} local blocks")
     k = min(num_local_hit_blocks, need)

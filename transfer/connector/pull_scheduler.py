@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FailureReason, ParamsError, PeerRefused
 from .base_scheduler import FINISHED_OK, BaseScheduler
-from .metadata import PD_PROTOCOL_VERSION, RecvJob, is_push, parse_remote_params, plan_block_read
+from .metadata import (PD_PROTOCOL_VERSION, RecvJob, is_push, parse_remote_params, plan_block_read,
+                       remote_prompt_tokens)
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -160,9 +161,10 @@ class PullScheduler(BaseScheduler):
                 self.notifier.notify(host, port, engine_id,
                                      "renew:" + ",".join(rids[i:i + RENEW_BATCH]))
 
-    def _pull_matched_tokens(self, request: "Request", num_computed_tokens: int
-                             ) -> tuple[int, bool]:
-        count = request.num_prompt_tokens - num_computed_tokens
+    def _pull_matched_tokens(self, request: "Request", num_computed_tokens: int,
+                             params: dict) -> tuple[int, bool]:
+        # a continuation (pd_extra_tokens) claims only the remote prompt's tokens
+        count = remote_prompt_tokens(params, request.num_prompt_tokens) - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
     def _pull_after_alloc(self, request: "Request", params: dict, blocks: Any,

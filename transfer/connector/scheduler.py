@@ -24,7 +24,7 @@ class PdConnectorScheduler(PullScheduler, PushScheduler):
                                    ) -> tuple[int | None, bool]:
         params = self._params(request)
         if params and params.get("do_remote_prefill"):
-            return self._pull_matched_tokens(request, num_computed_tokens)
+            return self._pull_matched_tokens(request, num_computed_tokens, params)
         if is_push(params) and params.get("do_remote_decode"):
             if self.cfg.transfer_mode != "push":
                 log.warning("PdConnector: request %s asks for push mode, which this engine "
