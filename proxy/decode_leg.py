@@ -34,16 +34,19 @@ log = logging.getLogger("pdsidecar.decode")
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
+def leg_timeouts(cfg) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+    """Timeouts of a request to the local vLLM, built once: the first attempt, and a retry
+    with twice the connect timeout (under heavy CPU load the first loopback connect can
+    run out, O1)."""
+    return tuple(aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s * k,
+                                       sock_read=cfg.decode_timeout_s) for k in (1, 2))
+
+
 class DecodeLeg:
     def __init__(self, sc, release: KvRelease):
         self.sc = sc
         self.release = release
-        cfg = sc.cfg
-        # built once: the first attempt, and a retry with twice the connect timeout (under
-        # heavy CPU load the first loopback connect can run out, O1)
-        self._timeouts = tuple(
-            aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s * k, sock_read=cfg.decode_timeout_s)
-            for k in (1, 2))
+        self._timeouts = leg_timeouts(sc.cfg)
 
     async def run(self, rq: PdRequest, body: dict, pre: PrefillResult | None = None, *,
                   may_recompute: bool = False, connect_retries: int = 1,

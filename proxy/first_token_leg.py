@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from .body import reuse_eligible
+from .decode_leg import leg_timeouts
 from .errors import FallbackReason
 from .first_token import (FirstToken, StreamFormat, continuation_body, error_event, first_token, limit_of,
                           skip_reason, wanted)
@@ -48,10 +49,7 @@ class FirstTokenLeg:
     def __init__(self, sc, release: KvRelease):
         self.sc = sc
         self.release = release
-        cfg = sc.cfg
-        self._timeouts = tuple(
-            aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s * k, sock_read=cfg.decode_timeout_s)
-            for k in (1, 2))
+        self._timeouts = leg_timeouts(sc.cfg)
 
     def eligible(self, api: str, body: dict) -> bool:
         """Before the prefill leg: may this request get its first token from there?"""

@@ -25,13 +25,20 @@ pytestmark = pytest.mark.engines
 LEASE_S = 3.0
 
 
+def skewed_pair_configs(model: str, ktc: dict, log_dir: str, prefill_offset_s: int) -> list:
+    """A P/D pair's configs whose connector wall clocks are shifted by
+    ``prefill_offset_s`` (prefill) and its negative (decode)."""
+    cfgs = pd_pair_configs(model, ktc, log_dir=log_dir)
+    cfgs[0].env["PDSIDECAR_TEST_CLOCK_OFFSET_S"] = str(prefill_offset_s)
+    cfgs[1].env["PDSIDECAR_TEST_CLOCK_OFFSET_S"] = str(-prefill_offset_s)
+    return cfgs
+
+
 @pytest.fixture
 def lease_pair(engine_pool, llama_dir):
     def configs():
-        cfgs = pd_pair_configs(llama_dir, ours_config(kv_lease_s=LEASE_S),
-                               log_dir=engine_pool.log_dir)
-        cfgs[0].env["PDSIDECAR_TEST_CLOCK_OFFSET_S"] = "-30"
-        cfgs[1].env["PDSIDECAR_TEST_CLOCK_OFFSET_S"] = "30"
+        cfgs = skewed_pair_configs(llama_dir, ours_config(kv_lease_s=LEASE_S), engine_pool.log_dir,
+                                   prefill_offset_s=-30)
         cfgs[1].extra_args += ["--max-num-seqs", "1"]
         return cfgs
     return engine_pool.get("ours-llama-lease", configs)

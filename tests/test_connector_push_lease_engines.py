@@ -15,9 +15,9 @@ import uuid
 
 import pytest
 
-from pdsidecar.dev.engines import pd_pair_configs
 from test_connector_engines import aggregated, failures, make_prompts, ours_config, post
 from test_connector_push import control_addr, push_pair_request
+from test_connector_lease_engines import skewed_pair_configs
 
 pytestmark = pytest.mark.engines
 
@@ -27,11 +27,8 @@ PUSH_WAIT_S = 10.0
 @pytest.fixture
 def push_skew_pair(engine_pool, llama_dir):
     def configs():
-        cfgs = pd_pair_configs(llama_dir, ours_config(push_wait_s=PUSH_WAIT_S),
-                               log_dir=engine_pool.log_dir)
-        cfgs[0].env["PDSIDECAR_TEST_CLOCK_OFFSET_S"] = "30"
-        cfgs[1].env["PDSIDECAR_TEST_CLOCK_OFFSET_S"] = "-30"
-        return cfgs
+        return skewed_pair_configs(llama_dir, ours_config(push_wait_s=PUSH_WAIT_S), engine_pool.log_dir,
+                                   prefill_offset_s=30)
     return engine_pool.get("ours-llama-push-skew", configs)
 
 
