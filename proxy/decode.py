@@ -195,7 +195,11 @@ class DecodeRole:
 
     async def _decode_loaded(self, rq: PdRequest, body: dict, pre: PrefillResult) -> web.StreamResponse:
         dbody = decode_body(rq.api, body, pre.kv_params, pre.ids)
-        return await self.decode_leg.run(rq, dbody, pre, may_recompute=self.sc.cfg.fallback == "fallback")
+        # the decode engine's request carries the prefill leg's id: vLLM's NixlPushConnector
+        # pairs the prefill and the decode request by their ids (as vLLM's own proxies send
+        # one X-Request-Id to both); the client still gets its own id back
+        return await self.decode_leg.run(rq, dbody, pre, may_recompute=self.sc.cfg.fallback == "fallback",
+                                         extra_headers={"x-request-id": pre.request_id})
 
     async def _prefill_failed(self, rq: PdRequest, body: dict, e: PrefillFailed) -> web.StreamResponse:
         cfg = self.sc.cfg

@@ -187,7 +187,8 @@ async def test_leg_bodies_and_headers(st):
     assert db["kv_transfer_params"]["remote_block_ids"] == [[1, 2, 3]]  # verbatim
     assert db["kv_transfer_params"]["remote_host"] == "127.0.0.1"  # never the client's
     assert db["kv_transfer_params"]["prompt_token_ids"] == [5, 6, 7]  # vLLM's chat reuse key
-    assert dh["x-request-id"] == "client-rid" and dh["authorization"] == "Bearer k"
+    # the decode engine sees the prefill leg's id (vLLM's NixlPushConnector pairs P and D by it)
+    assert dh["x-request-id"] == ph["x-request-id"] and dh["authorization"] == "Bearer k"
     assert "x-pd-peer" not in dh and "x-pd-signature" not in dh
 
     st.p_vllm.requests.clear(), st.d_vllm.requests.clear()
