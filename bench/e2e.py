@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 from bench.e2e_load import sweep_summary  # noqa: E402
 from bench.e2e_plan import PROG, make_plan  # noqa: E402
-from bench.e2e_run import execute, greedy_match  # noqa: E402
+from bench.e2e_run import execute, finalize  # noqa: E402
 from bench.e2e_workload import UsageError  # noqa: E402
 
 
@@ -60,6 +60,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     c.add_argument("--decode-url", default=None, help="a decode sidecar URL: config --pd-label")
     c.add_argument("--prefill-url", default=None, help="its prefill sidecar URL (recorded, metrics read)")
     c.add_argument("--decode-engine-url", default=None, help="the decode vLLM URL, for KV figures from its /metrics")
+    c.add_argument("--prefill-engine-url", default=None,
+                   help="the prefill vLLM URL, for its request metrics in the 'where TTFT goes' table")
     c.add_argument("--pd-label", default="pd", help="name of the --decode-url configuration (default pd)")
     c.add_argument("--model-name", default=None, help="served model name (default: asked from /v1/models)")
     w = p.add_argument_group("workload")
@@ -77,7 +79,11 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     w.add_argument("--duration", default=None, help="seconds of load per configuration instead of --num-requests")
     w.add_argument("--warmup", default="2", help="unmeasured requests per configuration first (default 2)")
     w.add_argument("--seed", default="0")
-    w.add_argument("--request-timeout", default="120", help="seconds per request")
+    w.add_argument("--request-timeout", default="120", help="seconds per request (default 120)")
+    w.add_argument("--config-timeout", default="600",
+                   help="seconds of load + sweep per configuration (engine start-up not counted: --startup-timeout); "
+                        "past it the configuration is stopped, recorded as 'timeout' with the requests done so far, "
+                        "and the next one runs (default 600)")
     s = p.add_argument_group("prompt-length sweep")
     s.add_argument("--sweep-tokens", default=None,
                    help="comma list of prompt lengths (e.g. 128,512,2048): after the workload, sequential requests "
@@ -110,9 +116,18 @@ def run(args: argparse.Namespace) -> int:
 
     if args.report:
         return report_only(args)
+    def partial(result: dict[str, Any]) -> None:
+        # after each configuration: the tables so far, and the JSON rewritten (marked partial)
+        # so a run killed later keeps what finished
+        print(format_tables(result) + "\n(partial: configurations still to run: "
+              + ", ".join(n for n in result["meta"]["configs_planned"] if n not in result["configs"]) + ")\n",
+              flush=True)
+        if plan.json_path:
+            write_json(plan.json_path, result)
+
     try:
         plan = make_plan(args)
-        result = execute(plan)
+        result = execute(plan, partial)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -121,8 +136,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(format_tables(result))
     if plan.json_path:
-        Path(plan.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(plan.json_path).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        write_json(plan.json_path, result)
         print(f"\njson: {plan.json_path}")
     if plan.plot_dir:
         from bench.e2e_plots import write_plots
@@ -137,6 +151,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_json(path: str, result: dict[str, Any]) -> None:
+    """Atomic rewrite: a reader (or a kill) never sees half a file."""
+    import os
+    import tempfile
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(result, indent=1, default=str) + "\n")
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def report_only(args: argparse.Namespace) -> int:
     from bench.e2e_report import format_tables
 
@@ -146,13 +177,19 @@ def report_only(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"{PROG}: error: cannot read report {args.report}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 2
-    for c in cfgs.values():
+    from bench.e2e_report import is_push
+
+    for name, c in cfgs.items():
         if c.get("sweep"):
-            c["sweep"] = sweep_summary(c["sweep"]["requests"])
-    result["greedy_match"] = greedy_match(result)
+            c["sweep"] = sweep_summary(c["sweep"]["requests"], push=is_push(name, c))
+        k = c.get("kv") or {}
+        if is_push(name, c) and k.get("gbps") is not None:
+            k["gbps"] = None  # saved by an older pdbench: the push KV tail is not a transfer time
+            k["seconds_meaning"] = "push KV tail: wait after the prefill's last layer, not a transfer time"
+    finalize(result)
     print(format_tables(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        write_json(args.json, result)
     if args.plot:
         from bench.e2e_plots import write_plots
 

@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any
 
+from bench import e2e_breakdown as breakdown
 from bench.e2e_metrics import kv_figures, kv_sub, scrape, settled_kv
 from bench.e2e_plan import Plan
 from bench.e2e_targets import Target
@@ -103,10 +104,35 @@ async def send(client: Any, model: str, spec: RequestSpec, timeout: float) -> di
     return rec
 
 
+class LoadState:
+    """What a load (or sweep) has done so far: kept by the caller, so a configuration stopped
+    by ``--config-timeout`` still reports the requests that finished."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.t0: float | None = None
+        self.t_end: float | None = None
+        self.snap0: tuple | None = None  # (decode sidecar, decode engine KV, breakdown snapshot) after warm-up
+
+    def wall(self) -> float:
+        """Seconds from the first measured request to the last one's end (or to now)."""
+        if self.t0 is None:
+            return 0.0
+        return (self.t_end or time.perf_counter()) - self.t0
+
+
 async def _with_kv(client, target: Target, spec: RequestSpec, timeout: float) -> dict[str, Any]:
-    """A request sent alone, with the decode engine's KV figures read around it."""
+    """A request sent alone, with the decode engine's KV figures and every hop's metrics
+    (bench.e2e_breakdown) read around it."""
+    srcs = breakdown.sources(target)
     before = await settled_kv(target.engine_kv_url)
+    bd0 = await asyncio.to_thread(breakdown.snapshot, srcs)
     rec = await send(client, target.model, spec, timeout)
+    if rec.get("error") is None:
+        bd1 = await breakdown.settled_snapshot(srcs, bd0)
+        b = breakdown.means(breakdown.delta(bd0, bd1))
+        b.update(breakdown.derived(b, target.name.endswith("-push"), rec.get("ttft_s")))
+        rec["breakdown"] = b
     if target.engine_kv_url and rec.get("error") is None:
         after = None
         # the engine publishes connector stats with its next stats push: wait briefly for them
@@ -121,7 +147,9 @@ async def _with_kv(client, target: Target, spec: RequestSpec, timeout: float) ->
     return rec
 
 
-async def run_load(target: Target, plan: Plan, label: str) -> tuple[list[dict[str, Any]], float, tuple]:
+async def run_load(target: Target, plan: Plan, label: str, state: LoadState) -> None:
+    """Warm-up, metric baselines (``state.snap0``), then the measured requests into
+    ``state.records`` as they finish."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=target.url + "/v1", api_key="pdbench", max_retries=0,
@@ -134,12 +162,13 @@ async def run_load(target: Target, plan: Plan, label: str) -> tuple[list[dict[st
             await send(client, target.model, spec, plan.request_timeout)
         # metrics baseline after the warm-up, once the engine's stats have caught up
         kv0 = await settled_kv(target.engine_kv_url)
-        snap0 = (await asyncio.to_thread(scrape, target.sidecar_url), kv0)
-        records: list[dict[str, Any]] = []
+        state.snap0 = (await asyncio.to_thread(scrape, target.sidecar_url), kv0,
+                       await asyncio.to_thread(breakdown.snapshot, breakdown.sources(target)))
+        records = state.records
         if plan.num_requests == 0:
-            return records, 0.0, snap0
+            return
         prog = Progress(label, plan.num_requests, plan.progress, plan.duration)
-        t0 = time.perf_counter()
+        t0 = state.t0 = time.perf_counter()
         sequential = plan.concurrency == 1
 
         async def do(i: int) -> None:
@@ -173,20 +202,19 @@ async def run_load(target: Target, plan: Plan, label: str) -> tuple[list[dict[st
                     await do(i)
 
             await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
-        wall = time.perf_counter() - t0
+        state.t_end = time.perf_counter()
         prog.close()
-        records.sort(key=lambda r: r["index"])
-        return records, wall, snap0
     finally:
         await client.close()
 
 
-async def run_sweep(target: Target, plan: Plan, label: str) -> list[dict[str, Any]]:
+async def run_sweep(target: Target, plan: Plan, label: str, state: LoadState) -> None:
+    """Sequential requests at each ``--sweep-tokens`` length into ``state.records``."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=target.url + "/v1", api_key="pdbench", max_retries=0,
                          timeout=plan.request_timeout)
-    out = []
+    out = state.records
     prog = Progress(label + " sweep", len(plan.sweep_tokens) * plan.sweep_n, plan.progress)
     try:
         idx = 0
@@ -199,12 +227,12 @@ async def run_sweep(target: Target, plan: Plan, label: str) -> list[dict[str, An
                 prog.update(rec["error"] is not None)
                 idx += 1
         prog.close()
-        return out
     finally:
         await client.close()
 
 
-def sweep_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
+def sweep_summary(recs: list[dict[str, Any]], push: bool = False) -> dict[str, Any]:
+    """Per-length medians and fits; with `push` the KV time is the KV tail: no GB/s."""
     from bench.e2e_report import linfit
 
     ok = [r for r in recs if r.get("error") is None]
@@ -216,7 +244,11 @@ def sweep_summary(recs: list[dict[str, Any]]) -> dict[str, Any]:
         if kv:
             p["kv_bytes_median"] = statistics.median(r["kv_bytes"] for r in kv)
             p["kv_seconds_median"] = statistics.median(r["kv_seconds"] for r in kv)
-            p["gbps_median"] = statistics.median(r["kv_bytes"] / r["kv_seconds"] / 1e9 for r in kv)
+            if not push:
+                p["gbps_median"] = statistics.median(r["kv_bytes"] / r["kv_seconds"] / 1e9 for r in kv)
+        bd = breakdown.medians(rs)
+        if bd:
+            p["breakdown_median"] = bd
         points.append(p)
     kv = [r for r in ok if r.get("kv_seconds")]
     kvp = [p for p in points if "kv_seconds_median" in p]

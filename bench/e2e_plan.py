@@ -44,6 +44,7 @@ class Plan:
     sidecar_args: list[str]
     model_name: str | None
     gpu_util: float | None = None
+    config_timeout: float = 600.0
     arrivals: list[float] = field(default_factory=list)
 
 
@@ -73,15 +74,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
     connect: dict[str, dict[str, Any]] = {}
     agg_url, dec_url = _url(args.agg_url, "agg-url"), _url(args.decode_url, "decode-url")
     pre_url, eng_url = _url(args.prefill_url, "prefill-url"), _url(args.decode_engine_url, "decode-engine-url")
-    if (pre_url or eng_url) and not dec_url:
-        raise UsageError("--prefill-url/--decode-engine-url need --decode-url (the decode sidecar)")
+    peng_url = _url(args.prefill_engine_url, "prefill-engine-url")
+    if (pre_url or eng_url or peng_url) and not dec_url:
+        raise UsageError("--prefill-url/--decode-engine-url/--prefill-engine-url need --decode-url (the decode sidecar)")
     if agg_url:
         connect["agg"] = {"url": agg_url}
     if dec_url:
         label = args.pd_label.strip()
         if not label or label == "agg" or "," in label:
             raise UsageError(f"--pd-label: bad name {args.pd_label!r}")
-        connect[label] = {"url": dec_url, "prefill_url": pre_url, "engine_url": eng_url}
+        connect[label] = {"url": dec_url, "prefill_url": pre_url, "engine_url": eng_url, "prefill_engine_url": peng_url}
     if connect:
         configs = list(connect)
     else:
@@ -110,6 +112,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     warm = _num(args.warmup, "warmup", int, 0)
     seed = _num(args.seed, "seed", int)
     rto = _num(args.request_timeout, "request-timeout", float, 0, lo_open=True)
+    cto = _num(args.config_timeout, "config-timeout", float, 0, lo_open=True)
     sto = _num(args.startup_timeout, "startup-timeout", float, 0, lo_open=True)
     mml = _num(args.max_model_len, "max-model-len", int, 16)
     lf = _num(args.long_fraction, "long-fraction", float, 0)
@@ -158,4 +161,4 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise UsageError(f"--gpu-util: a P/D pair shares one GPU, so at most 0.5, got {args.gpu_util}")
     return Plan(configs, connect, args.model, args.arch, wl, rate, conc, nreq, dur, warm, seed, rto, sto, mml,
                 sweep, sweep_n, sweep_out, args.json, args.plot, args.title, not args.no_progress, args.strict,
-                args.log_dir, list(args.sidecar_arg), args.model_name, gpu)
+                args.log_dir, list(args.sidecar_arg), args.model_name, gpu, cto)

@@ -114,15 +114,28 @@ def ratios(summary: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, flo
     return out
 
 
-def kv_summary(kv_delta: dict[str, float] | None, sidecar: dict[str, Any] | None, n_ok: int) -> dict[str, Any]:
-    """KV bytes/time per request and the decode leg's time not spent moving bytes."""
+PUSH_NOTE = ("† push: the WRITEs run layer by layer during the prefill engine's forward pass; the decode "
+             "engine's figure is only the wait left after the last layer (KV tail), not a transfer time, "
+             "so no GB/s is computed from it")
+
+
+def is_push(name: str, c: dict[str, Any]) -> bool:
+    return bool(c.get("push")) or name.endswith("-push")
+
+
+def kv_summary(kv_delta: dict[str, float] | None, sidecar: dict[str, Any] | None, n_ok: int,
+               push: bool = False) -> dict[str, Any]:
+    """KV bytes/time per request and the decode leg's time not spent moving bytes. With
+    `push` the time is the KV tail (see PUSH_NOTE): no GB/s."""
     out: dict[str, Any] = {"source": None}
     if kv_delta and kv_delta.get("transfers", 0) > 0:
         b, s, t = kv_delta["bytes"], kv_delta["seconds"], kv_delta["transfers"]
         out.update(source="decode engine /metrics", bytes_total=b, seconds_total=s, transfers=t,
                    bytes_per_request=b / n_ok if n_ok else None,
                    seconds_per_request=s / n_ok if n_ok else None,
-                   seconds_per_transfer=s / t, gbps=(b / s / 1e9) if s > 0 and b > 0 else None)
+                   seconds_per_transfer=s / t, gbps=(b / s / 1e9) if s > 0 and b > 0 and not push else None)
+        if push:
+            out["seconds_meaning"] = "push KV tail: wait after the prefill's last layer, not a transfer time"
     if sidecar:
         leg = sidecar.get("decode_leg_disagg")
         if leg and leg.get("count"):
@@ -161,14 +174,21 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line, sep, *body])
 
 
+def _has(c: dict[str, Any]) -> bool:
+    """Finished, or stopped by --config-timeout with the requests done so far."""
+    return c.get("status") in ("ok", "timeout") and c.get("summary") is not None
+
+
 def format_tables(result: dict[str, Any]) -> str:
     cfgs = result["configs"]
     parts = []
     rows, notes = [], []
     for name, c in cfgs.items():
-        if c.get("status") != "ok":
+        if not _has(c):
             notes.append(f"  {name}: UNAVAILABLE - {c.get('reason')}")
             continue
+        if c.get("status") == "timeout":
+            notes.append(f"  {name}: TIMEOUT - {c.get('reason')} (numbers below: the requests done)")
         s = c["summary"]
         sh = s.get("by_class", {}).get("short", s)
         lg = s.get("by_class", {}).get("long", {})
@@ -187,14 +207,17 @@ def format_tables(result: dict[str, Any]) -> str:
     if notes:
         parts.append("\n".join(notes))
 
-    kv_rows = []
+    kv_rows, any_push = [], False
     for name, c in cfgs.items():
-        if c.get("status") != "ok" or not name.startswith("pd"):
+        if not _has(c) or not name.startswith("pd"):
             continue
         k = c.get("kv", {})
+        push = is_push(name, c)
+        any_push |= push
         kv_rows.append([name, c.get("connector", "-"),
                         _num(k.get("bytes_per_request") and k["bytes_per_request"] / 1e6, "{:.3f}"),
-                        _ms(k.get("seconds_per_request"), 3), _num(k.get("gbps"), "{:.2f}"),
+                        _ms(k.get("seconds_per_request"), 3) + ("†" if push else ""),
+                        "-" if push else _num(k.get("gbps"), "{:.2f}"),
                         _ms(k.get("prefill_leg_mean_s")), _ms(k.get("decode_leg_mean_s")),
                         _ms(k.get("decode_leg_not_transfer_s")), _ms(k.get("sidecar_overhead_mean_s"), 2),
                         " ".join(f"{p}={n}" for p, n in sorted(c["summary"].get("paths", {}).items()))])
@@ -202,12 +225,14 @@ def format_tables(result: dict[str, Any]) -> str:
         parts.append("\nKV transfer and legs (means per request; decode leg = sidecar's send -> first byte)")
         parts.append(_table(["config", "connector", "KV MB/req", "xfer ms", "GB/s", "prefill leg", "decode leg",
                              "leg-not-xfer", "sidecar ovh", "x-pd-path"], kv_rows))
+        if any_push:
+            parts.append(PUSH_NOTE)
 
     for ref_key, ref_name in (("vs_agg", "agg"), ("vs_stock", "pd-stock")):
         rrows = []
         for name, c in cfgs.items():
             r = (c.get("ratios") or {}).get(ref_key)
-            if c.get("status") != "ok" or not r or name == ref_name:
+            if not _has(c) or not r or name == ref_name:
                 continue
             rrows.append([name] + [_num(r.get(k), "{:.2f}x") for k, _ in RATIO_KEYS])
         if rrows:
@@ -217,26 +242,40 @@ def format_tables(result: dict[str, Any]) -> str:
     sweep_rows = []
     for name, c in cfgs.items():
         sw = c.get("sweep")
-        if c.get("status") != "ok" or not sw:
+        if not _has(c) or not sw:
             continue
         ft, fx = sw.get("fit_ttft"), sw.get("fit_transfer")
+        mark = "†" if is_push(name, c) else ""
         sweep_rows.append([name,
                            _num(ft and ft["slope"] * 1e6, "{:.2f}"), _num(ft and ft["r2"], "{:.3f}"),
-                           _num(fx and fx["slope"] * 1e6, "{:.4f}"), _num(fx and fx["r2"], "{:.3f}"),
-                           _num(fx and fx["intercept"] * 1e3, "{:.3f}")])
+                           _num(fx and fx["slope"] * 1e6, "{:.4f}") + (mark if fx else ""),
+                           _num(fx and fx["r2"], "{:.3f}"), _num(fx and fx["intercept"] * 1e3, "{:.3f}")])
     if sweep_rows:
         parts.append("\nPrompt-length sweep: least-squares slope (ms per 1k prompt tokens) and R²")
         parts.append(_table(["config", "TTFT ms/1k", "R²", "xfer ms/1k", "R²", "xfer ms @0"], sweep_rows))
         pts = []
+        sweep_push = False
         for name, c in cfgs.items():
             sw = c.get("sweep")
-            if c.get("status") != "ok" or not sw:
+            if not _has(c) or not sw:
                 continue
+            push = is_push(name, c)
+            sweep_push |= push
             for p in sw["points"]:
+                x = _ms(p.get("kv_seconds_median"), 3)
                 pts.append([name, str(p["tokens"]), _ms(p["ttft_s_median"]),
                             _num(p.get("kv_bytes_median") and p["kv_bytes_median"] / 1e6, "{:.3f}"),
-                            _ms(p.get("kv_seconds_median"), 3), _num(p.get("gbps_median"), "{:.2f}")])
+                            x + ("†" if push and x != "-" else ""),
+                            "-" if push else _num(p.get("gbps_median"), "{:.2f}")])
         parts.append(_table(["config", "prompt tok", "TTFT ms", "KV MB", "xfer ms", "GB/s"], pts))
+        if sweep_push:
+            parts.append(PUSH_NOTE)
+
+    from bench.e2e_breakdown import format_breakdown
+
+    bd = format_breakdown(cfgs, _has, is_push)
+    if bd:
+        parts.append(bd)
 
     g = result.get("greedy_match")
     if g:

@@ -9,9 +9,9 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from bench.e2e_load import one_line, run_load, run_sweep, sweep_summary
+from bench.e2e_load import LoadState, one_line, run_load, run_sweep, sweep_summary
 from bench.e2e_metrics import kv_sub, scrape, settled_kv, sidecar_delta
 from bench.e2e_plan import PROG, Plan
 from bench.e2e_targets import connect_target, start_target
@@ -73,7 +73,21 @@ def greedy_match(result: dict[str, Any]) -> dict[str, Any] | None:
     return {"reference": ref, "compared": compared, "matched": matched, "mismatches": mism}
 
 
+def _bounded(coro, deadline: float) -> bool:
+    """Run `coro` until `deadline` (perf_counter); False when it was stopped there."""
+    left = deadline - time.perf_counter()
+    if left <= 0:
+        coro.close()
+        return False
+    try:
+        asyncio.run(asyncio.wait_for(coro, left))
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
 def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
+    from bench import e2e_breakdown as breakdown
     from bench.e2e_report import kv_summary, summarize
     from pdsidecar.dev.engines import EngineError
 
@@ -89,31 +103,50 @@ def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
             c["log"] = log
         return c
     c.update(label=target.label, connector=target.connector, url=target.url, cores=target.cores, logs=target.logs,
-             startup_s=time.perf_counter() - t_start)
+             startup_s=time.perf_counter() - t_start, push=name.endswith("-push"))
     import contextlib
 
     from pdsidecar.dev.netns import entered
 
+    load, sweep = LoadState(), LoadState()
+    deadline = time.perf_counter() + plan.config_timeout
+    stopped = None
     try:
         # pods: this thread (and the event loops' worker threads it starts) in the pods' network
         with entered(target.netns) if target.netns else contextlib.nullcontext():
-            records, wall, (sc0, kv0) = asyncio.run(run_load(target, plan, name))
+            if not _bounded(run_load(target, plan, name, load), deadline):
+                stopped = "load"
             kv1 = asyncio.run(settled_kv(target.engine_kv_url))
             sc1 = scrape(target.sidecar_url)
-            sweep = asyncio.run(run_sweep(target, plan, name)) if plan.sweep_tokens else None
+            bd1 = breakdown.snapshot(breakdown.sources(target))
+            if stopped is None and plan.sweep_tokens and not _bounded(run_sweep(target, plan, name, sweep), deadline):
+                stopped = "sweep"
     finally:
         target.stop()
     c["load_after"] = os.getloadavg()
+    records = sorted(load.records, key=lambda r: r["index"])
     c["requests"] = records
     errors = [r for r in records if r.get("error")]
-    if records and len(errors) == len(records):
+    if stopped is not None:
+        c["timeout"] = {"stage": stopped, "config_timeout_s": plan.config_timeout,
+                        "requests_done": len(records), "sweep_requests_done": len(sweep.records)}
+    if records and len(errors) == len(records) and stopped is None:
         c["reason"] = f"every request failed, first: {errors[0]['error']}"
         return c
-    c["status"] = "ok"
-    c["summary"] = summarize(records, wall)
+    c["status"] = "ok" if stopped is None else "timeout"
+    if stopped is not None:
+        c["reason"] = (f"stopped by --config-timeout {plan.config_timeout:g} s during the {stopped}: "
+                       f"{len(records)} workload and {len(sweep.records)} sweep request(s) done")
+    c["summary"] = summarize(records, load.wall())
+    sc0, kv0, bd0 = load.snap0 or (None, None, {})
     c["sidecar"] = sidecar_delta(sc0, sc1)
     c["kv_delta"] = kv_sub(kv1, kv0)
-    c["kv"] = kv_summary(c["kv_delta"], c["sidecar"], c["summary"]["ok"])
+    c["kv"] = kv_summary(c["kv_delta"], c["sidecar"], c["summary"]["ok"], push=c["push"])
+    if load.snap0 is not None:
+        b = breakdown.means(breakdown.delta(bd0, bd1))
+        ttft = c["summary"]["ttft_s"]["mean"]
+        b.update(breakdown.derived(b, c["push"], ttft))
+        c["breakdown_mean"] = b
     warnings = []
     if name.startswith("pd") and records:
         if not c["kv"].get("transfers"):
@@ -125,8 +158,8 @@ def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
         warnings.append(f"{len(errors)} request(s) failed, first: {errors[0]['error']}")
     if warnings:
         c["warnings"] = warnings
-    if sweep is not None:
-        c["sweep"] = sweep_summary(sweep)
+    if sweep.records:
+        c["sweep"] = sweep_summary(sweep.records, push=c["push"])
     return c
 
 
@@ -137,9 +170,28 @@ def _log_from(msg: str) -> str | None:
     return m.group(1).rstrip(":;") if m else None
 
 
-def execute(plan: Plan) -> dict[str, Any]:
+def has_numbers(c: dict[str, Any]) -> bool:
+    """A configuration that measured something: finished, or stopped by --config-timeout."""
+    return c.get("status") in ("ok", "timeout") and c.get("summary") is not None
+
+
+def finalize(result: dict[str, Any]) -> None:
+    """Ratios (to agg and to pd-stock) and the greedy-output match over the configurations so far."""
     from bench.e2e_report import ratios
 
+    cfgs = result["configs"]
+    agg = cfgs.get("agg", {}).get("summary") if cfgs.get("agg", {}).get("status") == "ok" else None
+    stock = cfgs.get("pd-stock", {}).get("summary") if cfgs.get("pd-stock", {}).get("status") == "ok" else None
+    for name, c in cfgs.items():
+        if has_numbers(c):
+            c["ratios"] = {"vs_agg": ratios(c["summary"], agg) if name != "agg" else None,
+                           "vs_stock": ratios(c["summary"], stock) if name != "pd-stock" else None}
+    result["greedy_match"] = greedy_match(result)
+
+
+def execute(plan: Plan, on_config: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every configuration in turn; `on_config(result)` after each one (result marked
+    ``meta.partial`` until the last one is done)."""
     model = plan.model_dir
     if not plan.connect and model is None:
         from pdsidecar.dev.local import DEFAULT_CACHE
@@ -180,22 +232,20 @@ def execute(plan: Plan) -> dict[str, Any]:
                      "sweep_tokens": plan.sweep_tokens, "sweep_n": plan.sweep_n, "sweep_output": plan.sweep_output},
         "configs": {},
     }
+    result["meta"]["partial"] = True
+    result["meta"]["configs_planned"] = list(plan.configs)
     for name in plan.configs:
         if plan.progress:
             print(f"{PROG}: {name}: starting ...", file=sys.stderr, flush=True)
         c = run_config(name, plan, model)
         result["configs"][name] = c
         if c["status"] != "ok" and plan.progress:
-            print(f"{PROG}: {name}: unavailable: {c['reason']}", file=sys.stderr, flush=True)
+            print(f"{PROG}: {name}: {c['status']}: {c['reason']}", file=sys.stderr, flush=True)
         for w in c.get("warnings", []):
             print(f"{PROG}: {name}: warning: {w}", file=sys.stderr, flush=True)
-    cfgs = result["configs"]
-    agg = cfgs.get("agg", {}).get("summary") if cfgs.get("agg", {}).get("status") == "ok" else None
-    stock = cfgs.get("pd-stock", {}).get("summary") if cfgs.get("pd-stock", {}).get("status") == "ok" else None
-    for name, c in cfgs.items():
-        if c.get("status") == "ok":
-            c["ratios"] = {"vs_agg": ratios(c["summary"], agg) if name != "agg" else None,
-                           "vs_stock": ratios(c["summary"], stock) if name != "pd-stock" else None}
-    result["greedy_match"] = greedy_match(result)
+        finalize(result)
+        if len(result["configs"]) < len(plan.configs) and on_config is not None:
+            on_config(result)
+    result["meta"]["partial"] = False
     result["meta"]["loadavg_end"] = os.getloadavg()
     return result

@@ -22,6 +22,7 @@ class Target:
     sidecar_url: str | None = None        # decode sidecar (pd_* metrics)
     prefill_sidecar_url: str | None = None
     engine_kv_url: str | None = None      # decode engine (KV figures)
+    prefill_engine_url: str | None = None  # prefill engine (its vLLM metrics, bench.e2e_breakdown)
     cores: dict[str, str] = field(default_factory=dict)
     logs: list[str] = field(default_factory=list)
     stop: Callable[[], None] = lambda: None
@@ -50,7 +51,7 @@ def start_pods_target(name: str, plan: Plan) -> Target:
     engine = f"http://{d.ip}:{d.engine.ports['vllm-http']}"
     return Target(name, d.url("http"), served_model(d), f"P/D across pods {p.ip} -> {d.ip} (dev-cpu overlay)",
                   "PdConnector", sidecar_url=d.url("http"), prefill_sidecar_url=p.url("http"),
-                  engine_kv_url=engine, cores={"prefill": ",".join(map(str, sorted(p.cpus or []))),
+                  engine_kv_url=engine, prefill_engine_url=f"http://{p.ip}:{p.engine.ports['vllm-http']}", cores={"prefill": ",".join(map(str, sorted(p.cpus or []))),
                                                "decode": ",".join(map(str, sorted(d.cpus or [])))},
                   logs=[str(cluster.log_dir)], stop=cluster.close, netns=cluster.outer)
 
@@ -134,6 +135,7 @@ def start_target(name: str, plan: Plan, model: str) -> Target:
 
     return Target(name, sc.decode_url, decode.model_name, f"P/D, {label}, sidecars", label.split(" ")[0],
                   sidecar_url=sc.decode_url, prefill_sidecar_url=sc.prefill_url, engine_kv_url=decode.url,
+                  prefill_engine_url=prefill.url,
                   cores={"prefill": prefill.config.cpu_bind or "gpu", "decode": decode.config.cpu_bind or "gpu"},
                   logs=[str(prefill.log_path), str(decode.log_path), str(sc.decode.log_path),
                         str(sc.prefill.log_path)], stop=stop)
@@ -151,4 +153,4 @@ def connect_target(name: str, spec: dict[str, Any], plan: Plan) -> Target:
     if name == "agg":
         return Target(name, url, model, "aggregated (connected)")
     return Target(name, url, model, "P/D (connected)", sidecar_url=url, prefill_sidecar_url=spec.get("prefill_url"),
-                  engine_kv_url=spec.get("engine_url"))
+                  engine_kv_url=spec.get("engine_url"), prefill_engine_url=spec.get("prefill_engine_url"))
