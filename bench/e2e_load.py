@@ -125,19 +125,19 @@ async def _with_kv(client, target: Target, spec: RequestSpec, timeout: float) ->
     """A request sent alone, with the decode engine's KV figures and every hop's metrics
     (bench.e2e_breakdown) read around it."""
     srcs = breakdown.sources(target)
-    before = await settled_kv(target.engine_kv_url)
+    before = await settled_kv(target.kv_url or target.engine_kv_url)
     bd0 = await asyncio.to_thread(breakdown.snapshot, srcs)
     rec = await send(client, target.model, spec, timeout)
     if rec.get("error") is None:
         bd1 = await breakdown.settled_snapshot(srcs, bd0)
         b = breakdown.means(breakdown.delta(bd0, bd1))
-        b.update(breakdown.derived(b, target.name.endswith("-push"), rec.get("ttft_s")))
+        b.update(breakdown.derived(b, target.layerwise_push, rec.get("ttft_s")))
         rec["breakdown"] = b
-    if target.engine_kv_url and rec.get("error") is None:
+    if (target.kv_url or target.engine_kv_url) and rec.get("error") is None:
         after = None
         # the engine publishes connector stats with its next stats push: wait briefly for them
         for _ in range(10):
-            after = await asyncio.to_thread(kv_figures, target.engine_kv_url)
+            after = await asyncio.to_thread(kv_figures, target.kv_url or target.engine_kv_url)
             if after and before and after["transfers"] > before["transfers"]:
                 break
             await asyncio.sleep(0.05)
@@ -161,7 +161,7 @@ async def run_load(target: Target, plan: Plan, label: str, state: LoadState) -> 
             spec = sweep_request(wl.vocab, -1 - i, 512 if i % 2 else 64, 8, plan.seed + 99)
             await send(client, target.model, spec, plan.request_timeout)
         # metrics baseline after the warm-up, once the engine's stats have caught up
-        kv0 = await settled_kv(target.engine_kv_url)
+        kv0 = await settled_kv(target.kv_url or target.engine_kv_url)
         state.snap0 = (await asyncio.to_thread(scrape, target.sidecar_url), kv0,
                        await asyncio.to_thread(breakdown.snapshot, breakdown.sources(target)))
         records = state.records

@@ -119,8 +119,16 @@ PUSH_NOTE = ("† push: the WRITEs run layer by layer during the prefill engine'
              "so no GB/s is computed from it")
 
 
+def layerwise_push(name: str) -> bool:
+    """Our push mode (pd-ours-push, pd-ours-pods-push): the sidecar sends both legs at once
+    and the prefill engine WRITEs layer by layer. vLLM's NixlPushConnector (pd-stock-push)
+    WRITEs once the prefill has finished, after the prefill leg: its time is a transfer time."""
+    return name.startswith("pd-ours") and name.endswith("-push")
+
+
 def is_push(name: str, c: dict[str, Any]) -> bool:
-    return bool(c.get("push")) or name.endswith("-push")
+    """The configuration's KV figure is our push's KV tail (PUSH_NOTE)."""
+    return bool(c.get("push")) if "push" in c else layerwise_push(name)
 
 
 def kv_summary(kv_delta: dict[str, float] | None, sidecar: dict[str, Any] | None, n_ok: int,

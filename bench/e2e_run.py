@@ -88,7 +88,7 @@ def _bounded(coro, deadline: float) -> bool:
 
 def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
     from bench import e2e_breakdown as breakdown
-    from bench.e2e_report import kv_summary, summarize
+    from bench.e2e_report import kv_summary, layerwise_push, summarize
     from pdsidecar.dev.engines import EngineError
 
     c: dict[str, Any] = {"status": "unavailable", "load_before": os.getloadavg()}
@@ -103,7 +103,7 @@ def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
             c["log"] = log
         return c
     c.update(label=target.label, connector=target.connector, url=target.url, cores=target.cores, logs=target.logs,
-             startup_s=time.perf_counter() - t_start, push=name.endswith("-push"))
+             startup_s=time.perf_counter() - t_start, push=layerwise_push(name))
     import contextlib
 
     from pdsidecar.dev.netns import entered
@@ -116,7 +116,7 @@ def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
         with entered(target.netns) if target.netns else contextlib.nullcontext():
             if not _bounded(run_load(target, plan, name, load), deadline):
                 stopped = "load"
-            kv1 = asyncio.run(settled_kv(target.engine_kv_url))
+            kv1 = asyncio.run(settled_kv(target.kv_url or target.engine_kv_url))
             sc1 = scrape(target.sidecar_url)
             bd1 = breakdown.snapshot(breakdown.sources(target))
             if stopped is None and plan.sweep_tokens and not _bounded(run_sweep(target, plan, name, sweep), deadline):
@@ -142,6 +142,8 @@ def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
     c["sidecar"] = sidecar_delta(sc0, sc1)
     c["kv_delta"] = kv_sub(kv1, kv0)
     c["kv"] = kv_summary(c["kv_delta"], c["sidecar"], c["summary"]["ok"], push=c["push"])
+    if target.kv_url and c["kv"].get("source"):
+        c["kv"]["source"] = "prefill engine /metrics (vLLM's NixlPushConnector: the prefill engine owns the WRITEs)"
     if load.snap0 is not None:
         b = breakdown.means(breakdown.delta(bd0, bd1))
         ttft = c["summary"]["ttft_s"]["mean"]

@@ -23,6 +23,8 @@ class Target:
     prefill_sidecar_url: str | None = None
     engine_kv_url: str | None = None      # decode engine (KV figures)
     prefill_engine_url: str | None = None  # prefill engine (its vLLM metrics, bench.e2e_breakdown)
+    kv_url: str | None = None             # where the KV figures are read when not the decode engine
+    layerwise_push: bool = False          # our push: both legs at once, WRITEs during the prefill
     cores: dict[str, str] = field(default_factory=dict)
     logs: list[str] = field(default_factory=list)
     stop: Callable[[], None] = lambda: None
@@ -136,6 +138,8 @@ def start_target(name: str, plan: Plan, model: str) -> Target:
     return Target(name, sc.decode_url, decode.model_name, f"P/D, {label}, sidecars", label.split(" ")[0],
                   sidecar_url=sc.decode_url, prefill_sidecar_url=sc.prefill_url, engine_kv_url=decode.url,
                   prefill_engine_url=prefill.url,
+                  # vLLM's NixlPushConnector: the prefill engine owns the WRITEs and their stats
+                  kv_url=prefill.url if push and stock else None, layerwise_push=push and not stock,
                   cores={"prefill": prefill.config.cpu_bind or "gpu", "decode": decode.config.cpu_bind or "gpu"},
                   logs=[str(prefill.log_path), str(decode.log_path), str(sc.decode.log_path),
                         str(sc.prefill.log_path)], stop=stop)
