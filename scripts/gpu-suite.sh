@@ -38,6 +38,9 @@ for stage in "$@"; do
     bench=*)  # bench=agg,pd-ours,...: a Poisson workload (short requests decoding while
       # long prompts arrive: decode ITL under prefill interference), then a sequential
       # sweep 128..8k tokens (TTFT, KV move). The presets' max_position_embeddings is 8192.
+      # The JSON is rewritten after each configuration (a stage timeout keeps what finished);
+      # each configuration's load + sweep is cut at BENCH_CONFIG_TIMEOUT s (engine start-up
+      # excluded; on the H100 start-up took 88-122 s per configuration, the workload 5.5-6.3 s).
       c=${stage#bench=}; tag=${c//,/_}
       timeout "${BENCH_TIMEOUT:-500}" python3 -m bench.cli e2e --gpu-util 0.2 --configs "$c" \
         --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" --max-model-len 8192 \
@@ -45,6 +48,7 @@ for stage in "$@"; do
         --prompt-len uniform:128-512 --output-len fixed:64 \
         --long-prompt-len uniform:4096-7936 --long-output-len fixed:4 --long-fraction 0.25 \
         --sweep-tokens 128,1024,2048,8064 --sweep-n 3 --json "$OUT/e2e-$tag.json" --no-progress \
+        --config-timeout "${BENCH_CONFIG_TIMEOUT:-120}" \
         --log-dir "$OUT/bench-logs-$tag" > "$OUT/bench-$tag.txt" 2>&1
       echo "bench $c rc=$?"; tail -45 "$OUT/bench-$tag.txt"
       for f in "$OUT"/bench-logs-"$tag"/*.log; do grep -E "Error|Traceback" "$f" | head -5 > "$f.grep"; done
