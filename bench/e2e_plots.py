@@ -69,8 +69,10 @@ def write_plots(result: dict[str, Any], out_dir: str) -> list[str]:
     # 2. transfer GB/s vs KV bytes (per request where measured alone; else the run's mean)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     any_pt = False
+    from bench.e2e_report import is_push
+
     for name, c in _ok(result):
-        if not name.startswith("pd"):
+        if not name.startswith("pd") or is_push(name, c):  # our push's KV tail is not a transfer time
             continue
         pts = [(r["kv_bytes"], r["kv_bytes"] / r["kv_seconds"] / 1e9) for r in _all_requests(c)
                if r.get("kv_bytes") and r.get("kv_seconds")]

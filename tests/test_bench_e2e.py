@@ -169,8 +169,9 @@ def test_short_real_run_json_complete_and_greedy_outputs_match(llama_dir, tmp_pa
             "--json", str(out), "--plot", str(tmp_path / "plots"), "--no-progress", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
-    assert "Latency (ms" in r.stdout and "Ratio to agg" in r.stdout
+    assert "Latency (ms" in r.stdout and "Ratio to agg" in r.stdout and "Where TTFT goes" in r.stdout
     res = json.loads(out.read_text())
+    assert res["meta"]["partial"] is False
     assert set(res["configs"]) == set(configs)
     assert res["meta"]["machine"]["cpus"] >= 1 and res["workload"]["num_requests"] == 4
     ok = {n: c for n, c in res["configs"].items() if c["status"] == "ok"}
@@ -191,6 +192,14 @@ def test_short_real_run_json_complete_and_greedy_outputs_match(llama_dir, tmp_pa
             assert rec["prompt_tokens_server"] == rec["prompt_tokens"]
         sw = c["sweep"]
         assert [p["tokens"] for p in sw["points"]] == [64, 512] and sw["fit_ttft"]["n"] == 2
+        # where TTFT goes: every hop's metrics read around each sweep request
+        need = {"d_ttft", "d_queue", "d_compute"} | ({"sc_prefill_leg", "sc_decode_leg", "p_e2e", "p_compute",
+                                                     "pre_hops", "dec_hop", "rest"} if name.startswith("pd") else set())
+        for p in sw["points"]:
+            bm = p["breakdown_median"]
+            assert need <= set(bm), (name, sorted(bm))
+            assert 0 < bm["d_ttft"] <= p["ttft_s_median"] * 1.5, (name, bm)
+        assert need - {"pre_hops", "dec_hop", "rest"} <= set(c["breakdown_mean"]), (name, c["breakdown_mean"])
         if name.startswith("pd"):
             assert s["paths"] == {"disagg": 4}
             k = c["kv"]
