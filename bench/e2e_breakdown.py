@@ -115,8 +115,9 @@ def medians(recs: list[dict[str, Any]]) -> dict[str, float]:
 # column -> breakdown key (ms in the table)
 COLUMNS = (
     ("pre leg", "sc_prefill_leg"), ("P e2e", "p_e2e"), ("P queue", "p_queue"), ("P compute", "p_compute"),
-    ("pre hops", "pre_hops"), ("dec leg", "sc_decode_leg"), ("D TTFT", "d_ttft"), ("D queue", "d_queue"),
-    ("D compute", "d_compute"), ("KV", "kv"), ("dec hop", "dec_hop"), ("rest", "rest"),
+    ("P other", "p_other"), ("pre hops", "pre_hops"), ("dec leg", "sc_decode_leg"), ("D TTFT", "d_ttft"),
+    ("D queue", "d_queue"), ("D compute", "d_compute"), ("D other", "d_other"), ("KV", "kv"), ("dec hop", "dec_hop"),
+    ("rest", "rest"),
 )
 LEGEND = """\
   TTFT      client's TTFT (bench)          pre leg   decode sidecar -> prefill sidecar -> prefill engine -> back
@@ -125,7 +126,10 @@ LEGEND = """\
   dec leg   decode sidecar: send -> first byte from the decode engine
   D TTFT    decode engine: arrival -> first token; D queue: queued -> scheduled (includes waiting for the KV);
             D compute: scheduled -> first token; for agg the D columns are the one engine
-  KV        in-engine KV transfer per request (decode engine's connector metrics; † push: KV tail only)
+  P/D other P e2e - queue - compute, D TTFT - queue - compute: the engine's API server (tokenizing, the
+            hand-off to the engine core and back) outside the scheduler's clock
+  KV        in-engine KV transfer per request (decode engine's connector metrics; pd-stock-push: the prefill
+            engine's; † our push: KV tail only)
   dec hop   dec leg - D TTFT (HTTP to the decode engine, its API server, first byte out)
   rest      TTFT - legs (pull: both legs; push: the decode leg; agg: the engine's TTFT): client <-> decode
             sidecar and the sidecar itself"""
@@ -133,6 +137,16 @@ LEGEND = """\
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.1f}"
+
+
+def _with_other(vals: dict[str, Any]) -> dict[str, Any]:
+    """Adds p_other / d_other: the engine's time outside its queue and compute."""
+    out = dict(vals)
+    for side, total in (("p", "p_e2e"), ("d", "d_ttft")):
+        parts = [out.get(total), out.get(f"{side}_queue"), out.get(f"{side}_compute")]
+        if all(x is not None for x in parts):
+            out[f"{side}_other"] = parts[0] - parts[1] - parts[2]
+    return out
 
 
 def format_breakdown(cfgs: dict[str, dict[str, Any]], has_numbers: Any, is_push: Any) -> str | None:
@@ -146,14 +160,14 @@ def format_breakdown(cfgs: dict[str, dict[str, Any]], has_numbers: Any, is_push:
         b = c.get("breakdown_mean")
         if b:
             kv = (c.get("kv") or {}).get("seconds_per_request")
-            vals = {**b, "kv": kv}
+            vals = _with_other({**b, "kv": kv})
             rows.append([name, "load mean", _ms(c["summary"]["ttft_s"]["mean"])]
                         + [_ms(vals.get(k)) + (mark if k == "kv" and vals.get(k) is not None else "") for _, k in COLUMNS])
         for p in (c.get("sweep") or {}).get("points", []):
             bm = p.get("breakdown_median")
             if not bm:
                 continue
-            vals = {**bm, "kv": p.get("kv_seconds_median")}
+            vals = _with_other({**bm, "kv": p.get("kv_seconds_median")})
             rows.append([name, f"{p['tokens']} tok p50", _ms(p["ttft_s_median"])]
                         + [_ms(vals.get(k)) + (mark if k == "kv" and vals.get(k) is not None else "") for _, k in COLUMNS])
     if not rows:
