@@ -177,11 +177,15 @@ def report_only(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"{PROG}: error: cannot read report {args.report}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 2
+    from bench.e2e_breakdown import medians
     from bench.e2e_report import is_push
 
     for name, c in cfgs.items():
         if c.get("sweep"):
             c["sweep"] = sweep_summary(c["sweep"]["requests"], push=is_push(name, c))
+        bm = medians(c.get("requests") or [])
+        if bm:
+            c["breakdown_median"] = bm
         k = c.get("kv") or {}
         if is_push(name, c) and k.get("gbps") is not None:
             k["gbps"] = None  # saved by an older pdbench: the push KV tail is not a transfer time

@@ -163,6 +163,13 @@ def format_breakdown(cfgs: dict[str, dict[str, Any]], has_numbers: Any, is_push:
             vals = _with_other({**b, "kv": kv})
             rows.append([name, "load mean", _ms(c["summary"]["ttft_s"]["mean"])]
                         + [_ms(vals.get(k)) + (mark if k == "kv" and vals.get(k) is not None else "") for _, k in COLUMNS])
+        bm = c.get("breakdown_median")
+        if bm:
+            ttfts = sorted(r["ttft_s"] for r in c.get("requests", []) if r.get("breakdown"))
+            vals = _with_other({**bm, "kv": statistics.median(
+                [r["kv_seconds"] for r in c.get("requests", []) if r.get("kv_seconds")] or [None])})
+            rows.append([name, "load p50", _ms(statistics.median(ttfts) if ttfts else None)]
+                        + [_ms(vals.get(k)) + (mark if k == "kv" and vals.get(k) is not None else "") for _, k in COLUMNS])
         for p in (c.get("sweep") or {}).get("points", []):
             bm = p.get("breakdown_median")
             if not bm:
@@ -175,7 +182,7 @@ def format_breakdown(cfgs: dict[str, dict[str, Any]], has_numbers: Any, is_push:
     headers = ["config", "requests", "TTFT"] + [h for h, _ in COLUMNS]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     fmt = lambda r: "  ".join(x.rjust(w) if i > 1 else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
-    lines = ["\nWhere TTFT goes (ms; 'load mean' = means over the workload from histogram deltas; "
-             "'N tok p50' = medians of per-request values, one request at a time)",
+    lines = ["\nWhere TTFT goes (ms; 'load mean' = means over the workload from histogram deltas; 'load p50' "
+             "(--concurrency 1) and 'N tok p50' = medians of per-request values, one request at a time)",
              fmt(headers), "  ".join("-" * w for w in widths), *map(fmt, rows), LEGEND]
     return "\n".join(lines)

@@ -149,6 +149,9 @@ def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
         ttft = c["summary"]["ttft_s"]["mean"]
         b.update(breakdown.derived(b, c["push"], ttft))
         c["breakdown_mean"] = b
+    per_request = breakdown.medians(records)  # sequential workloads (--concurrency 1) carry them
+    if per_request:
+        c["breakdown_median"] = per_request
     warnings = []
     if name.startswith("pd") and records:
         if not c["kv"].get("transfers"):
