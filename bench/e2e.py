@@ -8,13 +8,18 @@ request, plus the KV bytes and transfer time the decode engine reports:
 * ``pd-ours``   prefill + decode engines (one core slice each), our ``PdConnector``,
                 a prefill and a decode ``pdsidecar`` in front
 * ``pd-stock``  the same with vLLM's stock ``NixlConnector``
+* ``pd-ours-push`` / ``pd-stock-push``  push mode: ours (layer-wise WRITEs, both legs at
+                once) and vLLM's ``NixlPushConnector`` (WRITE after the prefill)
 * ``pd-ours-pods``  ``deploy/overlays/dev-cpu`` as network-namespace pods (root): the
                 prefill and decode pods each with its own IP, KV crossing pods over UCX;
                 the client talks to the decode pod from the node side of the pod bridge
 
 The default workload is mixed: short, decode-heavy requests while long-prompt requests
 arrive (Poisson, ``--rate``), which is where P/D helps (decode ITL stays flat) and where
-it costs (TTFT of short prompts pays a second hop). Run it under the engine lock:
+it costs (TTFT of short prompts pays a second hop). A "where TTFT goes" table splits each
+TTFT over the hops from the sidecars' and engines' own metrics (bench.e2e_breakdown). The
+JSON is rewritten after every configuration; ``--config-timeout`` bounds each one. Run it
+under the engine lock:
 
     flock /tmp/pdsidecar-engines.lock pdbench e2e --json e2e.json --plot bench/results/e2e
 """
