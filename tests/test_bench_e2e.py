@@ -40,6 +40,9 @@ def e2e(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
     (["--sweep-tokens", "9000"], "--max-model-len"),
     (["--arch", "gpt"], "--arch"),
     (["--agg-url", "localhost:8000"], "--agg-url: expected an http"),
+    (["--config-timeout", "0"], "--config-timeout: must be > 0"),
+    (["--config-timeout", "soon"], "--config-timeout: expected a number"),
+    (["--prefill-engine-url", "http://x:1"], "need --decode-url"),
 ])
 def test_bad_arguments_one_line_error(argv, needle):
     r = e2e(*argv)
