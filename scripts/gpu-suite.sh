@@ -41,8 +41,11 @@ for stage in "$@"; do
       # The JSON is rewritten after each configuration (a stage timeout keeps what finished);
       # each configuration's load + sweep is cut at BENCH_CONFIG_TIMEOUT s (engine start-up
       # excluded; on the H100 start-up took 88-122 s per configuration, the workload 5.5-6.3 s).
-      c=${stage#bench=}; tag=${c//,/_}
+      # BENCH_SIDECAR_ARG: one extra decode-sidecar argument (e.g.
+      # --first-token-from-prefill=all), BENCH_TAG: suffix of the output names
+      c=${stage#bench=}; tag=${c//,/_}${BENCH_TAG:+-$BENCH_TAG}
       timeout "${BENCH_TIMEOUT:-500}" python3 -m bench.cli e2e --gpu-util 0.2 --configs "$c" \
+        ${BENCH_SIDECAR_ARG:+"--sidecar-arg=$BENCH_SIDECAR_ARG"} \
         --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" --max-model-len 8192 \
         --rate "${BENCH_RATE:-4}" --num-requests "${BENCH_N:-24}" --warmup 2 \
         --prompt-len uniform:128-512 --output-len fixed:64 \
