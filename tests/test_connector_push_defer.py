@@ -25,6 +25,21 @@ from test_connector_tp import make_worker  # noqa: E402
 KEY = ("127.0.0.1", 1)
 
 
+def push_outcome(p, d, timeout_s: float, freed: bool = False) -> tuple[str | None, bool]:
+    """Step prefill worker ``p`` (request "p") and decode worker ``d`` (request "d") until
+    the decode's load ended ("ok"/"failed") and the prefill freed its blocks, or timeout."""
+    got = None
+    deadline = time.monotonic() + timeout_s
+    while not (got and freed) and time.monotonic() < deadline:
+        s, _, _ = p.get_transfer_results({"p"})
+        freed = freed or "p" in s
+        _, r, f = d.get_transfer_results(set())
+        if "d" in r:
+            got = "failed" if "d" in f else "ok"
+        time.sleep(0.002)
+    return got, freed
+
+
 def push_step(lids, rids) -> PushSendStep:
     return PushSendStep(req_id="p", push_id="pid", host=KEY[0], port=KEY[1], engine_id="D",
                         dp_rank=0, tp_size=1, local_ids=lids, remote_ids=rids, final=True,
@@ -55,15 +70,7 @@ def test_writes_deferred_until_the_handshake_completes():
             assert not w.handles and "p" not in s and not w.notified
         fut.set_result([d.desc])
         p.start_load_kv(PdConnectorMetadata(push_finished={"p"}))
-        got, freed = None, False
-        deadline = time.monotonic() + 20
-        while not (got and freed) and time.monotonic() < deadline:
-            s, _, _ = p.get_transfer_results({"p"})
-            freed = freed or "p" in s
-            _, r, f = d.get_transfer_results(set())
-            if "d" in r:
-                got = "failed" if "d" in f else "ok"
-            time.sleep(0.002)
+        got, freed = push_outcome(p, d, 20)
         assert got == "ok" and freed
         for name in pc:
             for lb, rb in zip(lids, rids):
@@ -122,15 +129,7 @@ def test_no_write_starts_after_the_write_grant_window(deferred):
             now[0] = 1010.5
             fut.set_result([d.desc])
         p.start_load_kv(PdConnectorMetadata(push_finished={"p"}))
-        got, freed = None, False
-        deadline = time.monotonic() + 20
-        while not (got and freed) and time.monotonic() < deadline:
-            s, _, _ = p.get_transfer_results({"p"})
-            freed = freed or "p" in s
-            _, r, f = d.get_transfer_results(set())
-            if "d" in r:
-                got = "failed" if "d" in f else "ok"
-            time.sleep(0.002)
+        got, freed = push_outcome(p, d, 20)
         assert got == "failed" and freed and not p._push_writes
         assert d.take_worker_meta().results["d"]["error"] == "expired"
         assert all(torch.equal(before[n], dc[n]) for n in dc)

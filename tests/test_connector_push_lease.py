@@ -20,6 +20,7 @@ import pytest
 from transfer.errors import FailureReason, PeerRefused
 
 from test_connector_lease import Clock, Notes
+from test_connector_push_defer import push_outcome
 from test_connector_unit import BS, FakeBlock, _step, fake_request, sched
 
 WAIT, LEASE, GRACE = 30.0, 10.0, 4.0
@@ -304,15 +305,7 @@ def test_prefill_writes_only_what_the_decode_grants(late):
                                           plids)
         assert info["pd_push"] == (FailureReason.EXPIRED if late else "sent")
         p.start_load_kv(ps.build_connector_meta(_step()))
-        got, freed = None, not wrote
-        deadline = time.monotonic() + 30
-        while not late and not (got and freed) and time.monotonic() < deadline:
-            s, r, f = p.get_transfer_results({"p"})
-            freed = freed or "p" in s
-            _, r, f = d.get_transfer_results(set())
-            if "d" in r:
-                got = "failed" if "d" in f else "ok"
-            time.sleep(0.002)
+        got, freed = (None, not wrote) if late else push_outcome(p, d, 30, freed=not wrote)
         granted, refused = ds._holds.take_counts()
         if late:
             assert (granted, refused) == (0, 1) and not wrote
