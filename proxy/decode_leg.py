@@ -81,11 +81,7 @@ class DecodeLeg:
             self.sc.metrics.client_disconnects.labels("decode").inc()
             if resp is not None:
                 resp.close()
-            if pre is not None and not pre.settled:
-                if sent:
-                    self.release.settle(pre, ReleaseStatus.ABORTED)
-                else:
-                    self.release.abandon(rq, body, pre)
+            self.release.client_left(rq, body, pre, sent)
             raise
         finally:
             if resp is not None:

@@ -109,11 +109,7 @@ class FirstTokenLeg:
             m.client_disconnects.labels("decode").inc()
         except asyncio.CancelledError:
             m.client_disconnects.labels("decode").inc()
-            if not pre.settled:
-                if sent:
-                    self.release.settle(pre, ReleaseStatus.ABORTED)
-                else:
-                    self.release.abandon(rq, body, pre)
+            self.release.client_left(rq, body, pre, sent)
             raise
         finally:
             self.release.settle(pre, ReleaseStatus.RELEASED)  # no-op once settled

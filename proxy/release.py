@@ -61,6 +61,16 @@ class KvRelease:
         pre.settled = True
         self.sc.spawn(self._pull_and_abort(rq, body, pre))
 
+    def client_left(self, rq: PdRequest, body: dict, pre: PrefillResult | None, sent: bool) -> None:
+        """The client left during the decode leg: `aborted` once the leg was sent (the
+        decode engine has or had the KV), else pull the KV first (:meth:`abandon`)."""
+        if pre is None or pre.settled:
+            return
+        if sent:
+            self.settle(pre, ReleaseStatus.ABORTED)
+        else:
+            self.abandon(rq, body, pre)
+
     def _book_off(self, pre: PrefillResult, status: ReleaseStatus) -> None:
         st = self.peers.state(pre.peer)
         st.outstanding -= 1
