@@ -14,7 +14,7 @@ from aiohttp import web
 
 from proxy.first_token import (FirstToken, StreamFormat, continuation_body, first_token, limit_of,
                                skip_reason)
-from test_proxy_unit import FakeVllm, post, stack, val
+from test_proxy_unit import FakeVllm, post, settle, stack, val
 from transfer.connector.metadata import parse_remote_params, plan_block_read, remote_prompt_tokens
 from transfer.errors import FailureReason, ParamsError
 
@@ -271,15 +271,9 @@ async def test_fake_client_leaves_during_continuation():
                 assert b'"text":"x"' in await r.content.readuntil(b"\n\n")  # the first token
                 await r.content.readuntil(b"\n\n")  # a continuation chunk: the leg is running
                 r.close()
-        for _ in range(50):
-            if s.d_vllm.cancelled:
-                break
-            await asyncio.sleep(0.1)
+        await settle(lambda: s.d_vllm.cancelled)
         assert s.d_vllm.cancelled == ["decode"]
-        for _ in range(50):
-            if not s.pre.role.pending.items and s.dec.in_flight == 0:
-                break
-            await asyncio.sleep(0.1)
+        await settle(lambda: not s.pre.role.pending.items and s.dec.in_flight == 0)
         assert not s.pre.role.pending.items and s.dec.in_flight == 0
     finally:
         await s.stop()

@@ -221,6 +221,13 @@ async def test_sse_not_buffered():
         await s.stop()
 
 
+async def settle(pred, tries: int = 50) -> None:
+    """Poll ``pred`` every 0.1 s, at most ``tries`` times (the caller asserts after)."""
+    for _ in range(tries):
+        if pred():
+            return
+        await asyncio.sleep(0.1)
+
 async def test_client_disconnect_during_prefill_aborts_upstream():
     s = await stack(p_kw={"prefill_delay": 30})
     try:
@@ -228,10 +235,7 @@ async def test_client_disconnect_during_prefill_aborts_upstream():
             with pytest.raises(asyncio.TimeoutError):
                 await c.post(s.dec.url + "/v1/completions", json={"model": "m", "prompt": "x"},
                              timeout=aiohttp.ClientTimeout(total=0.5))
-        for _ in range(50):
-            if s.p_vllm.cancelled:
-                break
-            await asyncio.sleep(0.1)
+        await settle(lambda: s.p_vllm.cancelled)
         assert s.p_vllm.cancelled == ["prefill"]  # the prefill engine saw the disconnect
         assert s.dec.in_flight == 0 and s.pre.in_flight == 0
         assert not s.d_vllm.requests
@@ -247,10 +251,7 @@ async def test_client_disconnect_mid_stream_aborts_decode():
             async with c.post(s.dec.url + "/v1/completions", json={"model": "m", "prompt": "x", "stream": True}) as r:
                 await r.content.readuntil(b"\n\n")
                 r.close()
-        for _ in range(50):
-            if s.d_vllm.cancelled:
-                break
-            await asyncio.sleep(0.1)
+        await settle(lambda: s.d_vllm.cancelled)
         assert s.d_vllm.cancelled == ["decode"]
         await asyncio.sleep(0.1)
         assert not s.pre.role.pending.items and s.dec.in_flight == 0
