@@ -228,6 +228,7 @@ async def settle(pred, tries: int = 50) -> None:
             return
         await asyncio.sleep(0.1)
 
+
 async def test_client_disconnect_during_prefill_aborts_upstream():
     s = await stack(p_kw={"prefill_delay": 30})
     try:
