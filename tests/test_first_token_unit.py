@@ -4,7 +4,6 @@ beside the real-engine test (tests/test_first_token_engines.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aiohttp
