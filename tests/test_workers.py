@@ -74,6 +74,13 @@ class Run:
     def lines(self) -> list[dict]:
         return [json.loads(x) for x in self.log_path.read_text().splitlines() if x.startswith("{")]
 
+    def log_tail(self, lines: int = 40) -> str:
+        """The last log lines of the supervisor and workers, and how many requests they
+        logged as done (to tell a stuck worker from a stuck upstream when one hangs)."""
+        done = sum(1 for x in self.lines() if x.get("msg") == "request")
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return f"requests logged: {done}\n" + "\n".join(text[-lines:])
+
     def worker_pids(self) -> list[int]:
         end = time.monotonic() + 30
         while time.monotonic() < end:
@@ -110,9 +117,12 @@ def run(tmp_path, fake_vllm):
         r.close()
 
 
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60)  # one streamed request takes ~1.2 s
+
+
 async def stream(session: aiohttp.ClientSession, url: str, started: asyncio.Event | None = None):
     """(status, worker header, body) of one streamed completion on a fresh connection."""
-    async with session.post(url + "/v1/completions", json=BODY) as r:
+    async with session.post(url + "/v1/completions", json=BODY, timeout=REQUEST_TIMEOUT) as r:
         if started is not None:
             await r.content.readany()
             started.set()
@@ -170,7 +180,9 @@ async def test_two_workers_serve_aggregate_metrics_and_drain(run, tmp_path):
     assert len(pids) == 2
     n = 64
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0)) as s:
-        res = await asyncio.gather(*(stream(s, r.url) for _ in range(n)))
+        res = await asyncio.gather(*(stream(s, r.url) for _ in range(n)), return_exceptions=True)
+    errors = [e for e in res if isinstance(e, BaseException)]
+    assert not errors, f"{len(errors)} of {n} failed ({errors[0]!r}); the sidecar's log:\n{r.log_tail()}"
     assert all(st == 200 and body.endswith(b"data: [DONE]\n\n") for st, _, body in res)
     assert {w for _, w, _ in res} == {"0", "1"}  # the kernel spread connections over both workers
 
