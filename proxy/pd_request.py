@@ -3,6 +3,7 @@ its last byte) and `PrefillResult` (the KV a prefill leg left on a peer)."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,17 @@ from aiohttp import web
 
 from .endpoints import Endpoint
 
-__all__ = ["PdRequest", "PrefillResult"]
+__all__ = ["PdRequest", "PrefillResult", "leg_request_id"]
+
+LEG_RID_PREFIX_MAX = 88  # + "-pd-" + 32 hex = 124 <= the 128 a prefill sidecar accepts
+
+
+def leg_request_id(client_rid: str) -> str:
+    """A fresh id for one prefill (or push) leg that still names the client's request:
+    ``<client x-request-id, first 88 chars>-pd-<uuid4 hex>``. Both engines see it (vLLM's
+    NixlPushConnector pairs prefill and decode by request id), so their logs and the
+    response `id` carry the client's id; unique per leg, so a retried leg never collides."""
+    return f"{client_rid[:LEG_RID_PREFIX_MAX]}-pd-{uuid.uuid4().hex}"
 
 
 @dataclass
@@ -19,7 +30,7 @@ class PdRequest:
 
     http: web.Request
     api: str  # "completions" | "chat"
-    rid: str  # x-request-id (the client's, or a fresh one)
+    rid: str  # x-request-id (the client's if well-formed, else a fresh one)
     t0: float  # perf_counter() at arrival
     path: str = "error"  # x-pd-path and the `path` label (proxy.metrics.PATHS)
     status: int = 0  # HTTP status answered (499: the client left)

@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 import aiohttp
@@ -28,7 +27,7 @@ from .answer import AnswerRejected, check_prefill_kv, peer_engine_hosts, read_ca
 from .body import API_PATHS, loads_or_none, prefill_body, prompt_ids_from_prefill
 from .endpoints import Endpoint
 from .errors import ClientFault, FallbackReason, PeerErrorReason, PrefillFailed
-from .pd_request import PdRequest, PrefillResult
+from .pd_request import PdRequest, PrefillResult, leg_request_id
 from .peers import PeerSet, resolve
 from .server import PD_ERROR_HEADER, forward_headers
 
@@ -89,7 +88,7 @@ class PrefillLeg:
     async def _attempt(self, rq: PdRequest, ep: Endpoint, data: bytes, est: int, want_ids: bool,
                        last: bool) -> PrefillResult:
         """One leg to `ep`, booked on the peer while it runs (and after, if KV was handed out)."""
-        prid = "pd-" + uuid.uuid4().hex
+        prid = leg_request_id(rq.rid)
         path = API_PATHS[rq.api]
         headers = peer_headers(self.sc, rq.http, prid)
         signed = auth.sign(self.sc.cfg.auth_token, str(self.identity), prid, path, data)

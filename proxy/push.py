@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 
 import aiohttp
 from aiohttp import web
@@ -23,7 +22,7 @@ from .body import API_PATHS, decode_body, prefill_body
 from .decode_leg import DecodeLeg
 from .endpoints import Endpoint
 from .errors import PeerErrorReason
-from .pd_request import PdRequest
+from .pd_request import PdRequest, leg_request_id
 from .peers import PeerSet
 from .prefill_leg import peer_headers
 from .server import DP_RANK_HEADER
@@ -47,7 +46,7 @@ class PushLeg:
             rq.path = "local"
             self.sc.metrics.local_decisions.labels("no_peer").inc()
             return await self.decode.run(rq, body)
-        push_rid = "pd-" + uuid.uuid4().hex
+        push_rid = leg_request_id(rq.rid)
         kv = {"do_remote_prefill": True, "transfer_mode": "push", "remote_request_id": push_rid,
               "remote_peer": str(ep)}
         rank = self._next_rank % len(self._targets)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import aiohttp
@@ -179,7 +180,9 @@ async def test_leg_bodies_and_headers(st):
     assert pb["max_tokens"] == pb["max_completion_tokens"] == pb["min_tokens"] == 1
     assert pb["kv_transfer_params"] == {"do_remote_decode": True} and pb["return_token_ids"] is True
     # the client's Authorization goes to the local vLLM only (--forward-authorization off)
-    assert ph["x-request-id"] != "client-rid" and "authorization" not in {k.lower() for k in ph}
+    # a leg id of its own that still names the client's request
+    assert re.fullmatch(r"client-rid-pd-[0-9a-f]{32}", ph["x-request-id"])
+    assert "authorization" not in {k.lower() for k in ph}
     assert "x-prefiller-host-port" not in {k.lower() for k in ph} and "x-secret-other" not in ph
     (_, db, dh), = st.d_vllm.requests
     assert db["stream"] is True and db["stream_options"] == {"include_usage": True}
@@ -202,6 +205,13 @@ async def test_leg_bodies_and_headers(st):
     st.d_vllm.requests.clear()
     await post(st.dec.url + "/v1/completions", {"model": "m", "prompt": "a b c", "echo": True})
     assert st.d_vllm.requests[0][1]["prompt"] == "a b c"
+    # the longest client id the sidecar keeps: the leg id is cut to what a prefill accepts
+    st.p_vllm.requests.clear()
+    status, headers, _ = await post(st.dec.url + "/v1/completions", {"model": "m", "prompt": "a b c"},
+                                    {"x-request-id": "r" * 128})
+    assert status == 200 and headers["x-pd-path"] == "disagg" and headers["x-request-id"] == "r" * 128
+    leg = st.p_vllm.requests[0][2]["x-request-id"]
+    assert re.fullmatch("r" * 88 + "-pd-[0-9a-f]{32}", leg)
     await asyncio.sleep(0.1)
     assert not st.pre.role.pending.items  # pickups reported
 
