@@ -37,10 +37,15 @@ def _agent(name: str, cfg: dict):
                       progress_delay_us=cfg["delay_us"])[1]
 
 
+def _pattern(nblocks: int) -> np.ndarray:
+    """The target's bytes (the initiator checks what its READs brought against them)."""
+    return np.random.default_rng(0).integers(0, 255, nblocks * BLOCK_BYTES * 2, dtype=np.uint8)
+
+
 def _target(cfg: dict, nblocks: int, meta_q, stop_q) -> None:
     os.sched_setaffinity(0, {0})
     agent = _agent("target", cfg)
-    buf = np.random.default_rng(0).integers(0, 255, nblocks * BLOCK_BYTES * 2, dtype=np.uint8)
+    buf = _pattern(nblocks)
     agent.register_memory(agent.get_reg_descs([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM"))
     meta_q.put((agent.get_agent_metadata(), buf.ctypes.data))
     stop_q.get()
@@ -74,9 +79,9 @@ def _initiator(cfg: dict, nblocks: int, iters: int, meta: bytes, addr: int, out_
         if it >= 5:  # warm-up
             rows.append(((t1 - t0) * 1e3, (c1 - c0) * 1e3, (t2 - t0) * 1e3))
         time.sleep(0.01)
-    if not np.array_equal(buf[:BLOCK_BYTES], np.random.default_rng(0).integers(
-            0, 255, nblocks * BLOCK_BYTES * 2, dtype=np.uint8)[:BLOCK_BYTES]):
-        raise SystemExit("the READ did not bring the target's bytes")
+    want = _pattern(nblocks).reshape(nblocks, 2, BLOCK_BYTES)[:, 0]
+    if not np.array_equal(buf.reshape(nblocks, 2, BLOCK_BYTES)[:, 0], want):
+        raise SystemExit("the READs did not bring the target's bytes")
     out_q.put(rows)
 
 
