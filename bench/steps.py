@@ -54,10 +54,14 @@ def pd_once(p_url: str, d_url: str, model: str, toks: list[int]) -> dict[str, An
     return {"decode_leg_ms": leg * 1e3, "pd_transfer": pt}
 
 
-def stream_gaps(url: str, model: str, toks: list[int], n_out: int) -> list[float]:
-    """Milliseconds between streamed tokens of one request (ignore_eos, greedy)."""
+def stream_gaps(url: str, model: str, toks: list[int], n_out: int,
+                kv_transfer_params: dict | None = None) -> list[float]:
+    """Milliseconds between streamed tokens of one request (ignore_eos, greedy), the
+    first token's gap left out; with ``kv_transfer_params``: a P/D decode leg."""
     body = {"model": model, "prompt": toks, "max_tokens": n_out, "temperature": 0,
             "ignore_eos": True, "stream": True}
+    if kv_transfer_params is not None:
+        body["kv_transfer_params"] = kv_transfer_params
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     stamps = []
