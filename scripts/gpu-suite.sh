@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU host: run the GPU stages with the offline site (scripts/gpu-host.sh), results under
-# $OUT (the device tool brings them back). Stages: env unit engines[=PYTEST_K] models probe
+# $OUT (the device tool brings them back). Stages: env unit engines[=PYTEST_K] models probe launch
 # bench=CONFIGS
 #   scripts/gpu-suite.sh env unit engines=llama
 set -u
@@ -32,6 +32,9 @@ for stage in "$@"; do
       echo "engines rc=$?"; tail -30 "$OUT/engines.txt"
       for f in $(find "$OUT/pt" -name '*.log' 2>/dev/null); do
         grep -E "PdConnector|Error|error|Traceback|regions" "$f" | head -20 > "$f.grep"; done ;;
+    launch)  # a launch-bound synthetic step: alone, with our engine in the process, with a neighbour
+      timeout 240 python3 -m bench.launch_probe --json "$OUT/launch.json" > "$OUT/launch.txt" 2>&1
+      echo "launch rc=$?"; grep -E "p50|Error|Traceback" "$OUT/launch.txt" | head -12 ;;
     probe)  # decode-step gaps: plain engine vs PdConnector engines, direct and after a KV read
       timeout "${PROBE_TIMEOUT:-420}" python3 -m bench.itl_probe --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" \
         --gpu-util 0.2 --max-model-len 8192 -n "${PROBE_N:-3}" --prompt-len 128 --out-tokens 48 \
