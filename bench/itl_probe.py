@@ -11,6 +11,10 @@ engine step as the client sees it), in this order:
 4. ``decode_after_kv`` the decode engine continuing a prefill leg (the P/D path: KV read)
 5. ``decode_direct_2`` and ``plain_2``: 2 and 1 again, after the P/D requests
 
+Before those, ``legs``: per prompt length (128, 2048), the plain engine's one-token
+request against the prefill leg and the decode leg (non-streamed, straight to the
+engines, no sidecar) and the decode's ``pd_transfer.stages_ms``.
+
 Same prompt length and output length everywhere; medians over ``-n`` requests.
 ``2 ~ 1`` and ``4 > 2`` puts the cost in the P/D path; ``2 > 1`` in the loaded connector;
 ``1 > plain alone`` (``--plain-alone``) in the neighbours.
@@ -28,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -52,6 +56,42 @@ def decode_after_kv(p_url: str, d_url: str, model: str, toks: list[int], n_out: 
     return stream_gaps(d_url, model, toks, n_out, kv_transfer_params=r1["kv_transfer_params"])
 
 
+def timed_post(url: str, body: dict) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    r = post(url, body)
+    return (time.perf_counter() - t0) * 1e3, r
+
+
+def legs(plain_url: str, p_url: str, d_url: str, model: str, prompt: Callable[[int], list[int]], n: int,
+         lengths: tuple[int, ...] = (128, 2048)) -> dict[str, Any]:
+    """Per prompt length, medians of: the plain engine's one-token request, the prefill
+    leg, the decode leg (one token over the read KV) and the decode's load stages."""
+    out: dict[str, Any] = {}
+    for k in lengths:
+        rows = []
+        for _ in range(n):
+            toks = prompt(k)
+            one = {"model": model, "prompt": toks, "max_tokens": 1, "temperature": 0}
+            plain_ms, _ = timed_post(plain_url, one)
+            pre_ms, r1 = timed_post(p_url, {**one, "kv_transfer_params": {"do_remote_decode": True}})
+            dec_ms, r2 = timed_post(d_url, {**one, "kv_transfer_params": r1["kv_transfer_params"]})
+            pt = (r2.get("kv_transfer_params") or {}).get("pd_transfer") or {}
+            rows.append({"plain_ms": plain_ms, "prefill_leg_ms": pre_ms, "decode_leg_ms": dec_ms,
+                         "error": pt.get("error", "no pd_transfer"), "transfer_ms": pt.get("ms"),
+                         "stages_ms": pt.get("stages_ms", {})})
+        med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+        stage_keys = sorted({s for r in rows for s in r["stages_ms"]})
+        out[str(k)] = {"plain_ms": med("plain_ms"), "prefill_leg_ms": med("prefill_leg_ms"),
+                       "decode_leg_ms": med("decode_leg_ms"),
+                       "errors": [r["error"] for r in rows if r["error"]],
+                       "stages_ms": {s: statistics.median(r["stages_ms"].get(s, float("nan"))
+                                                          for r in rows) for s in stage_keys}}
+        print(f"{k:5d} tokens: plain {out[str(k)]['plain_ms']:7.2f} ms, prefill leg "
+              f"{out[str(k)]['prefill_leg_ms']:7.2f} ms, decode leg {out[str(k)]['decode_leg_ms']:7.2f} ms; "
+              f"stages {out[str(k)]['stages_ms']}", flush=True)
+    return out
+
+
 def engine_configs(model: str, gpu_util: float | None, max_len: int, log_dir: str | None
                    ) -> list[EngineConfig]:
     kv = ours_config()
@@ -71,7 +111,9 @@ def run(model: str, gpu_util: float | None, n: int, prompt_len: int, n_out: int,
         log_dir: str | None, plain_alone: bool) -> dict[str, Any]:
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     rng = random.Random(11)
-    prompt = lambda: [rng.randrange(10, vocab - 1) for _ in range(prompt_len)]  # noqa: E731
+
+    def prompt(k: int = prompt_len) -> list[int]:
+        return [rng.randrange(10, vocab - 1) for _ in range(k)]
     configs = engine_configs(model, gpu_util, max_len, log_dir)
     out: dict[str, Any] = {"model": model, "prompt_len": prompt_len, "out_tokens": n_out, "n": n,
                            "steps": {}, "t_start": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
@@ -96,6 +138,7 @@ def run(model: str, gpu_util: float | None, n: int, prompt_len: int, n_out: int,
                  ("decode_after_kv", lambda: decode_after_kv(p.url, d.url, model, prompt(), n_out)),
                  ("decode_direct_2", lambda: stream_gaps(d.url, model, prompt(), n_out)),
                  ("plain_2", lambda: stream_gaps(plain.url, model, prompt(), n_out))]
+        out["legs"] = legs(plain.url, p.url, d.url, model, prompt, n)
         for name, fn in order:
             gaps = [g for _ in range(n) for g in fn()]
             out["steps"][name] = summary(gaps)
