@@ -10,9 +10,10 @@ process on the GPU) shows up directly in the step time. This times a synthetic s
 2. ``engine``           + our routing engine (NIXL UCX agent + CUDA IPC) with a
                         registered CUDA "KV cache", its progress thread at the default delay
 3. ``engine_busy_poll`` the same with the progress thread's delay 0 (NIXL's own default)
-4. ``neighbour``        no engine here; another process holds GPU memory and an engine
+4. ``control_server`` our gRPC control server (idle) in this process, no engine
+5. ``neighbour``        no engine here; another process holds GPU memory and an engine
                         (an idle engine of the other role on the same GPU)
-5. ``neighbour_steps``  the neighbour runs empty steps every 1 ms (vLLM's loop while a
+6. ``neighbour_steps``  the neighbour runs empty steps every 1 ms (vLLM's loop while a
                         finished request's blocks wait for their reader)
 
     PYTHONPATH=/tmp/site:$PWD python3 -m bench.launch_probe --json out.json
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         eng.close()
         del caches
         torch.cuda.empty_cache()
+    from transfer.connector.control_client import configure_auth, start_control_server
+    configure_auth(None)
+    server = start_control_server("127.0.0.1", 0, on_notify=lambda *args: None)
+    measure("control_server")  # the connector's gRPC server, idle, in this process
+    server.stop()
     measure("baseline_2")
     ctx = mp.get_context("spawn")
     for name, busy in (("neighbour", False), ("neighbour_steps", True)):
