@@ -152,11 +152,12 @@ def _nixl_workers():
     return make_worker
 
 
-@pytest.mark.parametrize("expired", [False, True])
-def test_worker_reads_only_what_the_prefill_grants(expired):
+@pytest.mark.parametrize("expired,early", [(False, False), (True, False), (False, True)])
+def test_worker_reads_only_what_the_prefill_grants(expired, early):
     """Decode worker -> ``read:`` to a real prefill scheduler's control server -> READ
     over NIXL. A granted read is byte-exact; an expired lease is refused: the load fails
-    (``expired``), no READ is posted and the decode blocks keep their content."""
+    (``expired``), no READ is posted and the decode blocks keep their content. ``early``:
+    the scheduler already holds the grant (``granted_until``), the worker READs at once."""
     make_worker = _nixl_workers()
     from transfer.connector.metadata import RemoteSource
     from transfer.connector.scheduler import PdConnectorScheduler
@@ -179,7 +180,12 @@ def test_worker_reads_only_what_the_prefill_grants(expired):
         src = RemoteSource(engine_id="P", request_id="req-p", host="127.0.0.1", port=ps.port,
                            block_ids=(7, 2, 3), num_tokens=48, tp_size=1, dp_rank=0,
                            lease_s=LEASE, block_size=16)
-        d.start_load_kv(PdConnectorMetadata(recv={"d": RecvJob("d", src, [0, 5, 6], [7, 2, 3])}))
+        job = RecvJob("d", src, [0, 5, 6], [7, 2, 3])
+        if early:
+            from transfer.connector.control_client import send_read
+            job.granted_until = time.monotonic() + LEASE
+            send_read(src, "D", 5.0)
+        d.start_load_kv(PdConnectorMetadata(recv={"d": job}))
         deadline = time.monotonic() + 30
         got = None
         while got is None and time.monotonic() < deadline:  # not a timed assertion: a bound
@@ -189,6 +195,7 @@ def test_worker_reads_only_what_the_prefill_grants(expired):
             p.get_transfer_results(set())
             time.sleep(0.002)
         res = d.take_worker_meta().results["d"]
+        assert (d._grant_pool is None) == early  # granted on arrival: the worker never asked
         if expired:
             assert got == "failed" and res["error"] == FailureReason.EXPIRED, res
             assert res["bytes"] == 0
@@ -202,3 +209,86 @@ def test_worker_reads_only_what_the_prefill_grants(expired):
         ps.shutdown()
         p.shutdown()
         d.shutdown()
+
+
+# ------------------------------------------------------------------ read grant on arrival
+
+def _prefill_with_server(clock: Clock):
+    from transfer.connector.config import PdConfig
+    from transfer.connector.scheduler import PdConnectorScheduler
+    ps = PdConnectorScheduler(PdConfig.from_extra({"kv_lease_s": LEASE}, env={}), engine_id="P",
+                              block_size=16, tp_size=1, dp_rank=0)
+    ps.clock = clock
+    _, params = ps.request_finished(fake_request("req-p", 48, {"do_remote_decode": True},
+                                                 "FINISHED_STOPPED"), [7, 2, 3])
+    ps.build_connector_meta(None)
+    return ps, params
+
+
+def _matched_when_answered(ds, req):
+    """get_num_new_matched_tokens once the grant is answered (None until then)."""
+    deadline = time.monotonic() + 30  # a bound, not a timed assertion
+    got = ds.get_num_new_matched_tokens(req, 0)
+    while got[0] is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+        got = ds.get_num_new_matched_tokens(req, 0)
+    return got
+
+
+@pytest.mark.parametrize("expired", [False, True])
+def test_decode_asks_for_the_read_when_the_request_arrives(expired):
+    """The decode scheduler sends ``read:`` on arrival and holds the request back
+    (``None``) until the prefill answered; granted, the job carries the grant's end
+    (``time.monotonic()`` + the lease) so the workers READ in the step that allocates;
+    refused, the load fails ``expired`` without any READ."""
+    from test_connector_unit import FakeBlock
+    clock = Clock()
+    ps, params = _prefill_with_server(clock)
+    ds = sched()
+    try:
+        if expired:
+            clock.t += LEASE + 1
+            ps.build_connector_meta(None)
+        req = fake_request("d", 48, {**params, "remote_host": "127.0.0.1"}, computed=0)
+        t0 = time.monotonic()
+        ds.on_new_request(req)
+        assert ds.get_num_new_matched_tokens(req, 0)[0] in (None, 48)
+        assert _matched_when_answered(ds, req) == (48, True)
+        ds.update_state_after_alloc(req, SimpleNamespace(blocks=[[FakeBlock(i) for i in range(3)]]), 48)
+        job = ds.build_connector_meta(None).recv["d"]
+        if expired:
+            assert job.error == FailureReason.EXPIRED and job.remote_ids == []
+        else:
+            assert job.error == "" and job.remote_ids == [7, 2, 3]
+            assert t0 + LEASE <= job.granted_until <= time.monotonic() + LEASE
+            assert ps._pending["req-p"].deadline == clock.t + LEASE  # the grant held it
+        assert ds._read_grants == {}
+    finally:
+        ps.shutdown()
+        ds.shutdown()
+
+
+def test_a_stale_grant_is_asked_again_and_an_unanswered_one_fails_the_load():
+    from test_connector_unit import FakeBlock
+    clock = Clock()
+    ps, params = _prefill_with_server(clock)
+    ds = sched(handshake_timeout_s=0.5)
+    try:
+        req = fake_request("d", 48, {**params, "remote_host": "127.0.0.1"}, computed=0)
+        ds.on_new_request(req)
+        assert _matched_when_answered(ds, req) == (48, True)
+        first = ds._read_grants["d"]
+        first.t_asked -= LEASE / 2  # the request then waited half a lease for blocks
+        assert ds.get_num_new_matched_tokens(req, 0)[0] is None  # asked again
+        assert ds._read_grants["d"] is not first
+        assert _matched_when_answered(ds, req) == (48, True)
+        # a prefill that never answers: the ask times out, the load fails (unreachable)
+        gone = fake_request("g", 48, {**params, "remote_host": "127.0.0.1", "remote_port": 9},
+                            computed=0)
+        ds.on_new_request(gone)
+        assert _matched_when_answered(ds, gone) == (48, True)
+        ds.update_state_after_alloc(gone, SimpleNamespace(blocks=[[FakeBlock(i) for i in range(3)]]), 48)
+        assert ds.build_connector_meta(None).recv["g"].error == FailureReason.UNREACHABLE
+    finally:
+        ps.shutdown()
+        ds.shutdown()

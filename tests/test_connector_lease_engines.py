@@ -131,8 +131,9 @@ def test_unrenewed_lease_expires_and_a_late_read_is_refused(lease_pair, llama_di
 def test_prefill_killed_during_the_load_decode_recomputes_no_leak(lease_pair, engine_pool,
                                                                    llama_dir):
     """The prefill engine stops answering once it handed out its KV and is killed while
-    the decode engine is loading: the decode recomputes (correct output), stays up and
-    holds no blocks afterwards (its own metrics)."""
+    the decode engine is loading (its request waits for the read grant, which never
+    comes, or its READ is in flight): the decode recomputes (correct output), stays up
+    and holds no blocks afterwards (its own metrics)."""
     prompt = make_prompts(llama_dir, seed=24)[10]
     ref = aggregated(lease_pair[0], prompt)
     params = prefill(lease_pair, prompt)
@@ -142,10 +143,13 @@ def test_prefill_killed_during_the_load_decode_recomputes_no_leak(lease_pair, en
     try:
         t.start()
         deadline = time.monotonic() + 60  # bounded wait for the load to be in progress
-        while metric(lease_pair[1], "pd_connector_recv_blocks_inflight") == 0 \
-                and time.monotonic() < deadline:
+
+        def loading() -> bool:
+            return metric(lease_pair[1], "pd_connector_recv_blocks_inflight") > 0 or \
+                metric(lease_pair[1], "vllm:num_requests_waiting") > 0
+        while not loading() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert metric(lease_pair[1], "pd_connector_recv_blocks_inflight") > 0
+        assert loading()
         lease_pair[0].kill(signal.SIGKILL)
         t.join(120)
         status, r = out["r"]

@@ -82,6 +82,12 @@ def send_release(host: str, port: int, sender: str, receiver: str, request_id: s
     send_notify(host, port, sender, receiver, f"release:{request_id}", timeout_s)
 
 
+def send_read(src: Any, sender: str, timeout_s: float) -> None:
+    """``read:<remote request id>`` to the prefill engine ``src`` (a ``RemoteSource``)
+    names; raises :class:`~transfer.errors.PeerRefused` (``EXPIRED``) when its lease is over."""
+    send_notify(src.host, src.port, sender, src.engine_id, f"read:{src.request_id}", timeout_s)
+
+
 def send_notify(host: str, port: int, sender: str, receiver: str, message: str,
                 timeout_s: float) -> None:
     """``Notify`` an engine's control server (``release:<rid>``, ``push-fail:<id>:<why>``,

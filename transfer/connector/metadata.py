@@ -249,6 +249,9 @@ class RecvJob:
     t_alloc: float = 0.0
     t_meta: float = 0.0
     t_start: float = 0.0  # worker: start_load_kv saw it
+    # time.monotonic() until which the prefill granted the read (asked by the scheduler
+    # when the request arrived); None: the worker asks itself
+    granted_until: float | None = None
 
 
 @dataclass

@@ -17,6 +17,14 @@ hit). Invalid params become a failed load, so vLLM's ``kv_load_failure_policy``
 decides (recompute or error), never a crash. From ``on_new_request`` until its blocks
 are allocated, a request's prefill lease is renewed every lease/6 (batched per
 prefill engine, on the notifier's threads: never inside a step).
+
+The read grant is asked when the request arrives (``on_new_request``, on a pool
+thread), not after its blocks are allocated: ``get_num_new_matched_tokens`` answers
+``None`` (vLLM asks again next step) until the prefill has answered, so the workers
+post their READs in the very step that allocates the blocks, instead of asking then
+and posting a step later. A grant older than half the lease when the blocks are
+allocated is asked again; a refused or unanswered one fails the load (the policy
+decides). Grant times are ``time.monotonic()``, the clock the workers check them on.
 """
 
 from __future__ import annotations
@@ -24,11 +32,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FailureReason, ParamsError, PeerRefused
+from ..errors import FailureReason, ParamsError, PeerRefused, reason_of
 from .base_scheduler import FINISHED_OK, BaseScheduler
+from .control_client import send_read
 from .metadata import (PD_PROTOCOL_VERSION, RecvJob, is_push, parse_remote_params, plan_block_read,
                        remote_prompt_tokens)
 
@@ -67,11 +77,27 @@ class Renewal:
     next_at: float
 
 
+@dataclass
+class ReadGrant:
+    """Decode side: a ``read:`` asked of the prefill for one request."""
+
+    t_asked: float  # time.monotonic() before the ask went out
+    lease_s: float
+    answer: Future  # None once granted; raises when refused or unreachable
+
+    def fresh(self, now: float) -> bool:
+        """Granted and at least half of the granted lease left."""
+        return self.answer.done() and self.answer.exception() is None and \
+            now < self.t_asked + self.lease_s / 2
+
+
 class PullScheduler(BaseScheduler):
     """Pull mode: the decode engine READs the prefill engine's leased blocks."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._renewals: dict[str, Renewal] = {}  # decode: req -> its prefill lease
+        self._read_grants: dict[str, ReadGrant] = {}  # decode: req -> its early read:
+        self._grant_pool: ThreadPoolExecutor | None = None
         self._next_renewal = math.inf
         self._next_expiry = math.inf  # prefill: no lease ends before this
         super().__init__(*args, **kwargs)
@@ -142,6 +168,35 @@ class PullScheduler(BaseScheduler):
                     self.clock() + every)
         self._renewals[request.request_id] = r
         self._next_renewal = min(self._next_renewal, r.next_at)
+        self._read_grants[request.request_id] = self._ask_read_grant(src)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self._grant_pool is not None:
+            self._grant_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ decode read grants
+    def _ask_read_grant(self, src: Any) -> ReadGrant:
+        """``read:<remote id>`` to the prefill's control plane, on a pool thread."""
+        if self._grant_pool is None:
+            self._grant_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pd-grant")
+        t = time.monotonic()
+        return ReadGrant(t, src.lease_s, self._grant_pool.submit(
+            send_read, src, self.engine_id, self.cfg.handshake_timeout_s))
+
+    def _grant_pending(self, rid: str, params: dict) -> bool:
+        """True while the request's read grant is unanswered (re-asked when stale)."""
+        g = self._read_grants.get(rid)
+        if g is None or not g.answer.done():
+            return g is not None
+        if g.answer.exception() is None and not g.fresh(time.monotonic()):
+            try:  # granted long ago (the request waited for blocks): ask again
+                src = parse_remote_params(params, allowed_hosts=self.cfg.allowed_remote_hosts)
+            except ParamsError:
+                return False
+            self._read_grants[rid] = self._ask_read_grant(src)
+            return True
+        return False
 
     def _send_renewals(self) -> None:
         """Renew the leases that are due, one notification per prefill engine."""
@@ -162,15 +217,20 @@ class PullScheduler(BaseScheduler):
                                      "renew:" + ",".join(rids[i:i + RENEW_BATCH]))
 
     def _pull_matched_tokens(self, request: "Request", num_computed_tokens: int,
-                             params: dict) -> tuple[int, bool]:
+                             params: dict) -> tuple[int | None, bool]:
         # a continuation (pd_extra_tokens) claims only the remote prompt's tokens
         count = remote_prompt_tokens(params, request.num_prompt_tokens) - num_computed_tokens
-        return (count, True) if count > 0 else (0, False)
+        if count <= 0:
+            return 0, False
+        if self._grant_pending(request.request_id, params):
+            return None, False  # never wait here: a later schedule call picks it up
+        return count, True
 
     def _pull_after_alloc(self, request: "Request", params: dict, blocks: Any,
                           num_external_tokens: int) -> None:
         rid = request.request_id
-        self._renewals.pop(rid, None)  # from here on the worker's read: holds the lease
+        self._renewals.pop(rid, None)  # from here on the read grant holds the lease
+        grant = self._read_grants.pop(rid, None)
         try:
             src = parse_remote_params(params, allowed_hosts=self.cfg.allowed_remote_hosts)
         except ParamsError as e:
@@ -181,6 +241,17 @@ class PullScheduler(BaseScheduler):
             # full local prefix hit: nothing to read, free the prefill blocks now
             self._release_remote(src.host, src.port, src.request_id, src.engine_id)
             return
+        granted_until = None
+        if grant is not None and grant.answer.done():
+            e = grant.answer.exception()
+            if e is not None:
+                refused = reason_of(e) == FailureReason.EXPIRED
+                self._reject_load(request, blocks, num_external_tokens, src,
+                                  FailureReason.EXPIRED if refused else FailureReason.UNREACHABLE,
+                                  f"read of {src.request_id!r} at {src.host}:{src.port}: {e}")
+                return
+            if grant.fresh(time.monotonic()):
+                granted_until = grant.t_asked + grant.lease_s
         group = blocks.blocks[0]
         local_ids = [b.block_id for b in group]
         hit = 0
@@ -196,7 +267,8 @@ class PullScheduler(BaseScheduler):
             self._release_remote(src.host, src.port, src.request_id, src.engine_id)
             log.warning("PdConnector: request %s: %s", rid, e)
             return
-        self._recv[rid] = RecvJob(rid, src, lids, rids, t_alloc=time.monotonic())
+        self._recv[rid] = RecvJob(rid, src, lids, rids, t_alloc=time.monotonic(),
+                                  granted_until=granted_until)
         self._recv_blocks[rid] = len(lids)
         self._gauges_dirty = True
 
@@ -205,6 +277,7 @@ class PullScheduler(BaseScheduler):
         blocks now instead of waiting for the lease."""
         params["do_remote_prefill"] = False
         self._renewals.pop(rid, None)
+        self._read_grants.pop(rid, None)
         try:
             src = parse_remote_params(params)
             self._release_remote(src.host, src.port, src.request_id, src.engine_id)
@@ -218,6 +291,7 @@ class PullScheduler(BaseScheduler):
         res = self._results.pop(rid, None)
         self._recv_blocks.pop(rid, None)
         self._renewals.pop(rid, None)
+        self._read_grants.pop(rid, None)
         if res is None:
             return None
         return {"pd_transfer": res, "pd_protocol_version": PD_PROTOCOL_VERSION}

@@ -20,9 +20,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import FailureReason, PeerRefused, reason_of
+from ..errors import FailureReason, reason_of
 from .base_worker import BaseWorker, RemoteEngine, backend_of
-from .control_client import control_client, drop_client
+from .control_client import send_read
 from .metadata import PdConnectorMetadata, RecvJob, RemoteSource
 from .tp_mapping import expected_notifications_cached, tp_read_plan
 
@@ -147,23 +147,14 @@ class PullWorker(BaseWorker):
         if rem.tp_size != src.tp_size:
             self._fail(job, FailureReason.MISMATCH, f"tp_size {src.tp_size} != remote {rem.tp_size}")
             return
+        t = time.monotonic()
+        if job.granted_until is not None and t < job.granted_until:
+            self._submit(job, rem, job.granted_until)  # the scheduler asked on arrival
+            return
         if self._grant_pool is None:
             self._grant_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pd-grant")
-        t = time.monotonic()
-        self._grants[job.req_id] = _Grant(job, rem, self._grant_pool.submit(self._ask_read, src), t)
-
-    def _ask_read(self, src: RemoteSource) -> None:
-        """``read:<remote request id>`` to the prefill's control plane; raises
-        :class:`~transfer.errors.PeerRefused` (``EXPIRED``) when its lease is over."""
-        try:
-            control_client(src.host, src.port, self.cfg.handshake_timeout_s).notify(
-                self.engine_id, src.engine_id, f"read:{src.request_id}".encode(),
-                timeout_s=self.cfg.handshake_timeout_s)
-        except PeerRefused:
-            raise
-        except Exception:
-            drop_client(src.host, src.port)
-            raise
+        self._grants[job.req_id] = _Grant(job, rem, self._grant_pool.submit(
+            send_read, src, self.engine_id, self.cfg.handshake_timeout_s), t)
 
     def _advance_grants(self) -> None:
         """Post the READs the prefill agreed to; fail the refused (expired) ones."""
