@@ -12,7 +12,7 @@ from transfer.connector.metadata import (PD_PROTOCOL_VERSION, PdWorkerMeta, Recv
                                          parse_remote_params, plan_block_read)
 from transfer.connector.scheduler import PdConnectorScheduler
 from transfer.connector.stats import PdConnectorStats
-from transfer.errors import FailureReason, ParamsError
+from transfer.errors import FailureReason, ParamsError, PeerRefused
 
 BS = 16
 
@@ -223,8 +223,9 @@ def test_release_notification_only_for_known_requests():
                                     "FINISHED_STOPPED"), [1, 2])
     s._on_notify("eng-x", "eng-d", b"release:p9")
     s._on_notify("eng-x", "eng-d", b"release:unknown")
-    with pytest.raises(ValueError):
+    with pytest.raises(PeerRefused) as e:  # a refusal the caller names (gRPC trailer)
         s._on_notify("eng-x", "someone-else", b"release:p9")
+    assert e.value.reason == FailureReason.UNKNOWN_ENGINE
     assert s.build_connector_meta(None).release == {"p9"}
 
 

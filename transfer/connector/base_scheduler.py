@@ -14,7 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import FailureReason
+from ..errors import FailureReason, PeerRefused
 from .config import PdConfig
 from .control_client import ControlNotifier
 from .metadata import PdConnectorMetadata, PdWorkerMeta, PushRecvJob, RecvJob
@@ -97,7 +97,10 @@ class BaseScheduler:
         """
         msg = bytes(message).decode(errors="replace")
         if receiver != self.engine_id and not (receiver == "" and msg.startswith("push-fail:")):
-            raise ValueError(f"notification for engine {receiver!r}, this is {self.engine_id!r}")
+            # a refusal the caller can name: e.g. a decode asking read: of params that
+            # name another engine at this address fails its load as unknown_engine
+            raise PeerRefused(FailureReason.UNKNOWN_ENGINE, f"notification for engine "
+                              f"{receiver[:80]!r}, this is {self.engine_id!r}")
         kind, _, arg = msg.partition(":")
         if kind in ("write", "push-fail"):
             self._on_push_notify(kind, arg)

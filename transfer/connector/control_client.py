@@ -82,6 +82,15 @@ def send_release(host: str, port: int, sender: str, receiver: str, request_id: s
     send_notify(host, port, sender, receiver, f"release:{request_id}", timeout_s)
 
 
+def grant_failure(exc: BaseException) -> "FailureReason":
+    """The failure reason of a load whose ``read:`` (or ``write:``) grant raised ``exc``:
+    the peer's refusal reason when it names one we act on, else ``unreachable``."""
+    from ..errors import FailureReason, reason_of
+    r = reason_of(exc)
+    return r if r in (FailureReason.EXPIRED, FailureReason.UNKNOWN_ENGINE) \
+        else FailureReason.UNREACHABLE
+
+
 def send_read(src: Any, sender: str, timeout_s: float) -> None:
     """``read:<remote request id>`` to the prefill engine ``src`` (a ``RemoteSource``)
     names; raises :class:`~transfer.errors.PeerRefused` (``EXPIRED``) when its lease is over."""

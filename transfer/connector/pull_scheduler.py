@@ -36,9 +36,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FailureReason, ParamsError, PeerRefused, reason_of
+from ..errors import FailureReason, ParamsError, PeerRefused
 from .base_scheduler import FINISHED_OK, BaseScheduler
-from .control_client import send_read
+from .control_client import grant_failure, send_read
 from .metadata import (PD_PROTOCOL_VERSION, RecvJob, is_push, parse_remote_params, plan_block_read,
                        remote_prompt_tokens)
 
@@ -245,9 +245,7 @@ class PullScheduler(BaseScheduler):
         if grant is not None and grant.answer.done():
             e = grant.answer.exception()
             if e is not None:
-                refused = reason_of(e) == FailureReason.EXPIRED
-                self._reject_load(request, blocks, num_external_tokens, src,
-                                  FailureReason.EXPIRED if refused else FailureReason.UNREACHABLE,
+                self._reject_load(request, blocks, num_external_tokens, src, grant_failure(e),
                                   f"read of {src.request_id!r} at {src.host}:{src.port}: {e}")
                 return
             if grant.fresh(time.monotonic()):

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import FailureReason, reason_of
 from .base_worker import BaseWorker, RemoteEngine, backend_of
-from .control_client import send_read
+from .control_client import grant_failure, send_read
 from .metadata import PdConnectorMetadata, RecvJob, RemoteSource
 from .tp_mapping import expected_notifications_cached, tp_read_plan
 
@@ -165,10 +165,8 @@ class PullWorker(BaseWorker):
             try:
                 g.answer.result()
             except Exception as e:
-                refused = reason_of(e) == FailureReason.EXPIRED
-                self._fail(g.job, FailureReason.EXPIRED if refused else FailureReason.UNREACHABLE,
-                           f"read of {g.job.src.request_id!r} at {g.job.src.host}:"
-                           f"{g.job.src.port}: {e}", release=False)
+                self._fail(g.job, grant_failure(e), f"read of {g.job.src.request_id!r} at "
+                           f"{g.job.src.host}:{g.job.src.port}: {e}", release=False)
                 continue
             lease_s = g.job.src.lease_s
             self._submit(g.job, g.rem, None if lease_s is None else g.t_asked + lease_s)
