@@ -61,12 +61,19 @@ def _hist(snap: dict | None, family: str, labels: dict[str, str], part: str) -> 
 
 
 def delta(before: dict[str, dict | None], after: dict[str, dict | None]) -> dict[str, dict[str, float]]:
-    """key -> {"sum", "count"} grown between two snapshots (keys whose source was unreadable are left out)."""
+    """key -> {"sum", "count"} grown between two snapshots (keys whose source was unreadable are left out).
+    ``sc_first_token``: the share of the window's requests whose first token the decode
+    sidecar took from the prefill leg (``--first-token-from-prefill``)."""
     out = {}
     for key, (src, fam, labels) in SERIES.items():
         if before.get(src) is None or after.get(src) is None:
             continue
         out[key] = {p: _hist(after[src], fam, labels, p) - _hist(before[src], fam, labels, p) for p in ("sum", "count")}
+    if "sc_ttft" in out:
+        b, a = before["decode_sidecar"], after["decode_sidecar"]
+        ft = _hist(a, "pd_first_token_from_prefill", {}, "total") - \
+            _hist(b, "pd_first_token_from_prefill", {}, "total")
+        out["sc_first_token"] = {"sum": ft, "count": out["sc_ttft"]["count"]}
     return out
 
 
@@ -99,7 +106,9 @@ def derived(b: dict[str, float], push: bool, client_ttft: float | None) -> dict[
         out["dec_hop"] = b["sc_decode_leg"] - b["d_ttft"]
     if client_ttft is not None:
         if "sc_decode_leg" in b:
-            legs = b["sc_decode_leg"] + (0.0 if push else b.get("sc_prefill_leg", 0.0))
+            # a first token taken from the prefill leg leaves the decode leg off the TTFT path
+            on_path = 1.0 - min(1.0, b.get("sc_first_token", 0.0))
+            legs = b["sc_decode_leg"] * on_path + (0.0 if push else b.get("sc_prefill_leg", 0.0))
             out["rest"] = client_ttft - legs
         elif "d_ttft" in b:
             out["rest"] = client_ttft - b["d_ttft"]
@@ -132,7 +141,8 @@ LEGEND = """\
             engine's; † our push: KV tail only)
   dec hop   dec leg - D TTFT (HTTP to the decode engine, its API server, first byte out)
   rest      TTFT - legs (pull: both legs; push: the decode leg; agg: the engine's TTFT): client <-> decode
-            sidecar and the sidecar itself"""
+            sidecar and the sidecar itself; a request whose first token came from the prefill leg
+            (--first-token-from-prefill) counts the prefill leg only"""
 
 
 def _ms(v: float | None) -> str:

@@ -127,3 +127,19 @@ def test_breakdown_delta_means_and_derived_gaps():
                                        "breakdown_mean": {**b, **g}}},
                                lambda c: True, lambda n, c: False)
     assert "Where TTFT goes" in rows and "load mean" in rows and "100.0" in rows
+
+
+def test_breakdown_first_token_from_prefill_leaves_the_decode_leg_off_the_ttft_path():
+    """A request whose first token the decode sidecar took from the prefill leg: its TTFT
+    holds the prefill leg only, so "rest" is TTFT - prefill leg (never negative)."""
+    def side(ttft_n: int, ft: float, dec: float) -> dict:
+        snap = _snap({"pd_ttft_seconds": (0.1 * ttft_n, ttft_n), "pd_prefill_leg_seconds": (0.0, ttft_n),
+                      "pd_decode_leg_seconds": (dec, ttft_n)})
+        snap[("pd_first_token_from_prefill_total", (("api", "completions"),))] = ft
+        return {"decode_sidecar": snap}
+    b = bd.means(bd.delta(side(4, 3.0, 0.0), side(5, 4.0, 0.03)))  # one request: 30 ms decode leg
+    assert b["sc_first_token"] == pytest.approx(1.0)
+    b["sc_prefill_leg"] = 0.020
+    assert bd.derived(b, push=False, client_ttft=0.025)["rest"] == pytest.approx(0.005)
+    b["sc_first_token"] = 0.0  # the same request without: both legs on the path
+    assert bd.derived(b, push=False, client_ttft=0.055)["rest"] == pytest.approx(0.005)
