@@ -85,7 +85,9 @@ class RoutingTransferEngine(TransferEngine):
                 raise
         super().__init__(self.nixl.name if self.nixl else (name or ""))
         notifier = self.nixl.send_notif if self.nixl else None
-        self.ipc = IpcTransferEngine(self.name or None, notifier=notifier)
+        # device timing (two CUDA events per copy): the KV move's own time, apart from
+        # when a later step sees it done (the connector's stages_ms["device_copy"])
+        self.ipc = IpcTransferEngine(self.name or None, notifier=notifier, time_device=True)
         self.name = self.ipc.name if not self.name else self.name
         self.protocol = protocol
         self._route: dict[str, TransferEngine] = {}

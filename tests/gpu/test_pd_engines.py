@@ -138,6 +138,12 @@ def test_pull_identical_to_aggregated_over_ipc(pair):
         same += first_difference(r["choices"][0], ref[i], f"{name}: prompt {i} ({len(p)} tokens)") is None
         backends.add(t["backend"])
         moved += t["bytes"]
+        dev = t["stages_ms"]["device_copy"]
+        assert dev > 0, t  # the copy's device time (CUDA events) is measured
+        if len(p) in (2048, 8000):  # the KV move itself vs when a later step saw it done
+            print(f"{name}: pull {len(p)} tokens: {t['bytes'] / 1e6:.1f} MB, device copy {dev:.3f} ms "
+                  f"({t['bytes'] / dev / 1e6:.0f} GB/s), post -> done seen "
+                  f"{t['stages_ms']['post_to_done_seen']:.3f} ms")
     check_faithful(name, same, len(prompts), baseline, "pull")
     assert backends == {"ipc"}, backends  # same GPU: CUDA IPC chosen automatically
     assert moved > 0
