@@ -110,9 +110,8 @@ def _measure(plan: Plan, r: Runner, b: str, op: str, c: Case, ids: list) -> dict
             lat.append((t1 - t0) / 1e3)
             prep.append(pr)
             post.append(po)
-            extra = getattr(h, "extra", None)
-            if isinstance(extra, dict) and "device_us" in extra:
-                dev.append(extra["device_us"])
+            if h.stats.device_us > 0:
+                dev.append(h.stats.device_us)
         if i >= plan.warmup + 2 and time.monotonic() - t_case > plan.max_seconds:
             break
     nbytes = c.layers * c.blocks * c.block_bytes

@@ -88,6 +88,7 @@ class TransferStats:
     error: str = ""
     post_cpu_us: float = 0.0  # CPU time of the posting thread inside the post
     post_preempted: int = 0  # times that thread was preempted inside the post
+    device_us: float = 0.0  # CUDA IPC with device timing: the copy on the device (events); 0: not timed
 
     @property
     def xfer_us(self) -> float:

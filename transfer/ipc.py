@@ -79,7 +79,7 @@ class IpcTransferEngine(IpcPlanning, PeerTableEngine):
         self.notifier = notifier
         self.chunk_words = chunk_words
         self.num_warps = num_warps
-        self.time_device = time_device  # record start events: handle.extra["device_us"]
+        self.time_device = time_device  # record start events: handle.stats.device_us
         self._storages: list[_Storage] = []
         self._views: list[Any] = []
         self._inbox: dict[str, list[bytes]] = defaultdict(list)
@@ -346,8 +346,7 @@ class IpcTransferEngine(IpcPlanning, PeerTableEngine):
                 return False
             if slot.ev_start is not None and slot.seq == seq:
                 try:
-                    handle.extra = {"device_us": 1e3 * self._ops.elapsed_ms(slot.ev_start,
-                                                                            slot.ev)}
+                    handle.stats.device_us = 1e3 * self._ops.elapsed_ms(slot.ev_start, slot.ev)
                 except Exception:
                     pass
         self._complete(handle)

@@ -168,7 +168,7 @@ class RoutingTransferEngine(TransferEngine):
         return handle.extra.poll(handle)
 
     def released(self, handle: TransferHandle) -> bool:
-        eng = handle.extra  # the sub-engine (IPC swaps it for its figures once done)
+        eng = handle.extra  # the sub-engine that moves it
         return eng.released(handle) if isinstance(eng, TransferEngine) else handle.done
 
     def _on_timeout(self, handle: TransferHandle) -> None:

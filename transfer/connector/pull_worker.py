@@ -366,7 +366,6 @@ def _stages(infl: _Inflight) -> dict[str, float]:
             "post_to_done_seen": round(max((h.stats.xfer_us for h in infl.handles),
                                            default=0.0) / 1e3, 3),
             # CUDA IPC: the copies' time on the device (start -> end event), -1 elsewhere
-            "device_copy": round(max((h.extra["device_us"] for h in infl.handles
-                                      if isinstance(h.extra, dict) and "device_us" in h.extra),
-                                     default=-1e3) / 1e3, 3),
+            "device_copy": round(max((h.stats.device_us for h in infl.handles
+                                      if h.stats.device_us > 0), default=-1e3) / 1e3, 3),
             "_t_done": infl.t_done}
