@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.connector import ours_config, post  # noqa: E402
+from bench.output import emit  # noqa: E402
 from bench.steps import pct, stream_gaps  # noqa: E402
 from pdsidecar.dev.engines import EngineConfig, pd_pair_configs, start_engines  # noqa: E402
 from pdsidecar.dev.tiny_models import ensure_model  # noqa: E402
@@ -169,11 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     model = a.model or str(ensure_model("llama", Path.home() / ".cache/pdsidecar/models/tiny-llama"))
     res = run(model, a.gpu_util, a.n, a.prompt_len, a.out_tokens, a.max_model_len, a.log_dir,
               a.plain_alone)
-    text = json.dumps(res, indent=1)
-    if a.json:
-        Path(a.json).write_text(text)
-    print(text)
-    return 0
+    return emit(res, a.json)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ process on the GPU) shows up directly in the step time. This times a synthetic s
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -33,6 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.output import emit  # noqa: E402
 
 
 def kv_caches(layers: int, blocks: int) -> dict[str, Any]:
@@ -127,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             measure(name)
         stop.set()
         p.join(30)
-    text = json.dumps(res, indent=1)
-    if a.json:
-        Path(a.json).write_text(text)
-    print(text)
-    return 0
+    return emit(res, a.json)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.connector import metric_sum, ours_config, post  # noqa: E402
+from bench.output import emit  # noqa: E402
 from pdsidecar.dev.engines import pd_pair_configs, start_engines, stock_nixl_config  # noqa: E402
 
 #: in-engine transfer time histograms (decode engine): ours, stock NixlConnector
@@ -164,11 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[float | None] = list(a.spin_us) + ([None] if a.stock else [])
     results = [run(model, s, a.lengths, a.n, 0 if a.no_steps else a.out_tokens, a.log_dir,
                    vocab) for s in runs]
-    text = json.dumps(results, indent=1)
-    if a.json:
-        Path(a.json).write_text(text)
-    print(text)
-    return 0
+    return emit(results, a.json)
 
 
 if __name__ == "__main__":
