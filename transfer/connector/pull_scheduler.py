@@ -83,7 +83,7 @@ class ReadGrant:
 
     t_asked: float  # time.monotonic() before the ask went out
     lease_s: float
-    answer: Future  # None once granted; raises when refused or unreachable
+    answer: Future  # its result: None once granted; raises when refused or unreachable
 
     def fresh(self, now: float) -> bool:
         """Granted and at least half of the granted lease left."""
