@@ -89,17 +89,21 @@ class TransferStats:
     post_cpu_us: float = 0.0  # CPU time of the posting thread inside the post
     post_preempted: int = 0  # times that thread was preempted inside the post
     device_us: float = 0.0  # CUDA IPC with device timing: the copy on the device (events); 0: not timed
+    nixl_xfer_us: float = 0.0  # NIXL with telemetry: its own xferDuration (post -> done seen); 0: none
 
     @property
     def xfer_us(self) -> float:
-        """Post -> observed completion: ``transfer_us`` less ``prepare_us``.
-
-        The span NIXL's own per-transfer telemetry calls ``xferDuration`` (from the
-        post to the status check that sees it done), which vLLM's NixlConnector
-        reports as ``vllm:nixl_xfer_time_seconds``; PdConnector reports this one, so
-        both connectors' in-engine transfer times measure the same thing.
-        """
+        """Post -> observed completion: ``transfer_us`` less ``prepare_us``, timed in
+        Python around the post and the status check that sees it done."""
         return max(0.0, self.transfer_us - self.prepare_us) if self.transfer_us else 0.0
+
+    @property
+    def in_engine_us(self) -> float:
+        """The in-engine transfer time PdConnector reports: NIXL's own ``xferDuration``
+        when the agent captured it (post -> the status check that sees it done, timed
+        inside NIXL: what vLLM's NixlConnector reports as ``vllm:nixl_xfer_time_seconds``),
+        else :attr:`xfer_us`, the same span timed from Python (a few µs longer)."""
+        return self.nixl_xfer_us if self.nixl_xfer_us > 0 else self.xfer_us
 
     @property
     def gbps(self) -> float:

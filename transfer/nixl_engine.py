@@ -76,6 +76,7 @@ class NixlTransferEngine(PeerTableEngine):
                  progress_delay_us: int | None = None) -> None:
         super().__init__(name or f"pdx-{uuid.uuid4().hex[:12]}")
         self.protocol = protocol
+        self.capture_telemetry = capture_telemetry
         self._api, self.agent = make_agent(self.name, protocol, backends, num_threads,
                                            capture_telemetry, progress_delay_us)
         self._reg_descs: list[Any] = []
@@ -301,6 +302,11 @@ class NixlTransferEngine(PeerTableEngine):
         h.stats.state = state
         h.stats.error = error
         h.done = True
+        if state == "DONE" and self.capture_telemetry:  # read before the handle is released
+            try:
+                h.stats.nixl_xfer_us = float(self.agent.get_xfer_telemetry(h.native).xferDuration)
+            except Exception:  # no telemetry for this handle: the Python-side span stands
+                pass
         # a handle NIXL would not release is kept (and parked): released() retries
         h.native = None if self._release(h.native) else h.native
         self._publish(h.stats)

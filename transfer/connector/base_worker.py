@@ -89,9 +89,12 @@ class BaseWorker:
         name = f"pd-{self.engine_id}-tp{self.tp_rank}-{uuid.uuid4().hex[:8]}"
         first = next(iter(kv_caches.values()))
         device = str(getattr(first, "device", "cpu"))
+        # capture_telemetry: NIXL times each transfer itself (xferDuration), the figure
+        # vLLM's NixlConnector reports, so both connectors' in-engine times are one measure
         self.engine = create_engine(self.cfg.protocol, name, device=device,
                                     backends=tuple(self.cfg.backends),
-                                    progress_delay_us=self.cfg.nixl_progress_delay_us)
+                                    progress_delay_us=self.cfg.nixl_progress_delay_us,
+                                    capture_telemetry=True)
         self.regions = self.engine.register_kv_caches(kv_caches)
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         self._cache_strides = tuple(first.stride())

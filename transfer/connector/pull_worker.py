@@ -245,7 +245,7 @@ class PullWorker(BaseWorker):
                     continue
                 # post -> completion seen: the span stock NixlConnector reports (NIXL's
                 # xferDuration); the prepare before it is in stages_ms["prepare"]
-                secs = max(h.stats.xfer_us for h in infl.handles) / 1e6 \
+                secs = max(h.stats.in_engine_us for h in infl.handles) / 1e6 \
                     if infl.handles else now - infl.t0
                 self.stats.record_transfer(infl.nbytes, secs, infl.descs)
                 self._done_recv.add(rid)
@@ -365,6 +365,9 @@ def _stages(infl: _Inflight) -> dict[str, float]:
             "post_preempted": sum(h.stats.post_preempted for h in infl.handles),
             "post_to_done_seen": round(max((h.stats.xfer_us for h in infl.handles),
                                            default=0.0) / 1e3, 3),
+            # NIXL's own span (telemetry), what pd_connector_transfer_seconds records
+            "nixl_xfer": round(max((h.stats.nixl_xfer_us for h in infl.handles),
+                                   default=0.0) / 1e3, 3),
             # CUDA IPC: the copies' time on the device (start -> end event), -1 elsewhere
             "device_copy": round(max((h.stats.device_us for h in infl.handles
                                       if h.stats.device_us > 0), default=-1e3) / 1e3, 3),
