@@ -50,7 +50,7 @@ def test_thread_clock_counts_this_threads_cpu():
 
 def test_connector_records_the_post_to_done_span():
     """Real NIXL READ between two worker halves: the recorded in-engine time is NIXL's
-    own post -> done span (telemetry, inside the Python-timed one), and prepare + the
+    own post -> done span (telemetry, within our submit -> done), and prepare + the
     Python-timed span = submit -> done."""
     pytest.importorskip("torch")
     pytest.importorskip("nixl._api")
@@ -75,7 +75,8 @@ def test_connector_records_the_post_to_done_span():
         (h,) = handles
         res = d.take_worker_meta().results["d"]
         recorded = d.take_stats().data["xfer_s"]
-        assert 0 < h.stats.nixl_xfer_us <= h.stats.xfer_us + 1.0  # whole µs inside our span
+        # NIXL's own span (whole µs; its start may lie in the prepare) is within our submit -> done
+        assert 0 < h.stats.nixl_xfer_us <= h.stats.transfer_us + 1.0
         assert recorded == [pytest.approx(h.stats.nixl_xfer_us / 1e6)]
         assert res["seconds"] == pytest.approx(h.stats.nixl_xfer_us / 1e6)
         assert h.stats.xfer_us == pytest.approx(h.stats.transfer_us - h.stats.prepare_us)
