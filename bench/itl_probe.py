@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 
 from bench.connector import ours_config, post  # noqa: E402
 from bench.output import emit  # noqa: E402
-from bench.steps import pct, stream_gaps  # noqa: E402
+from bench.steps import pct, pd_once, prefill_leg, stream_gaps  # noqa: E402
 from pdsidecar.dev.engines import EngineConfig, pd_pair_configs, start_engines  # noqa: E402
 from pdsidecar.dev.tiny_models import ensure_model  # noqa: E402
 
@@ -52,15 +52,7 @@ def summary(gaps: list[float]) -> dict[str, float]:
 
 def decode_after_kv(p_url: str, d_url: str, model: str, toks: list[int], n_out: int) -> list[float]:
     """Prefill leg on ``p_url``, then the streamed decode on ``d_url`` over the read KV."""
-    r1 = post(p_url, {"model": model, "prompt": toks, "max_tokens": 1,
-                      "kv_transfer_params": {"do_remote_decode": True}})
-    return stream_gaps(d_url, model, toks, n_out, kv_transfer_params=r1["kv_transfer_params"])
-
-
-def timed_post(url: str, body: dict) -> tuple[float, dict]:
-    t0 = time.perf_counter()
-    r = post(url, body)
-    return (time.perf_counter() - t0) * 1e3, r
+    return stream_gaps(d_url, model, toks, n_out, kv_transfer_params=prefill_leg(p_url, model, toks))
 
 
 def legs(plain_url: str, p_url: str, d_url: str, model: str, prompt: Callable[[int], list[int]], n: int,
@@ -72,12 +64,13 @@ def legs(plain_url: str, p_url: str, d_url: str, model: str, prompt: Callable[[i
         rows = []
         for _ in range(n):
             toks = prompt(k)
-            one = {"model": model, "prompt": toks, "max_tokens": 1, "temperature": 0}
-            plain_ms, _ = timed_post(plain_url, one)
-            pre_ms, r1 = timed_post(p_url, {**one, "kv_transfer_params": {"do_remote_decode": True}})
-            dec_ms, r2 = timed_post(d_url, {**one, "kv_transfer_params": r1["kv_transfer_params"]})
-            pt = (r2.get("kv_transfer_params") or {}).get("pd_transfer") or {}
-            rows.append({"plain_ms": plain_ms, "prefill_leg_ms": pre_ms, "decode_leg_ms": dec_ms,
+            t0 = time.perf_counter()
+            post(plain_url, {"model": model, "prompt": toks, "max_tokens": 1, "temperature": 0})
+            plain_ms = (time.perf_counter() - t0) * 1e3
+            r = pd_once(p_url, d_url, model, toks)
+            pt = r["pd_transfer"]
+            rows.append({"plain_ms": plain_ms, "prefill_leg_ms": r["prefill_leg_ms"],
+                         "decode_leg_ms": r["decode_leg_ms"],
                          "error": pt.get("error", "no pd_transfer"), "transfer_ms": pt.get("ms"),
                          "stages_ms": pt.get("stages_ms", {})})
         med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731

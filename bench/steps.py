@@ -44,15 +44,24 @@ XFER = {"ours": "pd_connector_transfer_seconds", "stock": "vllm:nixl_xfer_time_s
 from pdsidecar.dev.tiny_models import ensure_model  # noqa: E402
 
 
-def pd_once(p_url: str, d_url: str, model: str, toks: list[int]) -> dict[str, Any]:
+def prefill_leg(p_url: str, model: str, toks: list[int]) -> dict[str, Any]:
+    """A one-token prefill request straight to the engine; its answer's ``kv_transfer_params``."""
     r1 = post(p_url, {"model": model, "prompt": toks, "max_tokens": 1,
                       "kv_transfer_params": {"do_remote_decode": True}})
+    return r1["kv_transfer_params"]
+
+
+def pd_once(p_url: str, d_url: str, model: str, toks: list[int]) -> dict[str, Any]:
+    """One P/D request straight to the engines (one token each leg): both legs' times
+    and the decode's ``pd_transfer``."""
     t0 = time.perf_counter()
+    params = prefill_leg(p_url, model, toks)
+    t1 = time.perf_counter()
     r2 = post(d_url, {"model": model, "prompt": toks, "max_tokens": 1, "temperature": 0,
-                      "kv_transfer_params": r1["kv_transfer_params"]})
-    leg = time.perf_counter() - t0
+                      "kv_transfer_params": params})
+    leg = time.perf_counter() - t1
     pt = (r2.get("kv_transfer_params") or {}).get("pd_transfer") or {}
-    return {"decode_leg_ms": leg * 1e3, "pd_transfer": pt}
+    return {"prefill_leg_ms": (t1 - t0) * 1e3, "decode_leg_ms": leg * 1e3, "pd_transfer": pt}
 
 
 def stream_gaps(url: str, model: str, toks: list[int], n_out: int,
