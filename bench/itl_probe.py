@@ -102,7 +102,8 @@ def engine_configs(model: str, gpu_util: float | None, max_len: int, log_dir: st
 
 
 def run(model: str, gpu_util: float | None, n: int, prompt_len: int, n_out: int, max_len: int,
-        log_dir: str | None, plain_alone: bool) -> dict[str, Any]:
+        log_dir: str | None, plain_alone: bool,
+        leg_lengths: tuple[int, ...] = (128, 2048)) -> dict[str, Any]:
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     rng = random.Random(11)
 
@@ -132,7 +133,7 @@ def run(model: str, gpu_util: float | None, n: int, prompt_len: int, n_out: int,
                  ("decode_after_kv", lambda: decode_after_kv(p.url, d.url, model, prompt(), n_out)),
                  ("decode_direct_2", lambda: stream_gaps(d.url, model, prompt(), n_out)),
                  ("plain_2", lambda: stream_gaps(plain.url, model, prompt(), n_out))]
-        out["legs"] = legs(plain.url, p.url, d.url, model, prompt, n)
+        out["legs"] = legs(plain.url, p.url, d.url, model, prompt, n, leg_lengths)
         for name, fn in order:
             gaps = [g for _ in range(n) for g in fn()]
             out["steps"][name] = summary(gaps)
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--out-tokens", type=int, default=48)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--leg-lengths", default="128,2048",
+                    help="comma-separated prompt lengths of the one-token legs (each < --max-model-len)")
     ap.add_argument("--plain-alone", action="store_true",
                     help="first measure the plain engine with no other engine running")
     ap.add_argument("--log-dir", default=None)
@@ -160,9 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.n < 1 or a.out_tokens < 3 or a.prompt_len < 1:
         ap.error("-n >= 1, --out-tokens >= 3 and --prompt-len >= 1 are required")
+    try:
+        leg_lengths = tuple(int(x) for x in a.leg_lengths.split(","))
+    except ValueError:
+        ap.error(f"--leg-lengths: comma-separated integers, got {a.leg_lengths!r}")
+    if not leg_lengths or min(leg_lengths) < 1 or max(leg_lengths) >= a.max_model_len:
+        ap.error("--leg-lengths: each length >= 1 and < --max-model-len")
     model = a.model or str(ensure_model("llama", Path.home() / ".cache/pdsidecar/models/tiny-llama"))
     res = run(model, a.gpu_util, a.n, a.prompt_len, a.out_tokens, a.max_model_len, a.log_dir,
-              a.plain_alone)
+              a.plain_alone, leg_lengths)
     return emit(res, a.json)
 
 
