@@ -50,7 +50,8 @@ for stage in "$@"; do
       # each configuration's load + sweep is cut at BENCH_CONFIG_TIMEOUT s (engine start-up
       # excluded; on the H100 start-up took 88-122 s per configuration, the workload 5.5-6.3 s).
       # BENCH_SIDECAR_ARG: one extra decode-sidecar argument (e.g.
-      # --first-token-from-prefill=all), BENCH_TAG: suffix of the output names
+      # --first-token-from-prefill=all), BENCH_TAG: suffix of the output names,
+      # BENCH_N=0: the sweep only (BENCH_SWEEP tokens, BENCH_SWEEP_N each)
       c=${stage#bench=}; tag=${c//,/_}${BENCH_TAG:+-$BENCH_TAG}
       timeout "${BENCH_TIMEOUT:-500}" python3 -m bench.cli e2e --gpu-util 0.2 --configs "$c" \
         ${BENCH_SIDECAR_ARG:+"--sidecar-arg=$BENCH_SIDECAR_ARG"} \
@@ -58,7 +59,7 @@ for stage in "$@"; do
         --rate "${BENCH_RATE:-4}" --num-requests "${BENCH_N:-24}" --warmup 2 \
         --prompt-len uniform:128-512 --output-len fixed:64 \
         --long-prompt-len uniform:4096-7936 --long-output-len fixed:4 --long-fraction 0.25 \
-        --sweep-tokens 128,1024,2048,8064 --sweep-n 3 --json "$OUT/e2e-$tag.json" --no-progress \
+        --sweep-tokens "${BENCH_SWEEP:-128,1024,2048,8064}" --sweep-n "${BENCH_SWEEP_N:-3}" --json "$OUT/e2e-$tag.json" --no-progress \
         --config-timeout "${BENCH_CONFIG_TIMEOUT:-120}" \
         --log-dir "$OUT/bench-logs-$tag" > "$OUT/bench-$tag.txt" 2>&1
       echo "bench $c rc=$?"; tail -45 "$OUT/bench-$tag.txt"

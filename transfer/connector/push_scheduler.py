@@ -18,8 +18,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FailureReason, ParamsError, reason_of
+from ..errors import FailureReason, ParamsError
 from .base_scheduler import FINISHED_OK, BaseScheduler
+from .control_client import grant_failure
 from .metadata import (PD_PROTOCOL_VERSION, PushRecvJob, PushSendStep, parse_push_id,
                        parse_push_target)
 from .push_grant import RENEW_LEFT, WriteHolds
@@ -90,8 +91,7 @@ class PushScheduler(BaseScheduler):
                 if not out.error:
                     out.valid_until = asked + out.target.write_lease_s
             except Exception as e:
-                out.error = FailureReason.EXPIRED if reason_of(e) == FailureReason.EXPIRED \
-                    else FailureReason.UNREACHABLE
+                out.error = grant_failure(e)
                 log.warning("PdConnector: push %s: decode control %s:%d: %s", out.push_id,
                             out.host, out.port, e)
             out.lookup = None
@@ -162,9 +162,7 @@ class PushScheduler(BaseScheduler):
             try:
                 fut.result()
             except Exception as e:
-                self._push_stopped(out, FailureReason.EXPIRED
-                                   if reason_of(e) == FailureReason.EXPIRED
-                                   else FailureReason.UNREACHABLE)
+                self._push_stopped(out, grant_failure(e))
                 return
             out.valid_until = max(out.valid_until, out.t_asked + lease)
         if now > out.valid_until:
