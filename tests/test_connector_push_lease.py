@@ -237,6 +237,25 @@ def test_refused_first_grant_pushes_nothing_and_the_window_closes_without_renewa
     assert s._push_out["p1"].error == FailureReason.EXPIRED
 
 
+@pytest.mark.parametrize("exc, reason", [
+    (PeerRefused(FailureReason.EXPIRED, "not awaited any more"), FailureReason.EXPIRED),
+    (PeerRefused(FailureReason.UNKNOWN_ENGINE, "no engine eng-x here"), FailureReason.UNKNOWN_ENGINE),
+    (ConnectionError("connection refused"), FailureReason.UNREACHABLE),
+])
+def test_a_refused_write_grant_names_the_decode_reason(exc, reason):
+    """The first grant's failure reaches the decode (push-fail) and the prefill's answer as
+    the decode's own reason (as pull's read grant does), else ``unreachable``."""
+    def ask(*a):
+        raise exc
+    s, params = prefill_sched(Clock(), ask)
+    assert s.build_connector_meta(_step(new=[("p1", [1, 2, 3], 0)], sched_tokens={"p1": 40})
+                                  ).push_send == {}
+    assert s.notifier.sent == [("127.0.0.1", 6000, "", f"push-fail:push-1:{reason.value}")]
+    _, info = s.request_finished(fake_request("p1", 40, params, "FINISHED_LENGTH_CAPPED"),
+                                 [1, 2, 3])
+    assert info["pd_push"] == reason
+
+
 def test_a_decode_without_write_leases_gets_no_push():
     s, params = prefill_sched(Clock(), lambda *a: None, lease=0.0)
     assert s.build_connector_meta(_step(new=[("p1", [1, 2, 3], 0)], sched_tokens={"p1": 40})
