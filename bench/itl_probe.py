@@ -44,6 +44,8 @@ from bench.steps import pct, pd_once, prefill_leg, stream_gaps  # noqa: E402
 from pdsidecar.dev.engines import EngineConfig, pd_pair_configs, start_engines  # noqa: E402
 from pdsidecar.dev.tiny_models import ensure_model  # noqa: E402
 
+LEG_LENGTHS = (128, 2048)  # prompt lengths of the one-token legs, unless --leg-lengths
+
 
 def summary(gaps: list[float]) -> dict[str, float]:
     return {"gaps": len(gaps), "p50_ms": pct(gaps, 0.5), "p90_ms": pct(gaps, 0.9),
@@ -56,7 +58,7 @@ def decode_after_kv(p_url: str, d_url: str, model: str, toks: list[int], n_out: 
 
 
 def legs(plain_url: str, p_url: str, d_url: str, model: str, prompt: Callable[[int], list[int]], n: int,
-         lengths: tuple[int, ...] = (128, 2048)) -> dict[str, Any]:
+         lengths: tuple[int, ...] = LEG_LENGTHS) -> dict[str, Any]:
     """Per prompt length, medians of: the plain engine's one-token request, the prefill
     leg, the decode leg (one token over the read KV) and the decode's load stages."""
     out: dict[str, Any] = {}
@@ -103,7 +105,7 @@ def engine_configs(model: str, gpu_util: float | None, max_len: int, log_dir: st
 
 def run(model: str, gpu_util: float | None, n: int, prompt_len: int, n_out: int, max_len: int,
         log_dir: str | None, plain_alone: bool,
-        leg_lengths: tuple[int, ...] = (128, 2048)) -> dict[str, Any]:
+        leg_lengths: tuple[int, ...] = LEG_LENGTHS) -> dict[str, Any]:
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     rng = random.Random(11)
 
@@ -154,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--out-tokens", type=int, default=48)
     ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--leg-lengths", default="128,2048",
-                    help="comma-separated prompt lengths of the one-token legs (each < --max-model-len)")
+    ap.add_argument("--leg-lengths", type=int, nargs="+", default=list(LEG_LENGTHS),
+                    help="prompt lengths of the one-token legs (each < --max-model-len)")
     ap.add_argument("--plain-alone", action="store_true",
                     help="first measure the plain engine with no other engine running")
     ap.add_argument("--log-dir", default=None)
@@ -163,15 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.n < 1 or a.out_tokens < 3 or a.prompt_len < 1:
         ap.error("-n >= 1, --out-tokens >= 3 and --prompt-len >= 1 are required")
-    try:
-        leg_lengths = tuple(int(x) for x in a.leg_lengths.split(","))
-    except ValueError:
-        ap.error(f"--leg-lengths: comma-separated integers, got {a.leg_lengths!r}")
-    if not leg_lengths or min(leg_lengths) < 1 or max(leg_lengths) >= a.max_model_len:
+    if min(a.leg_lengths) < 1 or max(a.leg_lengths) >= a.max_model_len:
         ap.error("--leg-lengths: each length >= 1 and < --max-model-len")
     model = a.model or str(ensure_model("llama", Path.home() / ".cache/pdsidecar/models/tiny-llama"))
     res = run(model, a.gpu_util, a.n, a.prompt_len, a.out_tokens, a.max_model_len, a.log_dir,
-              a.plain_alone, leg_lengths)
+              a.plain_alone, tuple(a.leg_lengths))
     return emit(res, a.json)
 
 

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--leg-lengths", "128,x"], "--leg-lengths: comma-separated integers"),
-    (["--leg-lengths", "0"], "--leg-lengths: each length >= 1"),
+    (["--leg-lengths", "128", "x"], "--leg-lengths: invalid int value: 'x'"),
+    (["--leg-lengths", "128", "0"], "--leg-lengths: each length >= 1"),
     (["--leg-lengths", "8192", "--max-model-len", "8192"], "< --max-model-len"),
     (["-n", "0"], "-n >= 1"),
 ])
