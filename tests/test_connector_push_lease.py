@@ -238,13 +238,13 @@ def test_refused_first_grant_pushes_nothing_and_the_window_closes_without_renewa
 
 
 @pytest.mark.parametrize("exc, reason", [
-    (PeerRefused(FailureReason.EXPIRED, "not awaited any more"), FailureReason.EXPIRED),
     (PeerRefused(FailureReason.UNKNOWN_ENGINE, "no engine eng-x here"), FailureReason.UNKNOWN_ENGINE),
     (ConnectionError("connection refused"), FailureReason.UNREACHABLE),
 ])
 def test_a_refused_write_grant_names_the_decode_reason(exc, reason):
-    """The first grant's failure reaches the decode (push-fail) and the prefill's answer as
-    the decode's own reason (as pull's read grant does), else ``unreachable``."""
+    """A first grant that fails ends the push with the decode's refusal reason, as pull's
+    read grant does, else ``unreachable`` (``expired``: the test above); the decode is
+    told (push-fail) and the prefill's answer says the same."""
     def ask(*a):
         raise exc
     s, params = prefill_sched(Clock(), ask)
