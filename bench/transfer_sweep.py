@@ -110,8 +110,9 @@ def _measure(plan: Plan, r: Runner, b: str, op: str, c: Case, ids: list) -> dict
             lat.append((t1 - t0) / 1e3)
             prep.append(pr)
             post.append(po)
-            if h.stats.device_us > 0:
-                dev.append(h.stats.device_us)
+            stats = getattr(h, "stats", None)  # our engines' handles; baselines have none
+            if stats is not None and stats.device_us > 0:
+                dev.append(stats.device_us)
         if i >= plan.warmup + 2 and time.monotonic() - t_case > plan.max_seconds:
             break
     nbytes = c.layers * c.blocks * c.block_bytes
