@@ -76,6 +76,34 @@ def test_many_concurrent_reads_and_notifs(pair):
     assert sorted(got) == sorted(f"c{i}".encode() for i in range(32))
 
 
+def _lane_clean(eng, timeout_s=10.0):
+    """Wait (explicit timeout) until the flush READs the engine posted are over."""
+    deadline = time.monotonic() + timeout_s
+    while eng._lane.pending and time.monotonic() < deadline:
+        eng._lane.reap()
+        time.sleep(0.001)
+    assert eng._lane.pending == 0
+
+
+def test_a_read_after_a_notification_completes_inside_its_post(pair):
+    """A notification leaves UCX's TCP endpoint owing a flush, which NIXL would make
+    the next READ wait for (a round trip to the peer); the engine pays it with a flush
+    READ right after the notification (transfer.nixl_lane), so the next READ over CMA
+    completes inside its post, as one with no notification before it does."""
+    eng, buf, peer = pair
+    inside = 0
+    for i in range(10):
+        eng.send_notif(peer.name, f"lane-{i}")
+        _lane_clean(eng)
+        h = eng.read_blocks(peer.name, [i], [i + 20])
+        inside += h.done
+        eng.wait(h, timeout_s=10)
+    assert np.array_equal(buf[:, :10].numpy(), _remote_blocks(peer, range(20, 30)))
+    assert inside >= 8, f"{inside}/10 READs completed inside their post"
+    got = peer.call("notifs", 10, 10.0)[eng.name]
+    assert sorted(got) == sorted(f"lane-{i}".encode() for i in range(10))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("pytest_asyncio") is None,
                     reason="needs pytest-asyncio (the GPU host's image has none)")
 async def test_async_wait_does_not_block_loop(pair):

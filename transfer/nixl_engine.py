@@ -41,6 +41,7 @@ from .engine import (PeerInfo, PeerTableEngine, PlanCache, TransferHandle, Trans
 from .errors import TransferError, TransferFailedError, UnknownPeerError, UnregisteredMemoryError
 from .layout import Region, memory_ranges, regions_from_kv_caches
 from .nixl_agent import UnpostedAgent, compute_event, make_agent
+from .nixl_lane import LaneFlush
 
 
 @dataclass
@@ -87,6 +88,7 @@ class NixlTransferEngine(PeerTableEngine):
         self._inflight: dict[int, TransferHandle] = {}
         self._stale: list[Any] = []  # xfer handles NIXL could not release yet
         self._ranges: list[tuple[int, int, int]] = []
+        self._lane: LaneFlush | None = None  # DRAM: flushes owed by notifications
 
     # ------------------------------------------------------------ registration
     def register_regions(self, regions: Sequence[Region], mem_type: str = "DRAM") -> None:
@@ -104,6 +106,8 @@ class NixlTransferEngine(PeerTableEngine):
             self._local_dlist, self._local_first = self._prep(
                 "NIXL_INIT_AGENT", self.regions, 0, None)
             self._local_blocks = min((r.num_blocks for r in self.regions), default=0)
+            if mem_type == "DRAM":
+                self._lane = LaneFlush(self.agent)
 
     def register_kv_caches(self, kv_caches: Mapping[str, Any],
                            num_blocks: int | None = None) -> list[Region]:
@@ -166,6 +170,9 @@ class NixlTransferEngine(PeerTableEngine):
                     f"peer {info.name!r}: its regions are not registered on its side "
                     f"({e})") from e
             self._peers[info.name] = _Peer(info, agent_name, dl, first, {}, info.num_blocks)
+            if self._lane is not None and info.mem_type == "DRAM" and info.regions:
+                r = info.regions[0]
+                self._lane.add_peer(agent_name, r.base_addr, r.device_id)
             return info.name
 
     def remove_peer(self, name: str) -> None:
@@ -178,6 +185,8 @@ class NixlTransferEngine(PeerTableEngine):
                     self.agent.release_dlist_handle(h)
                 except Exception:
                     pass
+            if self._lane is not None:
+                self._lane.remove_peer(p.agent_name)
             try:
                 self.agent.remove_remote_agent(p.agent_name)
             except Exception:
@@ -379,6 +388,8 @@ class NixlTransferEngine(PeerTableEngine):
                 self.agent.send_notif(p.agent_name, as_bytes(msg))
             except Exception as e:
                 raise TransferFailedError(f"notification to {peer!r} failed: {e}") from e
+            if self._lane is not None:
+                self._lane.after_notif(p.agent_name)
 
     def close(self) -> None:
         with self._lock:
@@ -391,6 +402,9 @@ class NixlTransferEngine(PeerTableEngine):
                     except Exception:
                         pass
             self._local_dlist = None
+            if self._lane is not None:
+                self._lane.close()
+                self._lane = None
             for xh in self._stale:
                 try:
                     self.agent.release_xfer_handle(xh)
