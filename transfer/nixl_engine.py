@@ -24,6 +24,10 @@ timeout, preempts the posting thread and spins on the lock for a whole scheduler
 when both share a core (an engine pinned to one): 1-3 ms per transfer, measured. So
 the agent is created with ``UCX_USE_MT_MUTEX=y`` (a waiting thread sleeps) unless the
 environment sets it.
+
+A notification leaves the peer's UCX endpoint owing a flush that NIXL would make the
+next READ wait for; on DRAM :class:`~transfer.nixl_lane.LaneFlush` pays it right after
+the notification instead.
 """
 
 from __future__ import annotations
