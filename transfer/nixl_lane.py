@@ -2,8 +2,8 @@
 inside the next READ.
 
 A NIXL notification is a UCX active message. Between two processes of one host UCX
-carries active messages over TCP (shared-memory transports lack peer-failure handling,
-which NIXL asks for) and copies over CMA. An active message leaves the TCP endpoint
+picks TCP for active messages and CMA for the copies (its log: ``intra-node cfg ...
+am(tcp/lo cma/memory)``). An active message leaves the TCP endpoint
 needing a flush, and NIXL flushes the endpoint at the end of every READ: the READ after
 a completion notification then waits for a round trip to the peer, whose progress thread
 must answer, instead of completing inside its post (measured here: 0.07 ms with both
