@@ -94,7 +94,7 @@ class BaseWorker:
         self.engine = create_engine(self.cfg.protocol, name, device=device,
                                     backends=tuple(self.cfg.backends),
                                     progress_delay_us=self.cfg.nixl_progress_delay_us,
-                                    capture_telemetry=True)
+                                    huge_pages=self.cfg.kv_huge_pages, capture_telemetry=True)
         self.regions = self.engine.register_kv_caches(kv_caches)
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         self._cache_strides = tuple(first.stride())
@@ -109,9 +109,10 @@ class BaseWorker:
             num_layers=len({r.layer for r in self.regions}), num_kv_heads=c["num_kv_heads"],
             head_size=c["head_size"], is_mla=c.get("is_mla", False), dp_rank=self.dp_rank,
             tp_rank=self.tp_rank, tp_size=self.tp_size)
-        log.info("PdConnector worker %s (%s): %d regions, %d blocks, %d B/block/layer",
+        huge = getattr(self.engine, "huge_pages_result", None)
+        log.info("PdConnector worker %s (%s): %d regions, %d blocks, %d B/block/layer%s",
                  name, self.engine.backend, len(self.regions), self.regions[0].num_blocks,
-                 self.regions[0].block_len)
+                 self.regions[0].block_len, f"; KV cache {huge.describe()}" if huge else "")
 
     def _handshake(self, src: RemoteSource | PushSendStep) -> list[Any]:
         """Remote ranks' RankDescriptors (every TP rank of the named DP rank)."""

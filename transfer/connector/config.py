@@ -25,6 +25,10 @@ class PdConfig:
     # NIXL progress-thread poll delay (µs); 0 busy-polls a core. None: env
     # PDSIDECAR_NIXL_PROGRESS_DELAY_US, else transfer.nixl_agent's default
     nixl_progress_delay_us: int | None = None
+    # host (DRAM) caches: collapse the registered KV cache onto transparent huge pages
+    # at start-up (transfer.hugepages; best effort, logged); False leaves it as allocated.
+    # None: env PDSIDECAR_KV_HUGE_PAGES (1/0), else True
+    kv_huge_pages: bool | None = None
     push_wait_s: float = 30.0  # decode: how long a push request waits for the prefill's KV
     # decode: a granted write: lets the prefill WRITE this long (its monotonic clock;
     # it renews at half); the decode holds the blocks this + transfer_timeout_s past a grant
@@ -72,6 +76,13 @@ class PdConfig:
             from ..nixl_agent import progress_delay_default
             cfg.nixl_progress_delay_us = progress_delay_default(env)
         cfg.nixl_progress_delay_us = int(cfg.nixl_progress_delay_us)
+        if cfg.kv_huge_pages is None:
+            v = env.get("PDSIDECAR_KV_HUGE_PAGES", "1").strip().lower()
+            if v not in ("1", "0", "true", "false"):
+                raise ValueError(f"PdConnector: PDSIDECAR_KV_HUGE_PAGES must be 1 or 0, got {v!r}")
+            cfg.kv_huge_pages = v in ("1", "true")
+        if not isinstance(cfg.kv_huge_pages, bool):
+            raise ValueError(f"PdConnector: kv_huge_pages must be true or false, got {cfg.kv_huge_pages!r}")
         if cfg.nixl_progress_delay_us < 0:
             raise ValueError("PdConnector: nixl_progress_delay_us must be >= 0")
         cfg.kv_lease_s = float(cfg.kv_lease_s)
