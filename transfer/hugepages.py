@@ -1,8 +1,8 @@
 """Huge pages under registered host memory (``madvise(MADV_COLLAPSE)``, Linux >= 6.1).
 
 A same-host DRAM READ is ``process_vm_readv`` through UCX's CMA transport: per call the
-kernel pins every source page and copies into the destination. On 4 KiB pages a 512 KiB
-piece is 128 pins and page-table walks; on a 2 MiB transparent huge page it is one.
+kernel looks up and pins every source page and copies into the destination. On 4 KiB
+pages a 512 KiB piece is 128 lookups and pins; inside a 2 MiB transparent huge page, one.
 vLLM's CPU KV cache is private anonymous memory that the allocator has already touched
 as 4 KiB pages, so ``MADV_HUGEPAGE`` (future faults only) would change nothing there;
 ``MADV_COLLAPSE`` rebuilds the populated range as huge pages in place, synchronously,

@@ -26,8 +26,8 @@ the agent is created with ``UCX_USE_MT_MUTEX=y`` (a waiting thread sleeps) unles
 environment sets it.
 
 With ``huge_pages`` the DRAM regions are collapsed onto transparent huge pages before
-registration (:mod:`transfer.hugepages`): a CMA READ then pins one page per 2 MiB
-instead of 512.
+registration (:mod:`transfer.hugepages`): a CMA READ then looks up and pins one huge
+page per 2 MiB instead of 512 small ones.
 
 A notification leaves the peer's UCX endpoint owing a flush that NIXL would make the
 next READ wait for; on DRAM :class:`~transfer.nixl_lane.LaneFlush` pays it right after
