@@ -21,7 +21,9 @@ def _populated(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
 
 
 def _supported(res) -> None:
-    if res.error and "not supported" in res.error:
+    """Skip where the kernel has no MADV_COLLAPSE or could collapse nothing at all (no
+    free 2 MiB pages on this host): what is left to check is that claims are true."""
+    if res.error and ("not supported" in res.error or res.collapsed == 0):
         pytest.skip(res.error)
 
 
