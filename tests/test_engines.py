@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pdsidecar.dev.engines import Engine, EngineConfig, EngineError
-from pdsidecar.dev.procs import bind_cpus, group_members
+from pdsidecar.dev.procs import _ephemeral_range, bind_cpus, free_port, group_members
 
 
 def _pids_of_group(pgid: int) -> list[int]:
@@ -128,3 +128,18 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_free_ports_sit_below_the_ephemeral_range_and_never_repeat():
+    """A harness port from the kernel's ephemeral range can be taken as some outgoing
+    connection's source port before its server binds (a CI run lost a sidecar to
+    "address already in use" so): handed-out ports stay below it and are unique."""
+    lo, _ = _ephemeral_range()
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    if lo > 21000:
+        assert all(20000 <= p < lo for p in ports)
+    for p in ports[:5]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", p))
+

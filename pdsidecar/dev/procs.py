@@ -13,8 +13,37 @@ from pathlib import Path
 from pdsidecar.parent_death import set_parent_death_signal
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' source ports."""
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now."""
+    """A TCP port that is free on `host` right now, below the kernel's ephemeral range
+    where it has room (a port from that range can be taken as the source port of some
+    outgoing connection before the server that was handed it binds), never one this
+    process handed out before."""
+    import random
+    lo, _ = _ephemeral_range()
+    first = 20000 if lo > 21000 else 1024
+    for _ in range(200 if lo - first > 1000 else 0):
+        port = random.randrange(first, lo)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
