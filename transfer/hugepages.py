@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -59,7 +59,7 @@ def _aligned(addr: int, length: int, huge: int) -> tuple[int, int]:
 def collapse(ranges: Iterable[tuple[int, int]]) -> CollapseResult:
     """Collapse the 2 MiB-aligned interior of each ``(addr, length)`` range."""
     res = CollapseResult()
-    if not hasattr(os, "sched_getaffinity"):  # not Linux
+    if not sys.platform.startswith("linux"):
         res.error = "not Linux"
         return res
     libc = ctypes.CDLL(None, use_errno=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 from collections.abc import Callable
@@ -30,7 +31,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     where it has room (a port from that range can be taken as the source port of some
     outgoing connection before the server that was handed it binds), never one this
     process handed out before."""
-    import random
     lo, _ = _ephemeral_range()
     first = 20000 if lo > 21000 else 1024
     for _ in range(200 if lo - first > 1000 else 0):

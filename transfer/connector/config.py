@@ -79,7 +79,7 @@ class PdConfig:
         if cfg.kv_huge_pages is None:
             v = env.get("PDSIDECAR_KV_HUGE_PAGES", "1").strip().lower()
             if v not in ("1", "0", "true", "false"):
-                raise ValueError(f"PdConnector: PDSIDECAR_KV_HUGE_PAGES must be 1 or 0, got {v!r}")
+                raise ValueError(f"PdConnector: PDSIDECAR_KV_HUGE_PAGES must be 1/0/true/false, got {v!r}")
             cfg.kv_huge_pages = v in ("1", "true")
         if not isinstance(cfg.kv_huge_pages, bool):
             raise ValueError(f"PdConnector: kv_huge_pages must be true or false, got {cfg.kv_huge_pages!r}")
