@@ -12,7 +12,6 @@ The prefill result is settled (proxy.release) exactly once, whatever happens.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import NoReturn
@@ -20,7 +19,7 @@ from typing import NoReturn
 import aiohttp
 from aiohttp import web
 
-from .body import API_PATHS
+from .body import API_PATHS, dumps_with_ids
 from .errors import FallbackReason, RecomputeLocally, RequestError
 from .kv_report import MARKER, observe_transfer
 from .pd_request import PdRequest, PrefillResult
@@ -54,7 +53,7 @@ class DecodeLeg:
         """Serve `body` from the local vLLM; `pre` is the KV it loads (None: local or push).
         `may_recompute`: a failure before any output raises `RecomputeLocally`."""
         path = rq.path
-        data = rq.raw if pre is None and path != "disagg" and rq.raw else json.dumps(body).encode()
+        data = rq.raw if pre is None and path != "disagg" and rq.raw else dumps_with_ids(body, "prompt")
         headers = forward_headers(rq.http, rq.rid)
         if extra_headers:
             headers.update(extra_headers)

@@ -20,7 +20,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from .body import reuse_eligible
+from .body import dumps_with_ids, reuse_eligible
 from .decode_leg import leg_timeouts
 from .errors import FallbackReason
 from .first_token import (FirstToken, StreamFormat, continuation_body, error_event, first_token, limit_of,
@@ -146,7 +146,7 @@ class FirstTokenLeg:
         """POST the continuation to the local vLLM; its completion stream, converted, to
         the client. `_NoOutput` when it failed before its first byte."""
         cfg, m = self.sc.cfg, self.sc.metrics
-        data = json.dumps(dbody).encode()
+        data = dumps_with_ids(dbody, "prompt")
         headers = forward_headers(rq.http, rq.rid)
         url = cfg.vllm_url + "/v1/completions"
         t_send = time.perf_counter()

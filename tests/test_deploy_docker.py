@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 REQS = ROOT / "deploy" / "docker" / "requirements-sidecar.txt"
-ALLOWED = {"aiohttp", "grpcio", "protobuf", "prometheus-client", "numpy", "pyyaml"}
+ALLOWED = {"aiohttp", "grpcio", "protobuf", "prometheus-client", "numpy", "pyyaml", "msgspec"}
 
 
 def _hadolint() -> str | None:
