@@ -1,9 +1,9 @@
 """A READ that may still write is never forgotten (issue 16).
 
 Worker halves over real NIXL agents in one process (as in test_connector_tp.py). The
-"delayed peer" holds the decode worker's READ back until the test lets it go: the
-real NIXL READ is posted only then, after the worker's ``transfer_timeout_s``, so
-its bytes land in the decode blocks late. The worker must not report the load
+"delayed peer" (transfer.late_peer.LateReads, the engines' test hook) holds the
+decode worker's READ back for LATE_S: the real NIXL READ is posted only then, long
+after the worker's ``transfer_timeout_s``, so its bytes land in the decode blocks late. The worker must not report the load
 (failed or finished) to vLLM before the engine confirms the READ is over: vLLM would
 hand those blocks to another request (or recompute into them) while the late copy
 still writes.
@@ -11,7 +11,6 @@ still writes.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -23,50 +22,12 @@ from transfer.connector.config import PdConfig  # noqa: E402
 from transfer.connector.metadata import RecvJob  # noqa: E402
 from transfer.connector.worker import PdConnectorWorker  # noqa: E402
 from transfer.errors import FailureReason  # noqa: E402
-from transfer.engine import TransferHandle, TransferStats, new_transfer_id  # noqa: E402
+from transfer.late_peer import LateReads  # noqa: E402
 
 from test_connector_tp import COMPAT, HEADS, LAYERS, NB, N, HS, src_for  # noqa: E402
 
 
-class DelayedPeerEngine:
-    """Wraps the decode worker's real engine: READs go out only once ``gate`` is set
-    (a peer that answers late). Everything else is the real NIXL engine."""
-
-    def __init__(self, real) -> None:
-        self.real = real
-        self.gate = threading.Event()
-        self.held: list[tuple[TransferHandle, tuple, dict]] = []
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-    def read_blocks(self, peer, lids, rids, **kw):
-        h = TransferHandle(TransferStats(new_transfer_id(), kw.get("request_id", ""), peer,
-                                         "READ", "nixl", 0, 0, len(lids), 0, 0.0, 0.0))
-        self.held.append((h, (peer, lids, rids), kw))
-        return h
-
-    def _go(self, h) -> bool:
-        """The held READ, posted for real once the gate is open; True when done."""
-        if not self.gate.is_set():
-            return False
-        for i, (hh, args, kw) in enumerate(self.held):
-            if hh is h:
-                real = self.real.read_blocks(*args, **kw)
-                self.real.wait(real, 10)
-                self.held.pop(i)
-                h.done = True
-        return h.done
-
-    def poll(self, h) -> bool:
-        return h.done or self._go(h)
-
-    def released(self, h) -> bool:
-        return h.done or self._go(h)
-
-    def _on_timeout(self, h) -> None:
-        pass  # the peer cannot be cancelled: it writes when it answers
-
+LATE_S = 3.0  # far past the workers' 0.2 s transfer timeout
 
 
 def make_worker(engine_id: str, seed: int, **extra):
@@ -82,7 +43,7 @@ def make_worker(engine_id: str, seed: int, **extra):
 
 def test_timed_out_read_is_reported_only_after_it_ended():
     (p, pc), (d, dc) = make_worker("P", 1), make_worker("D", 2, transfer_timeout_s=0.2)
-    slow = d.engine = DelayedPeerEngine(d.engine)
+    slow = d.engine = LateReads(d.engine, LATE_S)
     try:
         rem = d._add_remote(("127.0.0.1", 1), [p.desc])
         rids, lids = [4, 5], [1, 2]
@@ -99,8 +60,7 @@ def test_timed_out_read_is_reported_only_after_it_ended():
             assert "d" not in r and "d" not in f
         name = next(iter(pc))
         assert not torch.equal(dc[name][1], pc[name][4])
-        slow.gate.set()  # the peer answers: the late copy lands
-        got = None
+        got = None  # the peer answers after LATE_S: the late copy lands
         deadline = time.monotonic() + 20
         while got is None and time.monotonic() < deadline:
             _, r, f = d.get_transfer_results(set())
@@ -154,7 +114,7 @@ def test_rehandshake_keeps_a_peer_with_transfers_until_they_end():
     """A re-handshake (e.g. another engine id at that address) retires the old peer, but
     removes it only once no READ of a (quarantined) load uses it any more."""
     (p, _), (d, _) = make_worker("P", 5), make_worker("D", 6, transfer_timeout_s=0.2)
-    slow = d.engine = DelayedPeerEngine(d.engine)
+    slow = d.engine = LateReads(d.engine, LATE_S)
     try:
         rem = d._add_remote(("127.0.0.1", 1), [p.desc])
         d._submit(RecvJob("d", src_for(1, [2]), [2], [2]), rem)
@@ -168,8 +128,7 @@ def test_rehandshake_keeps_a_peer_with_transfers_until_they_end():
             d.get_transfer_results(set())
             time.sleep(0.01)
         assert "d" in d._quarantine and d._retired == {"an-older-agent"}
-        slow.gate.set()
-        got = None
+        got = None  # until the READ ends after LATE_S
         while got is None and time.monotonic() < deadline + 20:
             _, r, f = d.get_transfer_results(set())
             got = ("failed" if "d" in f else "ok") if "d" in r else None

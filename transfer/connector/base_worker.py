@@ -95,6 +95,10 @@ class BaseWorker:
                                     backends=tuple(self.cfg.backends),
                                     progress_delay_us=self.cfg.nixl_progress_delay_us,
                                     huge_pages=self.cfg.kv_huge_pages, capture_telemetry=True)
+        from ..late_peer import LateReads, read_delay_s
+        if delay := read_delay_s():  # test hook: every READ reaches the wire late
+            log.warning("PdConnector: test hook %s: READs posted %.1f s late", name, delay)
+            self.engine = LateReads(self.engine, delay)
         self.regions = self.engine.register_kv_caches(kv_caches)
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         self._cache_strides = tuple(first.stride())

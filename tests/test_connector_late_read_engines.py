@@ -1,0 +1,81 @@
+"""A READ that completes after its timeout, between real vLLM engines (issue 16).
+
+The decode engine's connector posts every READ LATE_S late (the test hook
+``PDSIDECAR_TEST_READ_DELAY_S``, transfer.late_peer: a peer that answers late) and gives
+up on it after TIMEOUT_S. Its cache has room for 7 blocks: A's load takes 4, and B
+(sent once A's load timed out) needs 4 for its prompt, 7 by its end. Were A's blocks
+handed back to vLLM at the timeout (A recomputed, finished, freed), B would get them and
+A's late bytes would land in B's KV while B decodes (checked: B's text then differs
+after ~1,700 characters, and the in-flight gauge reads 0); quarantined, they are held
+until the READ ended and B waits for them. Both answers equal aggregated serving (the
+prefill engine, same weights), and no block stays held on either engine afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from pdsidecar.dev.engines import pd_pair_configs
+from test_connector_engines import (aggregated, decode, failures, metric, ours_config, post, prefill,
+                                    vocab, wait_metric)
+
+pytestmark = pytest.mark.engines
+
+LATE_S = 2.5
+TIMEOUT_S = 0.5
+BLOCKS = 8  # 128-token blocks on CPU, one of them vLLM's null block: 7 for A (4) and B (4 + 3)
+
+
+@pytest.fixture
+def late_pair(engine_pool, llama_dir):
+    def configs():
+        cfgs = pd_pair_configs(llama_dir, ours_config(transfer_mode="pull", transfer_timeout_s=TIMEOUT_S),
+                               log_dir=engine_pool.log_dir)
+        d = cfgs[1]
+        d.env["PDSIDECAR_TEST_READ_DELAY_S"] = str(LATE_S)
+        d.max_model_len = 896
+        d.extra_args += ["--num-gpu-blocks-override", str(BLOCKS)]
+        return cfgs
+    return engine_pool.get("ours-llama-late", configs)
+
+
+def test_late_read_never_lands_in_another_requests_blocks(late_pair, llama_dir):
+    rng = random.Random(31)
+    v = vocab(llama_dir)
+    a = [rng.randrange(10, v - 1) for _ in range(500)]   # 4 blocks
+    b = [rng.randrange(10, v - 1) for _ in range(450)]   # 4 blocks, 7 with its output
+    b_tokens = 440
+    ref_a = aggregated(late_pair[0], a)
+    body_b = {"prompt": b, "max_tokens": b_tokens, "temperature": 0, "ignore_eos": True}
+    status, r = post(late_pair[0], body_b)
+    assert status == 200, r
+    ref_b = r["choices"][0]["text"]
+    timeouts0 = failures(late_pair[1], "timeout")
+    params = prefill(late_pair, a)
+    out: dict = {}
+    t_a = threading.Thread(target=lambda: out.update(a=decode(late_pair, a, params)))
+    t0 = time.monotonic()
+    t_a.start()
+    # B arrives after A's load timed out, while A's READ is still to land
+    time.sleep(TIMEOUT_S + 0.5)
+    assert metric(late_pair[1], "pd_connector_recv_blocks_inflight") > 0  # A's blocks held
+    status_b, r_b = post(late_pair[1], body_b)
+    t_a.join(120)
+    t_a_done = time.monotonic() - t0
+    assert status_b == 200, r_b
+    assert r_b["choices"][0]["text"] == ref_b
+    status_a, r_a = out["a"]
+    assert status_a == 200, r_a
+    assert r_a["choices"][0]["text"] == ref_a
+    assert r_a["kv_transfer_params"]["pd_transfer"]["error"] == "timeout"
+    assert failures(late_pair[1], "timeout") == timeouts0 + 1
+    assert t_a_done > LATE_S  # A's failed load was reported only once its READ ended
+    for engine, names in ((late_pair[1], ("pd_connector_recv_blocks_inflight", "vllm:num_requests_running",
+                                          "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")),
+                          (late_pair[0], ("pd_connector_blocks_pending_pickup",))):
+        for name in names:
+            assert wait_metric(engine, name, 0) == 0, name
