@@ -287,7 +287,9 @@ class PullScheduler(BaseScheduler):
     def _decode_finished(self, rid: str) -> dict[str, Any] | None:
         """Decode side (or a plain request): what the transfer cost, if there was one."""
         res = self._results.pop(rid, None)
-        self._recv_blocks.pop(rid, None)
+        # _recv_blocks stays until the worker reports the load over (update_connector_
+        # output): an aborted request's blocks are held by vLLM until then, its READ
+        # may still write into them
         self._renewals.pop(rid, None)
         self._read_grants.pop(rid, None)
         if res is None:
