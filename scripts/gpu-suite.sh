@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU host: run the GPU stages with the offline site (scripts/gpu-host.sh), results under
-# $OUT (the device tool brings them back). Stages: env unit engines[=PYTEST_K] models probe launch
+# $OUT (the device tool brings them back). Stages: env unit engines[=PYTEST_K] models probe launch hops
 # bench=CONFIGS
 #   scripts/gpu-suite.sh env unit engines=llama
 set -u
@@ -40,6 +40,12 @@ for stage in "$@"; do
         --gpu-util 0.2 --max-model-len 8192 -n "${PROBE_N:-3}" --prompt-len 128 --out-tokens 48 \
         ${PROBE_ARGS:-} --log-dir "$OUT/probe-logs" --json "$OUT/probe.json" > "$OUT/probe.txt" 2>&1
       echo "probe rc=$?"; grep -E "p50|Error|Traceback" "$OUT/probe.txt" | head -20 ;;
+    hops)  # where a long prompt's first token loses time: direct vs through the sidecars
+      timeout "${HOPS_TIMEOUT:-300}" python3 -m bench.ttft_hops --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" \
+        --gpu-util 0.2 --tokens "${HOPS_TOKENS:-8064}" --n "${HOPS_N:-15}" --log-dir "$OUT/hops-logs" \
+        --json "$OUT/hops.json" > "$OUT/hops.txt" 2>&1
+      echo "hops rc=$?"; grep -v Warning "$OUT/hops.txt" | tail -60
+      for f in "$OUT"/hops-logs/*.log; do grep -E "Error|Traceback" "$f" | head -5 > "$f.grep"; done ;;
     models)  # Llama-3-8B's KV shape with little compute, drawn on the GPU
       python3 -m pdsidecar models make --preset llama3-8b-kv --device cuda \
         --out "$PDSIDECAR_CACHE/models/llama3-8b-kv" > "$OUT/models.txt" 2>&1; echo "models rc=$?" ;;

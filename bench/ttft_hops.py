@@ -1,0 +1,148 @@
+"""Where a long prompt's first token loses time on the P/D path (probe, not a benchmark).
+
+One PdConnector pair with sidecars (`--first-token-from-prefill all`). Per iteration, each
+variant with its own fresh prompt, in rotating order:
+  direct_stream   client -> prefill engine, streaming, max_tokens 1 (aggregated serving's path)
+  direct_leg      client -> prefill engine, the prefill leg's body (non-streaming, return_token_ids)
+  sidecar_ft      client -> decode sidecar (first token from the prefill leg)
+For each: the client's time to the first byte, the prefill engine's own e2e for the
+request (metrics delta), and for sidecar_ft the sidecars' histograms. Also micro timings
+of the JSON work on a real prefill answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import random
+import statistics
+import time
+import timeit
+
+import aiohttp
+
+from bench.e2e_breakdown import _hist, delta, snapshot
+from bench.e2e_workload import Vocabulary
+
+
+def leg_body(client: dict) -> dict:
+    b = {**client, "stream": False, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True},
+         "return_token_ids": True}
+    return b
+
+
+async def timed(s: aiohttp.ClientSession, url: str, body: dict) -> float:
+    t = time.perf_counter()
+    async with s.post(url, json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url}: {r.status} {(await r.text())[:300]}")
+        if body.get("stream"):
+            async for _ in r.content.iter_any():
+                break
+            t1 = time.perf_counter()
+            await r.read()
+        else:
+            await r.read()
+            t1 = time.perf_counter()
+    return t1 - t
+
+
+def micro(raw: bytes) -> dict[str, float]:
+    import msgspec
+    obj = json.loads(raw)
+    ids = obj["choices"][0]["prompt_token_ids"]
+    fns = {
+        "json.loads(answer)": lambda: json.loads(raw),
+        "msgspec decode(answer)": lambda: msgspec.json.decode(raw),
+        "ids check genexpr": lambda: all(type(x) is int and x >= 0 for x in ids),
+        "ids check set(map(type))": lambda: set(map(type, ids)) <= {int} and min(ids) >= 0,
+        "json.dumps(ids)": lambda: json.dumps(ids),
+        "msgspec encode(ids)": lambda: msgspec.json.encode(ids),
+    }
+    return {k: timeit.timeit(f, number=200) / 200 for k, f in fns.items()}
+
+
+async def run(args, p, sc) -> dict:
+    voc = Vocabulary.from_model(args.model)
+    rng = random.Random(7)
+    srcs = {"decode_sidecar": sc.decode_url, "prefill_sidecar": sc.prefill_url, "prefill_engine": p.url}
+    names = ["direct_stream", "direct_leg", "sidecar_ft"]
+    out: dict[str, list[dict]] = {n: [] for n in names}
+    async with aiohttp.ClientSession() as s:
+        for i in range(args.warmup + args.n):
+            order = names[i % 3:] + names[:i % 3]
+            for name in order:
+                client = {"model": p.model_name, "prompt": voc.prompt(args.tokens, rng), "max_tokens": 4,
+                          "temperature": 0, "stream": True}
+                url, body = {"direct_stream": (p.url + "/v1/completions", {**client, "max_tokens": 1}),
+                             "direct_leg": (p.url + "/v1/completions", leg_body(client)),
+                             "sidecar_ft": (sc.decode_url + "/v1/completions", client)}[name]
+                before = await asyncio.to_thread(snapshot, srcs)
+                t = await timed(s, url, body)
+                await asyncio.sleep(0.3)  # let the engines publish the request's stats
+                after = await asyncio.to_thread(snapshot, srcs)
+                d = {k: v["sum"] for k, v in delta(before, after).items() if v["count"] == 1}
+                for src, lab in (("prefill_sidecar", "prefill"), ("decode_sidecar", "decode")):
+                    fam = "pd_sidecar_overhead_seconds"
+                    d[f"{lab}_sc_overhead"] = (_hist(after[src], fam, {"role": lab}, "sum")
+                                               - _hist(before[src], fam, {"role": lab}, "sum"))
+                d["client"] = t
+                if i >= args.warmup:
+                    out[name].append(d)
+        raw = await (await s.post(p.url + "/v1/completions", json=leg_body(client))).read()
+    res: dict = {"tokens": args.tokens, "n": args.n, "variants": {}}
+    for name, recs in out.items():
+        keys = sorted({k for r in recs for k in r})
+        res["variants"][name] = {k: statistics.median(r[k] for r in recs if k in r) * 1e3 for k in keys}
+    res["answer_bytes"] = len(raw)
+    res["micro_ms"] = {k: v * 1e3 for k, v in micro(raw).items()}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tokens", type=int, default=8064)
+    ap.add_argument("--n", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gpu-util", type=float, default=None)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--log-dir", default="/tmp/ttft-hops")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from pdsidecar.dev.engines import EngineConfig, start_engines
+    from pdsidecar.dev.local import connector_config
+    from pdsidecar.dev.local_sidecars import start_sidecars
+    from pdsidecar.dev.procs import cpu_slices, free_port
+
+    _, base = connector_config("ours")
+    configs = []
+    for role, bind in zip(("prefill", "decode"), cpu_slices(2)):
+        cfg = copy.deepcopy(base)
+        cfg["kv_connector_extra_config"]["control_port"] = free_port()
+        gpu = args.gpu_util is not None
+        configs.append(EngineConfig(model=args.model, name=role, kv_transfer_config=cfg,
+                                    cpu_bind=None if gpu else bind, pin_process=not gpu,
+                                    max_model_len=args.max_model_len, log_dir=args.log_dir,
+                                    extra_args=["--gpu-memory-utilization", str(args.gpu_util)] if gpu else []))
+    engines = start_engines(configs, sequential=args.gpu_util is not None)
+    try:
+        sc = start_sidecars(engines[0], engines[1], extra_decode_args=["--first-token-from-prefill", "all"])
+        try:
+            res = asyncio.run(run(args, engines[0], sc))
+        finally:
+            sc.stop()
+    finally:
+        for e in engines:
+            e.stop()
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
