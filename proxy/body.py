@@ -55,6 +55,12 @@ def _all_ints(items: list[Any]) -> bool:
     return set(map(type, items)) <= {int}
 
 
+def non_negative_ints(items: list[Any]) -> bool:
+    """Every item a non-negative int (token or block ids), checked in C: a long
+    prompt's ids are on the first token's path (8k ids: 0.2 ms, a generator 0.35-0.9)."""
+    return _all_ints(items) and (not items or min(items) >= 0)
+
+
 # keys vLLM (0.26-0.34) turns into connector / engine transfer state: top level
 # (`to_sampling_params` copies them into extra_args) and inside `vllm_xargs` (copied into
 # extra_args as they are; `Request` reads kv_transfer_params, ec_transfer_params and
@@ -271,8 +277,7 @@ def prompt_ids_from_prefill(api: str, resp: dict[str, Any]) -> list[int] | None:
         choices = resp.get("choices")
         if isinstance(choices, list) and len(choices) == 1 and isinstance(choices[0], dict):
             ids = choices[0].get("prompt_token_ids")
-    # on the first token's path: 8k ids checked in 0.2 ms (a generator took 0.35-0.9)
-    if isinstance(ids, list) and ids and _all_ints(ids) and min(ids) >= 0:
+    if isinstance(ids, list) and ids and non_negative_ints(ids):
         return ids
     return None
 
