@@ -13,6 +13,8 @@ prefill engine, same weights), and no block stays held on either engine afterwar
 
 from __future__ import annotations
 
+import http.client
+import json
 import random
 import threading
 import time
@@ -59,6 +61,14 @@ def aggregated_text(engine, body: dict) -> str:
     return r["choices"][0]["text"]
 
 
+def wait_for_a_loading(pair) -> None:
+    """Until A's blocks are allocated and its (held) READ posted: its load in flight."""
+    deadline = time.monotonic() + 30
+    while metric(pair[1], "pd_connector_recv_blocks_inflight") == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert metric(pair[1], "pd_connector_recv_blocks_inflight") > 0
+
+
 def serve_b_while_a_is_late(pair, body_b: dict, ref_b: str) -> None:
     """B arrives after A's load timed out, while A's READ is still to land."""
     assert metric(pair[1], "pd_connector_recv_blocks_inflight") > 0  # A's blocks held
@@ -85,7 +95,8 @@ def test_late_read_never_lands_in_another_requests_blocks(late_pair, llama_dir):
     t_a = threading.Thread(target=lambda: out.update(a=decode(late_pair, a, params)))
     t0 = time.monotonic()
     t_a.start()
-    time.sleep(TIMEOUT_S + 0.5)
+    wait_for_a_loading(late_pair)
+    time.sleep(TIMEOUT_S + 0.3)  # A's load timed out; its READ lands ~1.5 s later
     serve_b_while_a_is_late(late_pair, body_b, ref_b)
     t_a.join(120)
     t_a_done = time.monotonic() - t0
@@ -107,8 +118,13 @@ def test_abort_during_the_read_keeps_its_blocks_until_it_ended(late_pair, llama_
     a, body_b = prompts(llama_dir, 32)
     ref_b = aggregated_text(late_pair[0], body_b)
     params = prefill(late_pair, a)
-    with pytest.raises(OSError):  # urllib's timeout: the client closed the connection
-        decode(late_pair, a, params, timeout=TIMEOUT_S / 2)
-    time.sleep(TIMEOUT_S + 0.5 - TIMEOUT_S / 2)
+    d = late_pair[1]
+    conn = http.client.HTTPConnection(d.config.host, d.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": d.model_name, "prompt": a, "max_tokens": 8, "temperature": 0, "kv_transfer_params": params}),
+        {"Content-Type": "application/json"})
+    wait_for_a_loading(late_pair)
+    conn.close()  # the client is gone: vLLM aborts A while its READ is held
+    time.sleep(TIMEOUT_S)
     serve_b_while_a_is_late(late_pair, body_b, ref_b)
     assert_nothing_held(late_pair)
