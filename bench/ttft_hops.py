@@ -28,12 +28,14 @@ from bench.e2e_workload import Vocabulary
 
 
 def leg_body(client: dict) -> dict:
-    b = {**client, "stream": False, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True},
-         "return_token_ids": True}
-    return b
+    """The body the decode sidecar sends as the prefill leg (proxy.body.prefill_body, as
+    sent with --first-token-from-prefill): non-streaming, one token, token ids back."""
+    return {**client, "stream": False, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True},
+            "return_token_ids": True}
 
 
 async def timed(s: aiohttp.ClientSession, url: str, body: dict) -> float:
+    """Seconds to the first byte of a streamed answer, or to the whole of another."""
     t = time.perf_counter()
     async with s.post(url, json=body) as r:
         if r.status != 200:
@@ -50,6 +52,7 @@ async def timed(s: aiohttp.ClientSession, url: str, body: dict) -> float:
 
 
 def micro(raw: bytes) -> dict[str, float]:
+    """Seconds per call of the JSON work a prefill answer `raw` costs a sidecar."""
     import msgspec
     obj = json.loads(raw)
     ids = obj["choices"][0]["prompt_token_ids"]
