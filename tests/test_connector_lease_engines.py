@@ -18,7 +18,7 @@ import pytest
 
 from pdsidecar.dev.engines import pd_pair_configs
 from test_connector_engines import (aggregated, decode, failures, make_prompts, metric,
-                                    ours_config, prefill, wait_metric)
+                                    ours_config, post, prefill, wait_metric)
 
 pytestmark = pytest.mark.engines
 
@@ -128,6 +128,52 @@ def test_unrenewed_lease_expires_and_a_late_read_is_refused(lease_pair, llama_di
     assert failures(lease_pair[1], "expired") == refused0 + 1
 
 
+def test_leases_under_load_expire_exactly_for_the_unread(lease_pair, llama_dir):
+    """Six prefills at once while both engines serve a stream of other requests: the
+    three read at once (queued behind the load on the one-request decode engine, kept by
+    renewals) load their KV; the three read only after their leases ended are refused
+    (`expired`) and recompute. Every answer equals aggregated serving, exactly three
+    leases expire, and no block stays held on either engine."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = make_prompts(llama_dir, seed=25)[2:8]
+    refs = [aggregated(lease_pair[0], p) for p in prompts]
+    expired0 = metric(lease_pair[0], "pd_connector_expired_requests_total")
+    refused0 = failures(lease_pair[1], "expired")
+    stop = threading.Event()
+
+    def load(engine) -> None:
+        while not stop.is_set():
+            post(engine, {"prompt": prompts[0], "max_tokens": 16, "temperature": 0})
+
+    loaders = [threading.Thread(target=load, args=(e,), daemon=True) for e in lease_pair]
+    for t in loaders:
+        t.start()
+    try:
+        with ThreadPoolExecutor(6) as ex:
+            params = list(ex.map(lambda p: prefill(lease_pair, p), prompts))
+            now = list(ex.map(lambda i: decode(lease_pair, prompts[i], params[i]), range(3)))
+        deadline = time.monotonic() + 60
+        while metric(lease_pair[0], "pd_connector_expired_requests_total") < expired0 + 3 \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        late = [decode(lease_pair, prompts[i], params[i]) for i in range(3, 6)]
+    finally:
+        stop.set()
+        for t in loaders:
+            t.join(60)
+    for i, (status, r) in enumerate(now + late):
+        assert status == 200, r
+        assert r["choices"][0]["text"] == refs[i], f"prompt {i} differs"
+        assert r["kv_transfer_params"]["pd_transfer"]["error"] == ("" if i < 3 else "expired"), i
+    assert metric(lease_pair[0], "pd_connector_expired_requests_total") == expired0 + 3
+    assert failures(lease_pair[1], "expired") == refused0 + 3
+    assert wait_metric(lease_pair[0], "pd_connector_blocks_pending_pickup", 0) == 0
+    for name in ("pd_connector_recv_blocks_inflight", "vllm:num_requests_running",
+                 "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert wait_metric(lease_pair[1], name, 0) == 0, name
+
+
 def test_prefill_killed_during_the_load_decode_recomputes_no_leak(lease_pair, engine_pool,
                                                                    llama_dir):
     """The prefill engine stops answering once it handed out its KV and is killed while
@@ -163,3 +209,4 @@ def test_prefill_killed_during_the_load_decode_recomputes_no_leak(lease_pair, en
             assert wait_metric(lease_pair[1], name, 0) == 0, name
     finally:
         engine_pool.drop("ours-llama-lease")
+
