@@ -3,10 +3,10 @@
 Worker halves over real NIXL agents in one process (as in test_connector_tp.py). The
 "delayed peer" (transfer.late_peer.LateReads, the engines' test hook) holds the
 decode worker's READ back for LATE_S: the real NIXL READ is posted only then, long
-after the worker's ``transfer_timeout_s``, so its bytes land in the decode blocks late. The worker must not report the load
-(failed or finished) to vLLM before the engine confirms the READ is over: vLLM would
-hand those blocks to another request (or recompute into them) while the late copy
-still writes.
+after the worker's ``transfer_timeout_s``, so its bytes land in the decode blocks
+late. The worker must not report the load (failed or finished) to vLLM before the
+engine confirms the READ is over: vLLM would hand those blocks to another request (or
+recompute into them) while the late copy still writes.
 """
 
 from __future__ import annotations
