@@ -133,8 +133,9 @@ def decode(pair, prompt, params, max_tokens=8, timeout=120.0) -> tuple[int, dict
                           "kv_transfer_params": params}, timeout)
 
 
-def aggregated(engine, prompt, max_tokens=8) -> str:
-    status, r = post(engine, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+def aggregated(engine, prompt, max_tokens=8, **fields) -> str:
+    """Greedy text of a plain request (no KV transfer); `fields`: more body fields."""
+    status, r = post(engine, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **fields})
     assert status == 200, r
     return r["choices"][0]["text"]
 

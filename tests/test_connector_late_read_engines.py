@@ -22,7 +22,7 @@ import time
 import pytest
 
 from pdsidecar.dev.engines import pd_pair_configs
-from test_connector_engines import (aggregated, decode, failures, metric, ours_config, post, prefill,
+from test_connector_engines import (aggregated, decode, failures, metric, ours_config, prefill,
                                     vocab, wait_metric)
 
 pytestmark = pytest.mark.engines
@@ -45,20 +45,15 @@ def late_pair(engine_pool, llama_dir):
     return engine_pool.get("ours-llama-late", configs)
 
 
-def prompts(llama_dir: str, seed: int) -> tuple[list[int], dict]:
-    """A (4 blocks) and B's body (4 blocks, 7 with its output)."""
+B_FIELDS = {"max_tokens": 440, "ignore_eos": True}  # B: 4 blocks of prompt, 7 with its output
+
+
+def prompts(llama_dir: str, seed: int) -> tuple[list[int], list[int]]:
+    """A's prompt (4 blocks) and B's (4 blocks)."""
     rng = random.Random(seed)
     v = vocab(llama_dir)
-    a = [rng.randrange(10, v - 1) for _ in range(500)]
-    body_b = {"prompt": [rng.randrange(10, v - 1) for _ in range(450)], "max_tokens": 440,
-              "temperature": 0, "ignore_eos": True}
-    return a, body_b
-
-
-def aggregated_text(engine, body: dict) -> str:
-    status, r = post(engine, body)
-    assert status == 200, r
-    return r["choices"][0]["text"]
+    return ([rng.randrange(10, v - 1) for _ in range(500)],
+            [rng.randrange(10, v - 1) for _ in range(450)])
 
 
 def wait_for_a_loading(pair) -> None:
@@ -69,12 +64,10 @@ def wait_for_a_loading(pair) -> None:
     assert metric(pair[1], "pd_connector_recv_blocks_inflight") > 0
 
 
-def serve_b_while_a_is_late(pair, body_b: dict, ref_b: str) -> None:
+def serve_b_while_a_is_late(pair, b: list[int], ref_b: str) -> None:
     """B arrives after A's load timed out, while A's READ is still to land."""
     assert metric(pair[1], "pd_connector_recv_blocks_inflight") > 0  # A's blocks held
-    status_b, r_b = post(pair[1], body_b)
-    assert status_b == 200, r_b
-    assert r_b["choices"][0]["text"] == ref_b
+    assert aggregated(pair[1], b, **B_FIELDS) == ref_b
 
 
 def assert_nothing_held(pair) -> None:
@@ -86,9 +79,9 @@ def assert_nothing_held(pair) -> None:
 
 
 def test_late_read_never_lands_in_another_requests_blocks(late_pair, llama_dir):
-    a, body_b = prompts(llama_dir, 31)
+    a, b = prompts(llama_dir, 31)
     ref_a = aggregated(late_pair[0], a)
-    ref_b = aggregated_text(late_pair[0], body_b)
+    ref_b = aggregated(late_pair[0], b, **B_FIELDS)
     timeouts0 = failures(late_pair[1], "timeout")
     params = prefill(late_pair, a)
     out: dict = {}
@@ -97,7 +90,7 @@ def test_late_read_never_lands_in_another_requests_blocks(late_pair, llama_dir):
     t_a.start()
     wait_for_a_loading(late_pair)
     time.sleep(TIMEOUT_S + 0.3)  # A's load timed out; its READ lands ~1.5 s later
-    serve_b_while_a_is_late(late_pair, body_b, ref_b)
+    serve_b_while_a_is_late(late_pair, b, ref_b)
     t_a.join(120)
     t_a_done = time.monotonic() - t0
     status_a, r_a = out["a"]
@@ -115,8 +108,8 @@ def test_abort_during_the_read_keeps_its_blocks_until_it_ended(late_pair, llama_
     late READ landed; B, which needs them, waits and answers correctly (without the
     quarantine B's text differs after ~1,900 characters). The in-flight gauge counts
     A's blocks until then, and returns to 0 (it used to stay at A's 4 blocks)."""
-    a, body_b = prompts(llama_dir, 32)
-    ref_b = aggregated_text(late_pair[0], body_b)
+    a, b = prompts(llama_dir, 32)
+    ref_b = aggregated(late_pair[0], b, **B_FIELDS)
     params = prefill(late_pair, a)
     d = late_pair[1]
     conn = http.client.HTTPConnection(d.config.host, d.port, timeout=30)
@@ -126,5 +119,5 @@ def test_abort_during_the_read_keeps_its_blocks_until_it_ended(late_pair, llama_
     wait_for_a_loading(late_pair)
     conn.close()  # the client is gone: vLLM aborts A while its READ is held
     time.sleep(TIMEOUT_S)
-    serve_b_while_a_is_late(late_pair, body_b, ref_b)
+    serve_b_while_a_is_late(late_pair, b, ref_b)
     assert_nothing_held(late_pair)
