@@ -53,6 +53,11 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--gpu-util", default=None,
                    help="run the engines on the GPU, each with --gpu-memory-utilization GPU_UTIL (a P/D pair "
                         "shares the one GPU; engines start one after another); default: CPU engines")
+    g.add_argument("--gpu-sm-share", default=None, metavar="PREFILL,DECODE",
+                   help="GPU only: run every engine as a client of a running CUDA MPS daemon, a P/D pair's "
+                        "prefill and decode engines limited to these percentages of the SMs "
+                        "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; e.g. 60,40), an aggregated engine to all of "
+                        "them: compute isolation of two engines on one GPU")
     g.add_argument("--arch", default="llama", help="tiny generated model when --model is not given: llama|mixtral")
     g.add_argument("--model", default=None, help="model folder (default: the generated tiny model in the cache)")
     g.add_argument("--max-model-len", default="4096", help="engines' --max-model-len (default 4096)")

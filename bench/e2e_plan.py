@@ -45,6 +45,7 @@ class Plan:
     model_name: str | None
     gpu_util: float | None = None
     config_timeout: float = 600.0
+    sm_share: tuple[int, int] | None = None  # CUDA MPS: prefill, decode engines' % of the SMs
     arrivals: list[float] = field(default_factory=list)
 
 
@@ -159,6 +160,29 @@ def make_plan(args: argparse.Namespace) -> Plan:
     gpu = _num(args.gpu_util, "gpu-util", float, 0, lo_open=True)
     if gpu is not None and gpu > 0.5:
         raise UsageError(f"--gpu-util: a P/D pair shares one GPU, so at most 0.5, got {args.gpu_util}")
+    share = _sm_share(args.gpu_sm_share, gpu)
     return Plan(configs, connect, args.model, args.arch, wl, rate, conc, nreq, dur, warm, seed, rto, sto, mml,
                 sweep, sweep_n, sweep_out, args.json, args.plot, args.title, not args.no_progress, args.strict,
-                args.log_dir, list(args.sidecar_arg), args.model_name, gpu, cto)
+                args.log_dir, list(args.sidecar_arg), args.model_name, gpu, cto, share)
+
+
+def mps_pipe_dir() -> str:
+    """Where CUDA clients look for the MPS control daemon (CUDA's default unless set)."""
+    return os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps"
+
+
+def _sm_share(v: str | None, gpu: float | None) -> tuple[int, int] | None:
+    """`--gpu-sm-share PREFILL,DECODE`: two percentages in 1..100, GPU engines, a running
+    MPS daemon (its control pipe in `mps_pipe_dir()`)."""
+    if v is None:
+        return None
+    if gpu is None:
+        raise UsageError("--gpu-sm-share needs --gpu-util (GPU engines)")
+    parts = v.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and 1 <= int(p) <= 100 for p in parts):
+        raise UsageError(f"--gpu-sm-share: expected PREFILL,DECODE percentages in 1..100, got {v!r}")
+    pipe = Path(mps_pipe_dir()) / "control"
+    if not pipe.exists():
+        raise UsageError(f"--gpu-sm-share: no CUDA MPS daemon ({pipe} is missing); start one with "
+                         "`nvidia-cuda-mps-control -d` (same CUDA_MPS_PIPE_DIRECTORY)")
+    return int(parts[0]), int(parts[1])

@@ -228,7 +228,11 @@ def execute(plan: Plan, on_config: Callable[[dict[str, Any]], None] | None = Non
     result: dict[str, Any] = {
         "meta": {"tool": "pdbench e2e", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info,
                  "model": model or plan.model_name, "arch": plan.arch if not plan.model_dir else None,
-                 "title": title, "loadavg_start": load0,
+                 "title": title, "loadavg_start": load0, "gpu_util": plan.gpu_util,
+                 "gpu_sm_share": (None if plan.sm_share is None else
+                                  {"prefill": plan.sm_share[0], "decode": plan.sm_share[1], "agg": 100,
+                                   "how": "CUDA MPS clients, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"}),
+                 "sidecar_args": plan.sidecar_args,
                  "note": "configurations run one after another on the same machine; greedy (temperature 0), "
                          "ignore_eos so every request produces max_tokens tokens"},
         "workload": {**plan.workload.describe(),

@@ -9,7 +9,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from bench.e2e_plan import Plan
+from bench.e2e_plan import Plan, mps_pipe_dir
 
 
 @dataclass
@@ -74,6 +74,9 @@ def _engine_configs(roles: tuple[str, ...], model: str, kv_cfg: dict | None, pla
         if cfg and "kv_connector_extra_config" in cfg and not stock:
             cfg["kv_connector_extra_config"]["control_port"] = free_port()
         env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())} if stock else {}
+        if plan.sm_share is not None:  # an MPS client, limited to its share of the SMs
+            share = dict(zip(("prefill", "decode"), plan.sm_share)).get(role, 100)
+            env.update(CUDA_MPS_PIPE_DIRECTORY=mps_pipe_dir(), CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=str(share))
         if plan.gpu_util is None:
             out.append(EngineConfig(model=model, name=role, kv_transfer_config=cfg, cpu_bind=bind, env=env,
                                     log_dir=plan.log_dir, **common))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU host: run the GPU stages with the offline site (scripts/gpu-host.sh), results under
 # $OUT (the device tool brings them back). Stages: env unit engines[=PYTEST_K] models probe launch hops
-# bench=CONFIGS
+# mps bench=CONFIGS
 #   scripts/gpu-suite.sh env unit engines=llama
 set -u
 cd "$(dirname "$0")/.."
@@ -49,6 +49,14 @@ for stage in "$@"; do
     models)  # Llama-3-8B's KV shape with little compute, drawn on the GPU
       python3 -m pdsidecar models make --preset llama3-8b-kv --device cuda \
         --out "$PDSIDECAR_CACHE/models/llama3-8b-kv" > "$OUT/models.txt" 2>&1; echo "models rc=$?" ;;
+    mps)  # a CUDA MPS control daemon for the later stages (BENCH_SM_SHARE), quit when this script ends;
+      # the GPU's compute mode and other settings are left as they are
+      export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/pd-mps} CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/pd-mps-log}
+      mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+      if nvidia-cuda-mps-control -d; then
+        trap 'echo quit | timeout 20 nvidia-cuda-mps-control; sleep 1; cp -r "$CUDA_MPS_LOG_DIRECTORY" "$OUT/mps-log"' EXIT
+        echo "mps daemon started ($CUDA_MPS_PIPE_DIRECTORY)"
+      else echo "mps daemon did not start"; fi ;;
     bench=*)  # bench=agg,pd-ours,...: a Poisson workload (short requests decoding while
       # long prompts arrive: decode ITL under prefill interference), then a sequential
       # sweep 128..8k tokens (TTFT, KV move). The presets' max_position_embeddings is 8192.
@@ -57,10 +65,11 @@ for stage in "$@"; do
       # excluded; on the H100 start-up took 88-122 s per configuration, the workload 5.5-6.3 s).
       # BENCH_SIDECAR_ARG: one extra decode-sidecar argument (e.g.
       # --first-token-from-prefill=all), BENCH_TAG: suffix of the output names,
-      # BENCH_N=0: the sweep only (BENCH_SWEEP tokens, BENCH_SWEEP_N each)
+      # BENCH_N=0: the sweep only (BENCH_SWEEP tokens, BENCH_SWEEP_N each), BENCH_SM_SHARE=P,D:
+      # the engines as MPS clients, a pair's prefill/decode limited to P/D % of the SMs (stage mps first)
       c=${stage#bench=}; tag=${c//,/_}${BENCH_TAG:+-$BENCH_TAG}
       timeout "${BENCH_TIMEOUT:-500}" python3 -m bench.cli e2e --gpu-util 0.2 --configs "$c" \
-        ${BENCH_SIDECAR_ARG:+"--sidecar-arg=$BENCH_SIDECAR_ARG"} \
+        ${BENCH_SIDECAR_ARG:+"--sidecar-arg=$BENCH_SIDECAR_ARG"} ${BENCH_SM_SHARE:+--gpu-sm-share "$BENCH_SM_SHARE"} \
         --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" --max-model-len 8192 \
         --rate "${BENCH_RATE:-4}" --num-requests "${BENCH_N:-24}" --warmup 2 \
         --prompt-len uniform:128-512 --output-len fixed:64 \

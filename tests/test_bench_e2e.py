@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import subprocess
 import sys
@@ -15,9 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def e2e(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def e2e(*argv: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench.e2e", *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env=None if env is None else {**os.environ, **env})
 
 
 # ------------------------------------------------------------------ bad arguments
@@ -43,6 +44,9 @@ def e2e(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
     (["--config-timeout", "0"], "--config-timeout: must be > 0"),
     (["--config-timeout", "soon"], "--config-timeout: expected a number"),
     (["--prefill-engine-url", "http://x:1"], "need --decode-url"),
+    (["--gpu-sm-share", "60,40"], "--gpu-sm-share needs --gpu-util"),
+    (["--gpu-util", "0.2", "--gpu-sm-share", "60"], "expected PREFILL,DECODE percentages"),
+    (["--gpu-util", "0.2", "--gpu-sm-share", "0,100"], "expected PREFILL,DECODE percentages"),
 ])
 def test_bad_arguments_one_line_error(argv, needle):
     r = e2e(*argv)
@@ -66,6 +70,12 @@ def test_bad_prompt_file(tmp_path, content, needle):
     r = e2e("--prompts", str(f))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sm_share_without_an_mps_daemon(tmp_path):
+    r = e2e("--gpu-util", "0.2", "--gpu-sm-share", "60,40", env={"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path)})
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "no CUDA MPS daemon" in r.stderr and str(tmp_path / "control") in r.stderr
 
 
 def test_unreadable_prompt_file_directory(tmp_path):
