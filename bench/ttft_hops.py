@@ -3,7 +3,8 @@
 One PdConnector pair with sidecars (`--first-token-from-prefill all`). Per iteration, each
 variant with its own fresh prompt, in rotating order:
   direct_stream   client -> prefill engine, streaming, max_tokens 1 (aggregated serving's path)
-  direct_leg      client -> prefill engine, the prefill leg's body (non-streaming, return_token_ids)
+  direct_leg      client -> prefill engine, the prefill leg's body (non-streaming, no token ids)
+  direct_leg_ids  the same with `return_token_ids` (the prefill leg before 2026-12-07 evening)
   sidecar_ft      client -> decode sidecar (first token from the prefill leg)
 For each: the client's time to the first byte, the prefill engine's own e2e for the
 request (metrics delta), and for sidecar_ft the sidecars' histograms. Also micro timings
@@ -27,11 +28,11 @@ from bench.e2e_breakdown import _hist, delta, snapshot
 from bench.e2e_workload import Vocabulary
 
 
-def leg_body(client: dict) -> dict:
+def leg_body(client: dict, ids: bool = False) -> dict:
     """The body the decode sidecar sends as the prefill leg (proxy.body.prefill_body, as
-    sent with --first-token-from-prefill): non-streaming, one token, token ids back."""
-    return {**client, "stream": False, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True},
-            "return_token_ids": True}
+    sent with --first-token-from-prefill): non-streaming, one token; `ids`: token ids back."""
+    b = {**client, "stream": False, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+    return {**b, "return_token_ids": True} if ids else b
 
 
 async def timed(s: aiohttp.ClientSession, url: str, body: dict) -> float:
@@ -51,14 +52,18 @@ async def timed(s: aiohttp.ClientSession, url: str, body: dict) -> float:
     return t1 - t
 
 
-def micro(raw: bytes) -> dict[str, float]:
-    """Seconds per call of the JSON work a prefill answer `raw` costs a sidecar."""
+def micro(raw: bytes, raw_ids: bytes) -> dict[str, float]:
+    """Seconds per call of the JSON work a prefill answer costs a sidecar (`raw`: as sent
+    now, `raw_ids`: with the prompt's token ids)."""
+    import hashlib
+
     import msgspec
-    obj = json.loads(raw)
-    ids = obj["choices"][0]["prompt_token_ids"]
+    ids = json.loads(raw_ids)["choices"][0]["prompt_token_ids"]
     fns = {
         "json.loads(answer)": lambda: json.loads(raw),
         "msgspec decode(answer)": lambda: msgspec.json.decode(raw),
+        "msgspec decode(answer with ids)": lambda: msgspec.json.decode(raw_ids),
+        "sha256 of ids (pd_prompt_sha256)": lambda: hashlib.sha256(msgspec.json.encode(ids)).hexdigest(),
         "ids check genexpr": lambda: all(type(x) is int and x >= 0 for x in ids),
         "ids check set(map(type))": lambda: set(map(type, ids)) <= {int} and min(ids) >= 0,
         "json.dumps(ids)": lambda: json.dumps(ids),
@@ -71,16 +76,17 @@ async def run(args, p, sc) -> dict:
     voc = Vocabulary.from_model(args.model)
     rng = random.Random(7)
     srcs = {"decode_sidecar": sc.decode_url, "prefill_sidecar": sc.prefill_url, "prefill_engine": p.url}
-    names = ["direct_stream", "direct_leg", "sidecar_ft"]
+    names = ["direct_stream", "direct_leg", "direct_leg_ids", "sidecar_ft"]
     out: dict[str, list[dict]] = {n: [] for n in names}
     async with aiohttp.ClientSession() as s:
         for i in range(args.warmup + args.n):
-            order = names[i % 3:] + names[:i % 3]
+            order = names[i % len(names):] + names[:i % len(names)]
             for name in order:
                 client = {"model": p.model_name, "prompt": voc.prompt(args.tokens, rng), "max_tokens": 4,
                           "temperature": 0, "stream": True}
                 url, body = {"direct_stream": (p.url + "/v1/completions", {**client, "max_tokens": 1}),
                              "direct_leg": (p.url + "/v1/completions", leg_body(client)),
+                             "direct_leg_ids": (p.url + "/v1/completions", leg_body(client, ids=True)),
                              "sidecar_ft": (sc.decode_url + "/v1/completions", client)}[name]
                 before = await asyncio.to_thread(snapshot, srcs)
                 t = await timed(s, url, body)
@@ -95,12 +101,14 @@ async def run(args, p, sc) -> dict:
                 if i >= args.warmup:
                     out[name].append(d)
         raw = await (await s.post(p.url + "/v1/completions", json=leg_body(client))).read()
+        raw_ids = await (await s.post(p.url + "/v1/completions", json=leg_body(client, ids=True))).read()
     res: dict = {"tokens": args.tokens, "n": args.n, "variants": {}}
     for name, recs in out.items():
         keys = sorted({k for r in recs for k in r})
         res["variants"][name] = {k: statistics.median(r[k] for r in recs if k in r) * 1e3 for k in keys}
     res["answer_bytes"] = len(raw)
-    res["micro_ms"] = {k: v * 1e3 for k, v in micro(raw).items()}
+    res["answer_bytes_with_ids"] = len(raw_ids)
+    res["micro_ms"] = {k: v * 1e3 for k, v in micro(raw, raw_ids).items()}
     return res
 
 

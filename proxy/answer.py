@@ -35,10 +35,11 @@ from .endpoints import norm_host
 
 _BOOL = ("do_remote_prefill", "do_remote_decode")
 _STR = {"remote_host": 255, "remote_engine_id": 512, "remote_request_id": 512, "transfer_mode": 32,
-        "pd_control_addr": 300}
+        "pd_control_addr": 300, "pd_prompt_sha256": 64}
 _INT = {"remote_port": (1, 65535), "tp_size": (1, 1 << 16), "dcp_size": (1, 1 << 16), "pp_size": (1, 1 << 16),
         "remote_num_tokens": (0, 1 << 40), "remote_dp_rank": (0, 1 << 16), "remote_block_size": (1, 1 << 20),
-        "pd_kv_bytes": (0, 1 << 62), "pd_protocol_version": (0, 1 << 31), "remote_prefill_cached_tokens": (0, 1 << 40)}
+        "pd_kv_bytes": (0, 1 << 62), "pd_protocol_version": (0, 1 << 31), "remote_prefill_cached_tokens": (0, 1 << 40),
+        "pd_next_token_id": (0, (1 << 31) - 1)}
 _NUM = ("remote_blocks_expiry_time",)
 
 

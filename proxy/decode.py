@@ -53,7 +53,7 @@ class DecodeRole:
         self.tokens = TokenEstimator(sc)
         self.prefill_leg = PrefillLeg(sc, self.peers, self.identity)
         self.decode_leg = DecodeLeg(sc, self.release)
-        self.first_token = FirstTokenLeg(sc, self.release)
+        self.first_token = FirstTokenLeg(sc, self.release, self.tokens)
         self.push = PushLeg(sc, self.peers, self.identity, self.decode_leg)
 
     def add_routes(self, app: web.Application) -> None:
@@ -164,26 +164,31 @@ class DecodeRole:
         """Pull mode: the prefill leg, then the decode leg loading its KV; one local
         recompute when either leg fails before anything reached the client (per policy)."""
         cfg, m = self.sc.cfg, self.sc.metrics
-        # token ids are taken only from a signed answer: no token, no reuse
-        want_ids = bool(cfg.auth_token) and reuse_eligible(rq.api, body, cfg.reuse_token_ids)
-        # the first token from the prefill leg needs its token ids, whatever the reuse mode
+        # the first token from the prefill leg: the prompt's ids come from the local vLLM
+        # (tokenized while the prefill runs), so the prefill answer carries none
         first = self.first_token.eligible(rq.api, body)
+        tokens = self.first_token.tokenize(rq.api, body) if first else None
+        # token ids are taken only from a signed answer: no token, no reuse
+        want_ids = bool(cfg.auth_token) and not first and reuse_eligible(rq.api, body, cfg.reuse_token_ids)
         try:
             with span("pd.prefill_leg", request_id=rq.rid):
-                pre = await self.prefill_leg.run(rq, body, forced, est, want_ids or first)
+                pre = await self.prefill_leg.run(rq, body, forced, est, want_ids)
+            rq.path, rq.peer = "disagg", str(pre.peer)
+            if tokens is not None:
+                resp = await self.first_token.serve(rq, body, pre, tokens)
+                if resp is not None:
+                    return resp
         except ClientFault as e:
             rq.path, rq.status = "error", e.status
             return web.Response(status=e.status, body=e.body, content_type=e.content_type,
                                 headers={PATH_HEADER: "error", "x-request-id": rq.rid})
         except PrefillFailed as e:
+            if tokens is not None:
+                tokens.cancel()
             return await self._prefill_failed(rq, body, e)
-        rq.path, rq.peer = "disagg", str(pre.peer)
-        if first:
-            resp = await self.first_token.serve(rq, body, pre)
-            if resp is not None:
-                return resp
-        if not want_ids:
-            pre.ids = None  # asked for the first token's sake only
+        finally:
+            if tokens is not None:
+                tokens.cancel()  # done by now unless the prefill leg failed
         if pre.ids is not None:
             m.token_reuse.labels(rq.api).inc()
         try:

@@ -5,7 +5,9 @@ decode sidecar can send that token to the client at once and let the decode engi
 continue from it: a `/v1/completions` leg whose prompt is the prompt's token ids plus the
 first token, `max_tokens - 1`, the prefill's `kv_transfer_params` plus
 `pd_extra_tokens: 1` (PdConnector then reads only the prompt's KV and computes the first
-token's). This module decides whether a request may take that path (`skip_reason`,
+token's). The ids are the local vLLM's tokenization, made while the prefill leg runs; the
+prefill connector's `pd_prompt_sha256` says they are the tokens it computed, its
+`pd_next_token_id` is the first token's id (the prefill answer carries no token ids). This module decides whether a request may take that path (`skip_reason`,
 `first_token`), builds the continuation body (`continuation_body`) and writes the
 client's one stream (`StreamFormat`: one id/created/model, chat chunks converted from
 completion chunks, usage counted as aggregated serving counts it). proxy.first_token_leg
@@ -22,7 +24,7 @@ __all__ = ["FirstToken", "StreamFormat", "continuation_body", "first_token", "sk
            "SKIP_REASONS", "wanted"]
 
 # why a streaming P/D request took the normal path although the option is on
-SKIP_REASONS = ("request", "no_max_tokens", "no_token_ids", "connector", "answer", "partial_char")
+SKIP_REASONS = ("request", "no_max_tokens", "no_token_ids", "tokens", "connector", "answer", "partial_char")
 
 _COMMON_KEYS = frozenset((
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
@@ -94,16 +96,17 @@ class FirstToken:
     prompt_tokens: int
 
 
-def first_token(api: str, answer: dict[str, Any], limit: int) -> FirstToken | str:
-    """The first token in a prefill answer made with `return_token_ids` (its finish:
-    `stop` when the engine stopped on it, `length` when the client's `limit` is 1, else
-    None), or a skip reason."""
+def first_token(api: str, answer: dict[str, Any], limit: int, kv: dict[str, Any]) -> FirstToken | str:
+    """The first token of a prefill answer: its id from the checked `kv` params
+    (PdConnector's `pd_next_token_id`), its text from the answer (its finish: `stop` when
+    the engine stopped on it, `length` when the client's `limit` is 1, else None), or a
+    skip reason."""
     choices = answer.get("choices")
     if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
         return "answer"
     ch = choices[0]
-    ids = ch.get("token_ids")
-    if not isinstance(ids, list) or len(ids) != 1 or type(ids[0]) is not int or ids[0] < 0:
+    token_id = kv.get("pd_next_token_id")
+    if type(token_id) is not int or token_id < 0:
         return "no_token_ids"
     if api == "chat":
         msg = ch.get("message")
@@ -121,7 +124,7 @@ def first_token(api: str, answer: dict[str, Any], limit: int) -> FirstToken | st
         return "partial_char"  # a character split over tokens: the decode would not emit its rest
     # the leg's own limit is 1: "length" says nothing about the client's request
     fr = "stop" if ch.get("finish_reason") == "stop" else ("length" if limit == 1 else None)
-    return FirstToken(ids[0], text, fr, ch.get("stop_reason") if fr == "stop" else None, created, model, pt)
+    return FirstToken(token_id, text, fr, ch.get("stop_reason") if fr == "stop" else None, created, model, pt)
 
 
 def continuation_body(api: str, body: dict[str, Any], prompt_ids: list[int], first: FirstToken,

@@ -1,8 +1,9 @@
 """Decode role: the first token from the prefill leg, then the decode engine continues.
 
 `FirstTokenLeg.eligible` says (before the prefill leg) whether a streaming request may
-take this path; `serve` (after it) sends the prefill answer's token to the client at
-once and streams the continuation from the local vLLM (`proxy.first_token`'s body and
+take this path and `tokenize` starts the local vLLM's tokenization of its prompt, to run
+beside the prefill leg; `serve` (after it) sends the prefill answer's token to the client
+at once and streams the continuation from the local vLLM (`proxy.first_token`'s body and
 chunk conversion), or returns None: the caller then runs the normal decode leg. Nothing
 is ever sent twice: a continuation that fails before its first byte is recomputed locally
 from prompt + first token (`--fallback fallback`), one that fails later (or with
@@ -28,6 +29,7 @@ from .first_token import (FirstToken, StreamFormat, continuation_body, error_eve
 from .pd_request import PdRequest, PrefillResult
 from .release import KvRelease, ReleaseStatus
 from .server import PATH_HEADER, forward_headers
+from .tokens import TokenEstimator
 
 __all__ = ["FirstTokenLeg"]
 
@@ -46,10 +48,15 @@ class _NoOutput(Exception):
 
 
 class FirstTokenLeg:
-    def __init__(self, sc, release: KvRelease):
+    def __init__(self, sc, release: KvRelease, tokens: TokenEstimator):
         self.sc = sc
         self.release = release
+        self.tokens = tokens
         self._timeouts = leg_timeouts(sc.cfg)
+
+    def tokenize(self, api: str, body: dict) -> asyncio.Task:
+        """The prompt's token ids and digest from the local vLLM, while the prefill runs."""
+        return asyncio.ensure_future(self.tokens.prompt_ids(api, body))
 
     def eligible(self, api: str, body: dict) -> bool:
         """Before the prefill leg: may this request get its first token from there?"""
@@ -60,29 +67,35 @@ class FirstTokenLeg:
         if why is None and not reuse_eligible(api, body, "all"):
             why = "request"  # a prompt of token ids / embeds, non-text chat content
         if why is None and not cfg.auth_token:
-            why = "no_token_ids"  # token ids are taken only from a signed answer
+            why = "no_token_ids"  # the first token's id is taken only from a signed answer
         if why is not None:
             self.sc.metrics.first_token_skipped.labels(why).inc()
             return False
         return True
 
-    async def serve(self, rq: PdRequest, body: dict, pre: PrefillResult) -> web.StreamResponse | None:
-        """After the prefill leg: the client's stream, or None (normal path, counted)."""
-        m = self.sc.metrics
+    async def serve(self, rq: PdRequest, body: dict, pre: PrefillResult,
+                    tokens: asyncio.Task) -> web.StreamResponse | None:
+        """After the prefill leg: the client's stream, or None (normal path, counted).
+        `tokens`: `tokenize`'s task."""
         kv = pre.kv_params
-        if pre.ids is None or not isinstance(pre.answer, dict):
+        if not isinstance(pre.answer, dict):
             why: str = "no_token_ids"
         elif type(kv.get("pd_protocol_version")) is not int or kv.get("transfer_mode", "pull") != "pull":
             why = "connector"  # only PdConnector loads a prompt shorter than the decode's
         else:
-            got = first_token(rq.api, pre.answer, limit_of(rq.api, body))
-            if isinstance(got, FirstToken):
-                return await self._stream(rq, body, pre, got)
-            why = got
-        m.first_token_skipped.labels(why).inc()
+            got = first_token(rq.api, pre.answer, limit_of(rq.api, body), kv)
+            local = await tokens if isinstance(got, FirstToken) else None
+            if local is None:
+                why = got if isinstance(got, str) else "no_token_ids"
+            elif local[1] != kv.get("pd_prompt_sha256") or len(local[0]) != kv.get("remote_num_tokens"):
+                why = "tokens"  # this engine tokenizes the prompt otherwise: its KV is not ours
+            else:
+                return await self._stream(rq, body, pre, got, local[0])
+        self.sc.metrics.first_token_skipped.labels(why).inc()
         return None
 
-    async def _stream(self, rq: PdRequest, body: dict, pre: PrefillResult, first: FirstToken) -> web.StreamResponse:
+    async def _stream(self, rq: PdRequest, body: dict, pre: PrefillResult, first: FirstToken,
+                      ids: list[int]) -> web.StreamResponse:
         m = self.sc.metrics
         fmt = StreamFormat(rq.api, rq.rid, first, bool((body.get("stream_options") or {}).get("include_usage")))
         out = web.StreamResponse(status=200, headers={PATH_HEADER: rq.path, "x-request-id": rq.rid,
@@ -103,7 +116,7 @@ class FirstTokenLeg:
                 await out.write(fmt.prefill_only_end())
             else:
                 sent = True
-                await self._continue(rq, out, fmt, body, pre, first)
+                await self._continue(rq, out, fmt, body, pre, first, ids)
             await out.write_eof()
         except _CLIENT_GONE:
             m.client_disconnects.labels("decode").inc()
@@ -116,12 +129,12 @@ class FirstTokenLeg:
         return out
 
     async def _continue(self, rq: PdRequest, out: web.StreamResponse, fmt: StreamFormat, body: dict,
-                        pre: PrefillResult, first: FirstToken) -> None:
+                        pre: PrefillResult, first: FirstToken, ids: list[int]) -> None:
         """The continuation with the prefill KV; once more without it if that failed
         before any output (never the first token twice)."""
         cfg, m = self.sc.cfg, self.sc.metrics
         try:
-            return await self._relay(rq, out, fmt, continuation_body(rq.api, body, pre.ids, first, pre.kv_params),
+            return await self._relay(rq, out, fmt, continuation_body(rq.api, body, ids, first, pre.kv_params),
                                      pre)
         except _NoOutput as e:
             self.release.settle(pre, ReleaseStatus.RELEASED)
@@ -135,7 +148,7 @@ class FirstTokenLeg:
             m.fallbacks.labels(e.reason).inc()
             rq.path = "fallback"
         try:
-            await self._relay(rq, out, fmt, continuation_body(rq.api, body, pre.ids, first, None), None)
+            await self._relay(rq, out, fmt, continuation_body(rq.api, body, ids, first, None), None)
         except _NoOutput as e:
             log.warning("local continuation failed too", extra={"request_id": rq.rid, "error": str(e)})
             rq.path = "error"

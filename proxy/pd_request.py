@@ -51,4 +51,4 @@ class PrefillResult:
     seconds: float  # the prefill leg's round trip
     tokens: int  # prompt tokens (the answer's usage, else the estimate)
     settled: bool = False  # handed back (picked up / released / aborted): exactly once
-    answer: dict[str, Any] | None = None  # the signed answer (when token ids were asked for)
+    answer: dict[str, Any] | None = None  # the answer, when signed

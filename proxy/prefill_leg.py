@@ -190,9 +190,10 @@ class PrefillLeg:
             self._reject_answer(ep, str(e))
         usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
         tokens = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else est
-        # prompt token ids only from a verified (signed) answer
-        verified = want_ids and bool(cfg.auth_token)
-        ids = prompt_ids_from_prefill(rq.api, obj) if verified else None
+        # prompt token ids (and the first token: proxy.first_token_leg) only from a
+        # verified (signed) answer
+        verified = bool(cfg.auth_token)
+        ids = prompt_ids_from_prefill(rq.api, obj) if verified and want_ids else None
         m.prefill_leg.observe(ans.seconds)
         return PrefillResult(ep, prid, kv, ids, ans.seconds, tokens, answer=obj if verified else None)
 

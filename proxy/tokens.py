@@ -1,21 +1,51 @@
-"""Decode role: how many prompt tokens a request has, for the local-threshold decision and
-the per-peer pending-token counts.
+"""Decode role: a request's prompt tokens - how many (the local-threshold decision, the
+per-peer pending-token counts) and which (the first token from the prefill leg).
 
 `--token-estimator chars` divides the prompt's characters by `--chars-per-token`
 (proxy.body.estimate_tokens, free); `tokenize` asks the local vLLM's `/tokenize` and
-falls back to chars when that fails (for good once vLLM answers 404).
+falls back to chars when that fails (for good once vLLM answers 404). `prompt_ids` asks
+the local vLLM for the ids themselves, with `prompt_digest` of them: the prefill
+connector's `pd_prompt_sha256` says whether the prefill computed the same tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 import aiohttp
+import msgspec
 
-from .body import estimate_tokens
+from .body import estimate_tokens, non_negative_ints
 
-__all__ = ["TokenEstimator"]
+__all__ = ["TokenEstimator", "prompt_digest", "tokenize_payload"]
+
+TOKENIZE_TIMEOUT_S = 5.0  # one /tokenize call to the local vLLM
+# chat fields that shape the templated prompt, passed to /tokenize as the client sent them
+_CHAT_TEMPLATE_KEYS = ("add_generation_prompt", "continue_final_message", "add_special_tokens",
+                       "chat_template", "chat_template_kwargs", "tools")
+
+
+def prompt_digest(token_ids: list[int]) -> str:
+    """SHA-256 (hex) of token ids as a compact JSON array (`[1,2,3]`): PdConnector's
+    `pd_prompt_sha256` of the tokens its KV holds."""
+    return hashlib.sha256(msgspec.json.encode(token_ids)).hexdigest()
+
+
+def tokenize_payload(api: str, body: dict) -> dict[str, Any] | None:
+    """The local vLLM's `/tokenize` body for this request's prompt (None: not text)."""
+    payload: dict[str, Any] = {"model": body["model"]}
+    if api == "chat":
+        payload["messages"] = body["messages"]
+        payload.update((k, body[k]) for k in _CHAT_TEMPLATE_KEYS if body.get(k) is not None)
+    elif isinstance(body.get("prompt"), str):
+        payload["prompt"] = body["prompt"]
+        if body.get("add_special_tokens") is not None:
+            payload["add_special_tokens"] = body["add_special_tokens"]
+    else:
+        return None
+    return payload
 
 
 class TokenEstimator:
@@ -30,12 +60,8 @@ class TokenEstimator:
         """The configured estimator's count."""
         cfg = self.sc.cfg
         if cfg.token_estimator == "tokenize" and self._tokenize_ok:
-            payload: dict[str, Any] = {"model": body["model"]}
-            if api == "chat":
-                payload["messages"] = body["messages"]
-            elif isinstance(body.get("prompt"), str):
-                payload["prompt"] = body["prompt"]
-            else:
+            payload = tokenize_payload(api, body)
+            if payload is None:
                 return self.chars(api, body)
             try:
                 async with self.sc.upstreams.get(cfg.vllm_url).post(
@@ -50,3 +76,25 @@ class TokenEstimator:
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RecursionError, AttributeError):
                 pass
         return self.chars(api, body)
+
+    async def prompt_ids(self, api: str, body: dict) -> tuple[list[int], str] | None:
+        """The prompt's token ids as the local vLLM makes them, and their digest (None
+        when it cannot say: not text, an error, a timeout)."""
+        cfg = self.sc.cfg
+        payload = tokenize_payload(api, body)
+        if payload is None:
+            return None
+        try:
+            async with self.sc.upstreams.get(cfg.vllm_url).post(
+                    cfg.vllm_url + "/tokenize", data=msgspec.json.encode(payload),
+                    headers={"Content-Type": "application/json"}, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=TOKENIZE_TIMEOUT_S, sock_connect=cfg.connect_timeout_s)) as r:
+                if r.status != 200:
+                    return None
+                data = msgspec.json.decode(await r.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError):
+            return None
+        ids = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(ids, list) or not ids or not non_negative_ints(ids):
+            return None
+        return ids, prompt_digest(ids)

@@ -201,17 +201,21 @@ def test_concurrent_16_no_blocks_held(ours_pair, llama_dir):
 
 
 @pytest.mark.parametrize("case", ["bad_types", "unknown_engine", "block_range", "foreign_host",
-                                  "expired", "unreachable", "token_mismatch", "not_a_dict"])
+                                  "expired", "unreachable", "token_mismatch", "other_prompt", "not_a_dict"])
 def test_bad_params_recompute(ours_pair, llama_dir, case):
-    """Wrong/malicious params: the decode engine recomputes, output unchanged, no crash."""
+    """Wrong/malicious params: the decode engine recomputes, output unchanged, no crash.
+    `other_prompt`: the KV of a prompt of the same length that differs in its first token
+    (pd_prompt_sha256 says so; loaded, it would change the output)."""
     prompt = make_prompts(llama_dir, seed=3)[8]
-    ref = aggregated(ours_pair[0], prompt)
     params = prefill(ours_pair, prompt)
+    if case == "other_prompt":
+        prompt = [prompt[0] + 1 if prompt[0] < 100 else prompt[0] - 1, *prompt[1:]]
+    ref = aggregated(ours_pair[0], prompt)
     good = dict(params)
     reason = {"bad_types": "bad_params", "unknown_engine": "unknown_engine",
               "block_range": "block_range", "foreign_host": "foreign_host",
               "expired": "expired", "unreachable": "unreachable",
-              "token_mismatch": "mismatch", "not_a_dict": None}[case]
+              "token_mismatch": "mismatch", "other_prompt": "mismatch", "not_a_dict": None}[case]
     if case == "bad_types":
         params["remote_block_ids"] = "all of them"
     elif case == "unknown_engine":

@@ -37,9 +37,9 @@ def ours_pair(engine_pool, llama_dir):
 
 
 class Gate:
-    """A relay in front of the decode engine: records each request (path, body), can hold
-    the next ones until released, answer 500 to the next `fail_next`, or cut a stream
-    after `cut_after` chunks."""
+    """A relay in front of the decode engine: records each generate request (path, body),
+    can hold the next ones until released, answer 500 to the next `fail_next`, or cut a
+    stream after `cut_after` chunks; counts /tokenize calls (never held)."""
 
     def __init__(self, target: str):
         self.target = target
@@ -49,6 +49,7 @@ class Gate:
         self.open.set()
         self.fail_next = 0
         self.cut_after: int | None = None
+        self.tokenized = 0
         self.url = ""
 
     async def start(self) -> None:
@@ -68,7 +69,9 @@ class Gate:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         body = json.loads(raw) if raw else {}
-        if request.method == "POST":
+        if request.path == "/tokenize":
+            self.tokenized += 1
+        elif request.method == "POST":
             self.seen.append((request.path, body))
             self.events.append("decode_leg_arrived")
             await self.open.wait()
@@ -200,6 +203,8 @@ async def test_first_token_from_prefill_identical(ours_pair, api):
             assert path == "/v1/completions" and body["max_tokens"] == 11
             assert len(body["prompt"]) == want["usage"].prompt_tokens + 1
             assert body["kv_transfer_params"]["pd_extra_tokens"] == 1
+        # the prompt's ids: the decode engine's own tokenization, one call per request
+        assert gate.tokenized == len(prompts)
         assert metric(dec, "pd_first_token_from_prefill_total", api=api) == len(prompts)
         assert metric(dec, "pd_requests_total", role="decode", api=api, path="disagg") == len(prompts)
         assert metric(dec, "pd_fallbacks_total", reason="kv_load") == 0

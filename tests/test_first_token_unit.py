@@ -13,6 +13,7 @@ from aiohttp import web
 
 from proxy.first_token import (FirstToken, StreamFormat, continuation_body, first_token, limit_of,
                                skip_reason)
+from proxy.tokens import prompt_digest
 from test_proxy_unit import FakeVllm, post, settle, stack, val
 from transfer.connector.metadata import parse_remote_params, plan_block_read, remote_prompt_tokens
 from transfer.errors import FailureReason, ParamsError
@@ -55,6 +56,25 @@ def test_bad_extra_tokens(bad):
         parse_remote_params(params(pd_extra_tokens=bad))
     assert e.value.reason == FailureReason.BAD_PARAMS
     assert remote_prompt_tokens({"pd_extra_tokens": bad}, 41) == 41  # claims all, refused at planning
+
+
+def test_prompt_digest_checked_against_the_decode_prompt():
+    from types import SimpleNamespace
+
+    from transfer.connector.metadata import check_prompt_digest, prompt_digest, prompt_fields
+    prefill = SimpleNamespace(prompt_token_ids=[3, 4, 5], output_token_ids=[9])
+    f = prompt_fields(prefill, 3)
+    assert f == {"pd_prompt_sha256": prompt_digest([3, 4, 5]), "pd_next_token_id": 9}
+    assert prompt_fields(prefill, 4) == {}  # the KV covers something else than the prompt
+    check_prompt_digest(f, [3, 4, 5], 3)
+    check_prompt_digest(f, [3, 4, 5, 9], 3)  # a continuation: prompt + the first token
+    check_prompt_digest({}, [1], 3)  # no digest (stock params, older prefill): nothing to check
+    for ids, n in (([3, 4, 6], 3), ([3, 4], 3), (None, 3), ([4, 3, 5, 9], 3)):
+        with pytest.raises(ParamsError) as e:
+            check_prompt_digest(f, ids, n)
+        assert e.value.reason == FailureReason.MISMATCH
+    with pytest.raises(ParamsError):
+        check_prompt_digest({"pd_prompt_sha256": 5}, [3, 4, 5], 3)
 
 
 def test_remote_prompt_tokens():
@@ -100,30 +120,44 @@ def test_skip_reason_chat():
     assert limit_of("completions", {"prompt": "x"}) == 16  # vLLM's completions default
 
 
-def answer(text="Hi", ids=(42,), fr="length", **kw):
+def answer(text="Hi", fr="length", **kw):
     a = {"id": "p", "created": 1700, "model": "m", "usage": {"prompt_tokens": 7, "completion_tokens": 1},
-         "choices": [{"index": 0, "text": text, "token_ids": list(ids), "finish_reason": fr}]}
+         "choices": [{"index": 0, "text": text, "finish_reason": fr}]}
     a.update(kw)
     return a
 
 
+KV = {"pd_next_token_id": 42}
+
+
 def test_first_token_from_answer():
-    f = first_token("completions", answer(), 8)
+    f = first_token("completions", answer(), 8, KV)
     assert isinstance(f, FirstToken) and (f.token_id, f.text, f.finish_reason) == (42, "Hi", None)
-    assert first_token("completions", answer(), 1).finish_reason == "length"
-    assert first_token("completions", answer(text="", fr="stop"), 8).finish_reason == "stop"
-    assert first_token("completions", answer(text="\ufffd"), 8) == "partial_char"
-    assert first_token("completions", answer(ids=()), 8) == "no_token_ids"
-    assert first_token("completions", answer(ids=(1, 2)), 8) == "no_token_ids"
+    assert first_token("completions", answer(), 1, KV).finish_reason == "length"
+    assert first_token("completions", answer(text="", fr="stop"), 8, KV).finish_reason == "stop"
+    assert first_token("completions", answer(text="\ufffd"), 8, KV) == "partial_char"
+    assert first_token("completions", answer(), 8, {}) == "no_token_ids"  # not PdConnector's params
+    assert first_token("completions", answer(), 8, {"pd_next_token_id": -1}) == "no_token_ids"
+    assert first_token("completions", answer(), 8, {"pd_next_token_id": True}) == "no_token_ids"
     chat = answer()
     chat["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}
-    assert first_token("chat", chat, 8) == "answer"
+    assert first_token("chat", chat, 8, KV) == "answer"
     chat["choices"][0]["message"] = {"role": "assistant", "content": "Yo"}
-    assert first_token("chat", chat, 8).text == "Yo"
+    assert first_token("chat", chat, 8, KV).text == "Yo"
+
+
+def test_prompt_digest_is_the_connectors():
+    """The sidecar's digest of its own tokenization and PdConnector's pd_prompt_sha256 of
+    the prefill's tokens: one contract on both sides of the seam."""
+    from proxy.tokens import prompt_digest as sidecar_digest
+    from transfer.connector.metadata import prompt_digest as connector_digest
+    for ids in ([1], [0, 5, 128000, 7], list(range(8064))):
+        assert sidecar_digest(ids) == connector_digest(ids)
+    assert sidecar_digest([1, 2]) != sidecar_digest([2, 1]) and sidecar_digest([12]) != sidecar_digest([1, 2])
 
 
 def test_continuation_body():
-    f = first_token("completions", answer(), 8)
+    f = first_token("completions", answer(), 8, KV)
     body = {**BASE, "min_tokens": 3, "top_k": 5, "stream_options": {"include_usage": True}}
     b = continuation_body("completions", body, [1, 2, 3], f, {"remote_request_id": "r"})
     assert b["prompt"] == [1, 2, 3, 42] and b["max_tokens"] == 7 and b["min_tokens"] == 2
@@ -141,7 +175,7 @@ def events(raw: bytes) -> list:
 
 
 def test_stream_format_chat():
-    f = first_token("completions", answer(), 8)
+    f = first_token("completions", answer(), 8, KV)
     fmt = StreamFormat("chat", "rid", f, include_usage=True)
     ev = events(fmt.opening())
     assert ev[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -157,7 +191,7 @@ def test_stream_format_chat():
 
 
 def test_stream_format_prefill_only():
-    f = first_token("completions", answer(fr="stop", text=""), 8)
+    f = first_token("completions", answer(fr="stop", text=""), 8, KV)
     fmt = StreamFormat("completions", "rid", f, include_usage=True)
     ev = events(fmt.opening() + fmt.prefill_only_end())
     assert ev[0]["choices"][0]["finish_reason"] == "stop"
@@ -169,8 +203,8 @@ def test_stream_format_prefill_only():
 
 
 class FtFake(FakeVllm):
-    """A prefill answer with the first token's id (return_token_ids), created and model;
-    a decode that can fail with 500."""
+    """A prefill answer with created, model and a finish reason (the first token's id is
+    in PdConnector's params: OURS); a decode that can fail with 500."""
 
     fail_decode = False
 
@@ -181,7 +215,7 @@ class FtFake(FakeVllm):
             resp = await super().gen(request)
             out = json.loads(resp.body)
             out.update(created=1700, model="m")
-            out["choices"][0].update(token_ids=[42], finish_reason=self.first_finish)
+            out["choices"][0].update(finish_reason=self.first_finish)
             return web.json_response(out)
         if self.fail_decode and body.get("stream"):
             self.requests.append((request.path, body, request.headers.copy()))
@@ -191,7 +225,9 @@ class FtFake(FakeVllm):
     first_finish = "length"
 
 
-OURS = {"pd_protocol_version": 2, "transfer_mode": "pull"}
+# PdConnector's params of a 3-token prompt [5, 6, 7] (the fakes' tokenization of "a b c")
+OURS = {"pd_protocol_version": 2, "transfer_mode": "pull", "remote_num_tokens": 3,
+        "pd_prompt_sha256": prompt_digest([5, 6, 7]), "pd_next_token_id": 42}
 REQ = {"model": "m", "prompt": "a b c", "stream": True, "max_tokens": 8, "temperature": 0}
 
 
@@ -209,6 +245,29 @@ async def test_fake_served_one_stream():
         _, body, _ = s.d_vllm.requests[-1]
         assert body["prompt"] == [5, 6, 7, 42] and body["kv_transfer_params"]["pd_extra_tokens"] == 1
         assert val(s.dec, "pd_first_token_from_prefill_total", api="completions") == 1
+        # the prompt's ids come from the local vLLM, not from the prefill answer
+        (_, leg, _), = s.p_vllm.requests
+        assert "return_token_ids" not in leg
+        assert s.d_vllm.tokenized == [{"model": "m", "prompt": "a b c"}]
+    finally:
+        await s.stop()
+
+
+@pytest.mark.parametrize("kv, fails, reason", [
+    ({**OURS, "pd_prompt_sha256": prompt_digest([5, 6, 8])}, False, "tokens"),  # tokenized otherwise
+    ({**OURS, "remote_num_tokens": 4}, False, "tokens"),
+    ({k: v for k, v in OURS.items() if k != "pd_prompt_sha256"}, False, "tokens"),
+    ({k: v for k, v in OURS.items() if k != "pd_next_token_id"}, False, "no_token_ids"),
+    (OURS, True, "no_token_ids"),  # the local /tokenize failed
+])
+async def test_fake_local_tokens_unproven_normal_path(kv, fails, reason):
+    s = await ft_stack(p_kw={"prefill_kv_extra": kv}, d_kw={"tokenize_fails": fails})
+    try:
+        status, _, raw = await post(s.dec.url + "/v1/completions", REQ)
+        assert status == 200 and [e["choices"][0]["text"] for e in events(raw)[:-1]] == ["t0", "t1", "t2"]
+        assert s.d_vllm.requests[-1][1]["prompt"] == "a b c"  # the client's text, nothing from the answer
+        assert val(s.dec, "pd_first_token_skipped_total", reason=reason) == 1
+        assert val(s.dec, "pd_first_token_from_prefill_total", api="completions") == 0
     finally:
         await s.stop()
 
@@ -218,7 +277,8 @@ async def test_fake_stock_connector_normal_path():
     try:
         status, _, raw = await post(s.dec.url + "/v1/completions", REQ)
         assert status == 200 and [e["choices"][0]["text"] for e in events(raw)[:-1]] == ["t0", "t1", "t2"]
-        assert s.d_vllm.requests[-1][1]["prompt"] == [5, 6, 7]  # token reuse, the client's request
+        # the client's text: a first-token request asks the prefill for no ids (no token reuse)
+        assert s.d_vllm.requests[-1][1]["prompt"] == "a b c"
         assert val(s.dec, "pd_first_token_skipped_total", reason="connector") == 1
         assert val(s.dec, "pd_first_token_from_prefill_total", api="completions") == 0
     finally:

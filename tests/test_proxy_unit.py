@@ -28,13 +28,15 @@ class FakeVllm:
 
     def __init__(self, *, chunks: int = 3, delay: float = 0.0, prefill_status: int = 200,
                  prefill_delay: float = 0.0, no_kv: bool = False, decode_kv: dict | None = None,
-                 kv_load_fails: bool = False, prefill_kv_extra: dict | None = None):
+                 kv_load_fails: bool = False, prefill_kv_extra: dict | None = None, tokenize_fails: bool = False):
         self.requests: list[tuple[str, dict, dict]] = []
         self.chunks, self.delay = chunks, delay
         self.prefill_status, self.prefill_delay, self.no_kv = prefill_status, prefill_delay, no_kv
         self.decode_kv = decode_kv
         self.kv_load_fails = kv_load_fails
         self.prefill_kv_extra = prefill_kv_extra or {}  # more fields in the prefill answer's params
+        self.tokenize_fails = tokenize_fails
+        self.tokenized: list[dict] = []  # /tokenize bodies
         self.gate: asyncio.Event | None = None
         self.cancelled: list[str] = []
         self.runner = None
@@ -66,9 +68,14 @@ class FakeVllm:
         return web.json_response({"data": [{"id": "m"}]})
 
     async def tokenize(self, request):
+        """One token per word: 5, 6, 7, ..."""
         body = await request.json()
+        self.tokenized.append(body)
+        if self.tokenize_fails:
+            return web.json_response({"error": {"message": "boom"}}, status=500)
         text = body.get("prompt") or json.dumps(body.get("messages"))
-        return web.json_response({"count": len(text.split())})
+        n = len(text.split())
+        return web.json_response({"count": n, "tokens": list(range(5, 5 + n))})
 
     async def gen(self, request: web.Request):
         body = await request.json()

@@ -6,7 +6,11 @@ worker->scheduler metadata, handshake payload. Pure Python, import-cheap.
 group), ``remote_engine_id``, ``remote_request_id``, ``remote_host``,
 ``remote_port``, ``tp_size``, ``remote_num_tokens``, ``remote_blocks_expiry_time``,
 ``transfer_mode``) and add ``pd_protocol_version``, ``pd_control_addr``,
-``remote_dp_rank``, ``remote_block_size``. The decode response adds ``pd_transfer``.
+``remote_dp_rank``, ``remote_block_size``, and, from a prefill whose KV covers exactly its
+prompt, ``pd_prompt_sha256`` (:func:`prompt_digest` of those tokens: the decode engine
+loads the KV only into a prompt that starts with them, else ``mismatch``) and
+``pd_next_token_id`` (the token the prefill sampled after them). The decode response adds
+``pd_transfer``.
 
 Continuation (the decode sidecar's first token from the prefill leg): the decode leg may
 set ``pd_extra_tokens: k`` (1 <= k <= ``MAX_EXTRA_TOKENS``): its prompt is the prefill's
@@ -22,10 +26,13 @@ engine's control plane, where it registers its block ids for that push id).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import msgspec
 
 from ..errors import FailureReason, ParamsError
 
@@ -175,6 +182,39 @@ def plan_block_read(src: RemoteSource, num_prompt_tokens: int, block_size: int,
         raise ParamsError(FailureReason.BLOCK_RANGE, f"only {len(local_block_ids)} local blocks")
     k = min(num_local_hit_blocks, need)
     return list(local_block_ids[k:need]), list(src.block_ids[k:need])
+
+
+def prompt_digest(token_ids: list[int]) -> str:
+    """``pd_prompt_sha256``: SHA-256 (hex) of the token ids as a compact JSON array
+    (``[1,2,3]``); the decode sidecar computes the same of its own tokenization."""
+    return hashlib.sha256(msgspec.json.encode(token_ids)).hexdigest()
+
+
+def prompt_fields(request: Any, num_tokens: int) -> dict[str, Any]:
+    """A finished prefill's ``pd_prompt_sha256`` and ``pd_next_token_id`` when its KV
+    covers exactly its prompt's `num_tokens` tokens (else none)."""
+    ids = getattr(request, "prompt_token_ids", None)
+    if ids is None or len(ids) != num_tokens:
+        return {}
+    out: dict[str, Any] = {"pd_prompt_sha256": prompt_digest(ids)}
+    sampled = request.output_token_ids
+    if sampled:
+        out["pd_next_token_id"] = int(sampled[0])
+    return out
+
+
+def check_prompt_digest(params: Mapping[str, Any], prompt_token_ids: list[int] | None, num_tokens: int) -> None:
+    """A decode prompt must start with the tokens the prefill computed the KV of, when
+    the params say which (``pd_prompt_sha256``); ParamsError (``mismatch``) otherwise."""
+    want = params.get("pd_prompt_sha256")
+    if want is None:
+        return
+    ids = prompt_token_ids
+    if ids is not None and len(ids) > num_tokens:
+        ids = ids[:num_tokens]
+    if not isinstance(want, str) or ids is None or len(ids) != num_tokens or prompt_digest(ids) != want:
+        raise ParamsError(FailureReason.MISMATCH, f"the prompt's first {num_tokens} tokens are not the ones "
+                                                  "the prefill computed the KV of (pd_prompt_sha256)")
 
 
 def is_push(params: Mapping[str, Any] | None) -> bool:

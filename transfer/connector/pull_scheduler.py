@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import FailureReason, ParamsError, PeerRefused
 from .base_scheduler import FINISHED_OK, BaseScheduler
 from .control_client import grant_failure, send_read
-from .metadata import (PD_PROTOCOL_VERSION, RecvJob, is_push, parse_remote_params, plan_block_read,
-                       remote_prompt_tokens)
+from .metadata import (PD_PROTOCOL_VERSION, RecvJob, check_prompt_digest, is_push, parse_remote_params,
+                       plan_block_read, prompt_fields, remote_prompt_tokens)
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -260,6 +260,7 @@ class PullScheduler(BaseScheduler):
         try:
             lids, rids = plan_block_read(src, request.num_prompt_tokens, self.block_size,
                                          local_ids, hit)
+            check_prompt_digest(params, getattr(request, "prompt_token_ids", None), src.num_tokens)
         except ParamsError as e:
             self._reject_load(request, blocks, num_external_tokens, src, e.reason, str(e))
             self._release_remote(src.host, src.port, src.request_id, src.engine_id)
@@ -337,4 +338,5 @@ class PullScheduler(BaseScheduler):
             # the lease duration: the decode paces renewals by it, the sidecar learns
             # the pending-KV lifetime from it; expiry is judged only here
             "pd_kv_lease_s": lease_s,
+            **prompt_fields(request, n_tokens),
         }
