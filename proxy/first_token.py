@@ -7,8 +7,9 @@ first token, `max_tokens - 1`, the prefill's `kv_transfer_params` plus
 `pd_extra_tokens: 1` (PdConnector then reads only the prompt's KV and computes the first
 token's). The ids are the local vLLM's tokenization, made while the prefill leg runs; the
 prefill connector's `pd_prompt_sha256` says they are the tokens it computed, its
-`pd_next_token_id` is the first token's id (the prefill answer carries no token ids). This module decides whether a request may take that path (`skip_reason`,
-`first_token`), builds the continuation body (`continuation_body`) and writes the
+`pd_next_token_id` is the first token's id (the prefill answer carries no token ids).
+This module decides whether a request may take that path (`skip_reason`, `first_token`),
+builds the continuation body (`continuation_body`) and writes the
 client's one stream (`StreamFormat`: one id/created/model, chat chunks converted from
 completion chunks, usage counted as aggregated serving counts it). proxy.first_token_leg
 runs it.
