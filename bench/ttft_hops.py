@@ -3,6 +3,8 @@
 One PdConnector pair with sidecars (`--first-token-from-prefill all`). Per iteration, each
 variant with its own fresh prompt, in rotating order:
   direct_stream   client -> prefill engine, streaming, max_tokens 1 (aggregated serving's path)
+  direct_stream_tok  the same, while the decode engine's /tokenize tokenizes the same prompt
+                  (what the decode sidecar does beside the prefill leg: does it slow the prefill?)
   direct_leg      client -> prefill engine, the prefill leg's body (non-streaming, no token ids)
   direct_leg_ids  the same with `return_token_ids` (the prefill leg before 2026-12-07 evening)
   sidecar_ft      client -> decode sidecar (first token from the prefill leg)
@@ -72,11 +74,20 @@ def micro(raw: bytes, raw_ids: bytes) -> dict[str, float]:
     return {k: timeit.timeit(f, number=200) / 200 for k, f in fns.items()}
 
 
-async def run(args, p, sc) -> dict:
+async def timed_with_tokenize(s: aiohttp.ClientSession, url: str, body: dict, tok_url: str) -> float:
+    """`timed`, while `tok_url` tokenizes the same prompt."""
+    tok = asyncio.ensure_future(s.post(tok_url, json={"model": body["model"], "prompt": body["prompt"]}))
+    try:
+        return await timed(s, url, body)
+    finally:
+        (await tok).release()
+
+
+async def run(args, p, dec, sc) -> dict:
     voc = Vocabulary.from_model(args.model)
     rng = random.Random(7)
     srcs = {"decode_sidecar": sc.decode_url, "prefill_sidecar": sc.prefill_url, "prefill_engine": p.url}
-    names = ["direct_stream", "direct_leg", "direct_leg_ids", "sidecar_ft"]
+    names = ["direct_stream", "direct_stream_tok", "direct_leg", "direct_leg_ids", "sidecar_ft"]
     out: dict[str, list[dict]] = {n: [] for n in names}
     async with aiohttp.ClientSession() as s:
         for i in range(args.warmup + args.n):
@@ -85,11 +96,13 @@ async def run(args, p, sc) -> dict:
                 client = {"model": p.model_name, "prompt": voc.prompt(args.tokens, rng), "max_tokens": 4,
                           "temperature": 0, "stream": True}
                 url, body = {"direct_stream": (p.url + "/v1/completions", {**client, "max_tokens": 1}),
+                             "direct_stream_tok": (p.url + "/v1/completions", {**client, "max_tokens": 1}),
                              "direct_leg": (p.url + "/v1/completions", leg_body(client)),
                              "direct_leg_ids": (p.url + "/v1/completions", leg_body(client, ids=True)),
                              "sidecar_ft": (sc.decode_url + "/v1/completions", client)}[name]
                 before = await asyncio.to_thread(snapshot, srcs)
-                t = await timed(s, url, body)
+                t = (await timed_with_tokenize(s, url, body, dec.url + "/tokenize") if name == "direct_stream_tok"
+                     else await timed(s, url, body))
                 await asyncio.sleep(0.3)  # let the engines publish the request's stats
                 after = await asyncio.to_thread(snapshot, srcs)
                 d = {k: v["sum"] for k, v in delta(before, after).items() if v["count"] == 1}
@@ -142,7 +155,7 @@ def main() -> None:
     try:
         sc = start_sidecars(engines[0], engines[1], extra_decode_args=["--first-token-from-prefill", "all"])
         try:
-            res = asyncio.run(run(args, engines[0], sc))
+            res = asyncio.run(run(args, engines[0], engines[1], sc))
         finally:
             sc.stop()
     finally:
