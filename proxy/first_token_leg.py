@@ -68,6 +68,8 @@ class FirstTokenLeg:
             why = "request"  # a prompt of token ids / embeds, non-text chat content
         if why is None and not cfg.auth_token:
             why = "no_token_ids"  # the first token's id is taken only from a signed answer
+        if why is None and not self.tokens.can_tokenize:
+            why = "no_token_ids"  # the local vLLM has no /tokenize
         if why is not None:
             self.sc.metrics.first_token_skipped.labels(why).inc()
             return False

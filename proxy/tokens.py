@@ -77,6 +77,11 @@ class TokenEstimator:
                 pass
         return self.chars(api, body)
 
+    @property
+    def can_tokenize(self) -> bool:
+        """False once the local vLLM answered 404 to /tokenize."""
+        return self._tokenize_ok
+
     async def prompt_ids(self, api: str, body: dict) -> tuple[list[int], str] | None:
         """The prompt's token ids as the local vLLM makes them, and their digest (None
         when it cannot say: not text, an error, a timeout)."""
@@ -89,6 +94,8 @@ class TokenEstimator:
                     cfg.vllm_url + "/tokenize", data=msgspec.json.encode(payload),
                     headers={"Content-Type": "application/json"}, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=TOKENIZE_TIMEOUT_S, sock_connect=cfg.connect_timeout_s)) as r:
+                if r.status == 404:
+                    self._tokenize_ok = False  # no /tokenize here: not asked again
                 if r.status != 200:
                     return None
                 data = msgspec.json.decode(await r.read())

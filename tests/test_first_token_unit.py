@@ -294,6 +294,23 @@ async def test_fake_no_auth_token_normal_path():
     assert val(s.dec, "pd_first_token_skipped_total", reason="no_token_ids") == 1
 
 
+async def test_fake_no_local_tokenize_decided_before_the_next_prefill_leg():
+    """A decode vLLM without /tokenize (404): that request takes the normal path, and the
+    next ones are not eligible at all, so their prefill legs ask for token ids again."""
+    s = await ft_stack(p_kw={"prefill_kv_extra": OURS}, d_kw={"tokenize_status": 404})
+    try:
+        for _ in range(2):
+            status, _, raw = await post(s.dec.url + "/v1/completions", REQ)
+            assert status == 200 and [e["choices"][0]["text"] for e in events(raw)[:-1]] == ["t0", "t1", "t2"]
+        assert len(s.d_vllm.tokenized) == 1
+        legs = [b for _, b, _ in s.p_vllm.requests]
+        assert "return_token_ids" not in legs[0] and legs[1]["return_token_ids"] is True
+        assert s.d_vllm.requests[-1][1]["prompt"] == [5, 6, 7]  # token reuse again
+        assert val(s.dec, "pd_first_token_skipped_total", reason="no_token_ids") == 2
+    finally:
+        await s.stop()
+
+
 async def test_fake_decode_fails_fail_policy_error_event():
     s = await ft_stack(p_kw={"prefill_kv_extra": OURS}, fallback="fail")
     s.d_vllm.fail_decode = True
