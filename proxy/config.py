@@ -22,6 +22,7 @@ FALLBACK_POLICIES = ("fallback", "fail")
 TOKEN_ESTIMATORS = ("chars", "tokenize")
 REUSE_MODES = ("off", "completions", "all")
 FIRST_TOKEN_MODES = ("off", "completions", "all")
+FIRST_TOKEN_ID_SOURCES = ("local", "prefill")
 TRANSFER_MODES = ("pull", "push")
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -222,6 +223,11 @@ OPTIONS: list[Option] = [
            _choice(FIRST_TOKEN_MODES),
            "decode, streaming, PdConnector: send the prefill leg's token at once, the decode engine "
            "continues from it (off|completions|all; needs --auth-token; see docs/sidecar.md)"),
+    Option("first_token_ids", "--first-token-ids", ("PDSIDECAR_FIRST_TOKEN_IDS",), "local",
+           _choice(FIRST_TOKEN_ID_SOURCES),
+           "decode, --first-token-from-prefill: the continuation's prompt token ids from the local "
+           "vLLM's /tokenize while the prefill leg runs (local) or from the prefill answer (prefill: "
+           "return_token_ids; for engines sharing a host's CPUs, or a vLLM without /tokenize)"),
     Option("transfer_mode", "--transfer-mode", ("PDSIDECAR_TRANSFER_MODE",), "pull", _choice(TRANSFER_MODES),
            "pull (decode leg after prefill) or push (both legs at once; connector must support it)"),
     Option("push_target", "--push-target", ("PDSIDECAR_PUSH_TARGET",), None, _endpoints,
@@ -282,6 +288,7 @@ class SidecarConfig:
     prefill_retries: int = 1
     reuse_token_ids: str = "all"
     first_token_from_prefill: str = "off"
+    first_token_ids: str = "local"
     transfer_mode: str = "pull"
     push_target: list[Endpoint] | None = None
     peer_stats_interval_s: float = 2.0

@@ -165,16 +165,19 @@ class DecodeRole:
         recompute when either leg fails before anything reached the client (per policy)."""
         cfg, m = self.sc.cfg, self.sc.metrics
         # the first token from the prefill leg: the prompt's ids come from the local vLLM
-        # (tokenized while the prefill runs), so the prefill answer carries none
+        # (tokenized while the prefill runs; the prefill answer carries none) or, with
+        # --first-token-ids prefill, from the answer
         first = self.first_token.eligible(rq.api, body)
-        tokens = self.first_token.tokenize(rq.api, body) if first else None
+        local = first and cfg.first_token_ids == "local"
+        tokens = self.first_token.tokenize(rq.api, body) if local else None
         # token ids are taken only from a signed answer: no token, no reuse
-        want_ids = bool(cfg.auth_token) and not first and reuse_eligible(rq.api, body, cfg.reuse_token_ids)
+        reuse = bool(cfg.auth_token) and reuse_eligible(rq.api, body, cfg.reuse_token_ids)
+        want_ids = bool(cfg.auth_token) and (first and not local or not first and reuse)
         try:
             with span("pd.prefill_leg", request_id=rq.rid):
                 pre = await self.prefill_leg.run(rq, body, forced, est, want_ids)
             rq.path, rq.peer = "disagg", str(pre.peer)
-            if tokens is not None:
+            if first:
                 resp = await self.first_token.serve(rq, body, pre, tokens)
                 if resp is not None:
                     return resp
@@ -189,6 +192,8 @@ class DecodeRole:
         finally:
             if tokens is not None:
                 tokens.cancel()  # done by now unless the prefill leg failed
+        if not reuse:
+            pre.ids = None  # asked for the first token's sake only
         if pre.ids is not None:
             m.token_reuse.labels(rq.api).inc()
         try:

@@ -68,7 +68,7 @@ class FirstTokenLeg:
             why = "request"  # a prompt of token ids / embeds, non-text chat content
         if why is None and not cfg.auth_token:
             why = "no_token_ids"  # the first token's id is taken only from a signed answer
-        if why is None and not self.tokens.can_tokenize:
+        if why is None and cfg.first_token_ids == "local" and not self.tokens.can_tokenize:
             why = "no_token_ids"  # the local vLLM has no /tokenize
         if why is not None:
             self.sc.metrics.first_token_skipped.labels(why).inc()
@@ -76,9 +76,9 @@ class FirstTokenLeg:
         return True
 
     async def serve(self, rq: PdRequest, body: dict, pre: PrefillResult,
-                    tokens: asyncio.Task) -> web.StreamResponse | None:
+                    tokens: asyncio.Task | None) -> web.StreamResponse | None:
         """After the prefill leg: the client's stream, or None (normal path, counted).
-        `tokens`: `tokenize`'s task."""
+        `tokens`: `tokenize`'s task (None: `--first-token-ids prefill`, the answer's ids)."""
         kv = pre.kv_params
         if not isinstance(pre.answer, dict):
             why: str = "no_token_ids"
@@ -86,13 +86,21 @@ class FirstTokenLeg:
             why = "connector"  # only PdConnector loads a prompt shorter than the decode's
         else:
             got = first_token(rq.api, pre.answer, limit_of(rq.api, body), kv)
-            local = await tokens if isinstance(got, FirstToken) else None
-            if local is None:
-                why = got if isinstance(got, str) else "no_token_ids"
-            elif local[1] != kv.get("pd_prompt_sha256") or len(local[0]) != kv.get("remote_num_tokens"):
-                why = "tokens"  # this engine tokenizes the prompt otherwise: its KV is not ours
+            if not isinstance(got, FirstToken):
+                why = got
+            elif tokens is None:  # the signed answer's own ids (the decode engine checks them too)
+                if pre.ids is None:
+                    why = "no_token_ids"
+                else:
+                    return await self._stream(rq, body, pre, got, pre.ids)
             else:
-                return await self._stream(rq, body, pre, got, local[0])
+                local = await tokens
+                if local is None:
+                    why = "no_token_ids"
+                elif local[1] != kv.get("pd_prompt_sha256") or len(local[0]) != kv.get("remote_num_tokens"):
+                    why = "tokens"  # this engine tokenizes the prompt otherwise: its KV is not ours
+                else:
+                    return await self._stream(rq, body, pre, got, local[0])
         self.sc.metrics.first_token_skipped.labels(why).inc()
         return None
 

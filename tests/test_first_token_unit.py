@@ -294,6 +294,25 @@ async def test_fake_no_auth_token_normal_path():
     assert val(s.dec, "pd_first_token_skipped_total", reason="no_token_ids") == 1
 
 
+@pytest.mark.parametrize("reuse", ["all", "off"])
+async def test_fake_ids_from_the_prefill_answer(reuse):
+    """`--first-token-ids prefill`: the prefill leg asks for the ids, the continuation takes
+    them from the signed answer, the local vLLM tokenizes nothing; a request that then takes
+    the normal path reuses them only as --reuse-token-ids says."""
+    s = await ft_stack(p_kw={"prefill_kv_extra": OURS}, first_token_ids="prefill", reuse_token_ids=reuse)
+    try:
+        status, _, raw = await post(s.dec.url + "/v1/completions", REQ)
+        assert status == 200 and [e["choices"][0]["text"] for e in events(raw)[:-1]] == ["x", "t0", "t1", "t2"]
+        assert s.d_vllm.requests[-1][1]["prompt"] == [5, 6, 7, 42]
+        assert s.p_vllm.requests[-1][1]["return_token_ids"] is True and not s.d_vllm.tokenized
+        s.p_vllm.prefill_kv_extra = {k: v for k, v in OURS.items() if k != "pd_next_token_id"}
+        status, _, raw = await post(s.dec.url + "/v1/completions", REQ)  # normal path: no next token
+        assert status == 200 and val(s.dec, "pd_first_token_skipped_total", reason="no_token_ids") == 1
+        assert s.d_vllm.requests[-1][1]["prompt"] == ([5, 6, 7] if reuse == "all" else "a b c")
+    finally:
+        await s.stop()
+
+
 async def test_fake_no_local_tokenize_decided_before_the_next_prefill_leg():
     """A decode vLLM without /tokenize (404): that request takes the normal path, and the
     next ones are not eligible at all, so their prefill legs ask for token ids again."""
