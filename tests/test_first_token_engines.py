@@ -145,13 +145,13 @@ async def ask(c: openai.AsyncOpenAI, api: str, model: str, p: str, **kw):
                                       stream_options={"include_usage": True}, **kw)
 
 
-async def block_aligned_prompt(url: str, model: str, block: int = 128) -> str:
+async def block_aligned_prompt(url: str, model: str, block: int = 128, salt: int = 0) -> str:
     """A prompt whose token count is a whole number of KV blocks (the continuation's
-    first token then starts a new block)."""
+    first token then starts a new block); another `salt`, another prompt."""
     async with aiohttp.ClientSession() as s:
         for n in range(40, 200):
             for seed in range(4):
-                p = prompt(n, seed=1000 * n + seed)
+                p = prompt(n, seed=1000 * n + seed + 10 * salt)
                 async with s.post(url + "/tokenize", json={"model": model, "prompt": p}) as r:
                     if (await r.json())["count"] % block == 0:
                         return p
@@ -173,8 +173,9 @@ async def test_first_token_from_prefill_identical(ours_pair, api, ids):
     model = decode_engine.model_name
     agg = client(prefill_engine.url)
     chat = api == "chat"
-    prompts = [prompt(60 + 25 * s, seed=zlib.crc32(f"ft{api}{s}".encode())) for s in range(3)]
-    prompts.append(await block_aligned_prompt(prefill_engine.url, model))
+    # prompts of their own (another case's would be in the decode engine's prefix cache)
+    prompts = [prompt(60 + 25 * s, seed=zlib.crc32(f"ft{api}{ids}{s}".encode())) for s in range(3)]
+    prompts.append(await block_aligned_prompt(prefill_engine.url, model, salt=ids == "prefill"))
     loads0 = await engine_metric(decode_engine.url, "pd_connector_transfers_total")
     fails0 = await engine_metric(decode_engine.url, "pd_connector_failures_total")
     async with gated(prefill_engine, decode_engine, first_token_from_prefill="all",
@@ -224,8 +225,7 @@ async def test_first_token_fallbacks(ours_pair):
     model = decode_engine.model_name
     agg = client(prefill_engine.url)
     p = prompt(70, seed=7)
-    async with gated(prefill_engine, decode_engine, first_token_from_prefill="all",
-                     first_token_ids=ids) as (gate, pre, dec):
+    async with gated(prefill_engine, decode_engine, first_token_from_prefill="all") as (gate, pre, dec):
         pd = client(dec.url)
         # logprobs: normal path (the decode leg is the client's own request, KV loaded)
         want = await collect(await ask(agg, "completions", model, p, logprobs=2), False)
@@ -254,8 +254,7 @@ async def test_first_token_decode_failures(ours_pair):
     model = decode_engine.model_name
     agg = client(prefill_engine.url)
     p = prompt(80, seed=11)
-    async with gated(prefill_engine, decode_engine, first_token_from_prefill="all",
-                     first_token_ids=ids) as (gate, pre, dec):
+    async with gated(prefill_engine, decode_engine, first_token_from_prefill="all") as (gate, pre, dec):
         pd = client(dec.url)
         for api, chat in (("completions", False), ("chat", True)):
             want = await collect(await ask(agg, api, model, p), chat)
@@ -283,8 +282,7 @@ async def test_stock_connector_takes_the_normal_path(stock_pair, api):
     agg = client(prefill_engine.url)
     chat = api == "chat"
     p = prompt(90, seed=zlib.crc32(f"stock{api}".encode()))
-    async with gated(prefill_engine, decode_engine, first_token_from_prefill="all",
-                     first_token_ids=ids) as (gate, pre, dec):
+    async with gated(prefill_engine, decode_engine, first_token_from_prefill="all") as (gate, pre, dec):
         want = await collect(await ask(agg, api, model, p), chat)
         got = await collect(await ask(client(dec.url), api, model, p), chat)
         same(got, want)
