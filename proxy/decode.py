@@ -170,9 +170,10 @@ class DecodeRole:
         first = self.first_token.eligible(rq.api, body)
         local = first and cfg.first_token_ids == "local"
         tokens = self.first_token.tokenize(rq.api, body) if local else None
-        # token ids are taken only from a signed answer: no token, no reuse
+        # token ids are taken only from a signed answer: no token, no reuse (and no first
+        # token: `eligible` needs one)
         reuse = bool(cfg.auth_token) and reuse_eligible(rq.api, body, cfg.reuse_token_ids)
-        want_ids = bool(cfg.auth_token) and (first and not local or not first and reuse)
+        want_ids = (first and not local) or (not first and reuse)
         try:
             with span("pd.prefill_leg", request_id=rq.rid):
                 pre = await self.prefill_leg.run(rq, body, forced, est, want_ids)

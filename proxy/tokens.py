@@ -21,7 +21,8 @@ from .body import estimate_tokens, non_negative_ints
 
 __all__ = ["TokenEstimator", "prompt_digest", "tokenize_payload"]
 
-TOKENIZE_TIMEOUT_S = 5.0  # one /tokenize call to the local vLLM
+TOKENIZE_TIMEOUT_S = 5.0  # one /tokenize call to the local vLLM for the prompt's ids
+COUNT_TIMEOUT_S = 2.0  # one for the local-threshold count (chars when it fails)
 # chat fields that shape the templated prompt, passed to /tokenize as the client sent them
 _CHAT_TEMPLATE_KEYS = ("add_generation_prompt", "continue_final_message", "add_special_tokens",
                        "chat_template", "chat_template_kwargs", "tools")
@@ -58,23 +59,11 @@ class TokenEstimator:
 
     async def count(self, api: str, body: dict) -> int:
         """The configured estimator's count."""
-        cfg = self.sc.cfg
-        if cfg.token_estimator == "tokenize" and self._tokenize_ok:
+        if self.sc.cfg.token_estimator == "tokenize" and self._tokenize_ok:
             payload = tokenize_payload(api, body)
-            if payload is None:
-                return self.chars(api, body)
-            try:
-                async with self.sc.upstreams.get(cfg.vllm_url).post(
-                        cfg.vllm_url + "/tokenize", json=payload, allow_redirects=False,
-                        timeout=aiohttp.ClientTimeout(total=2, sock_connect=cfg.connect_timeout_s)) as r:
-                    if r.status == 200:
-                        data = await r.json()
-                        if isinstance(data.get("count"), int):
-                            return data["count"]
-                    elif r.status == 404:
-                        self._tokenize_ok = False
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RecursionError, AttributeError):
-                pass
+            data = None if payload is None else await self._tokenize(payload, COUNT_TIMEOUT_S)
+            if data is not None and isinstance(data.get("count"), int):
+                return data["count"]
         return self.chars(api, body)
 
     @property
@@ -85,15 +74,22 @@ class TokenEstimator:
     async def prompt_ids(self, api: str, body: dict) -> tuple[list[int], str] | None:
         """The prompt's token ids as the local vLLM makes them, and their digest (None
         when it cannot say: not text, an error, a timeout)."""
-        cfg = self.sc.cfg
         payload = tokenize_payload(api, body)
-        if payload is None:
+        data = None if payload is None else await self._tokenize(payload, TOKENIZE_TIMEOUT_S)
+        ids = None if data is None else data.get("tokens")
+        if not isinstance(ids, list) or not ids or not non_negative_ints(ids):
             return None
+        return ids, prompt_digest(ids)
+
+    async def _tokenize(self, payload: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+        """The local vLLM's /tokenize answer (None: an error, a timeout, not an object; a
+        404 turns `can_tokenize` off for good)."""
+        cfg = self.sc.cfg
         try:
             async with self.sc.upstreams.get(cfg.vllm_url).post(
                     cfg.vllm_url + "/tokenize", data=msgspec.json.encode(payload),
                     headers={"Content-Type": "application/json"}, allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=TOKENIZE_TIMEOUT_S, sock_connect=cfg.connect_timeout_s)) as r:
+                    timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=cfg.connect_timeout_s)) as r:
                 if r.status == 404:
                     self._tokenize_ok = False  # no /tokenize here: not asked again
                 if r.status != 200:
@@ -101,7 +97,4 @@ class TokenEstimator:
                 data = msgspec.json.decode(await r.read())
         except (aiohttp.ClientError, asyncio.TimeoutError, msgspec.DecodeError):
             return None
-        ids = data.get("tokens") if isinstance(data, dict) else None
-        if not isinstance(ids, list) or not ids or not non_negative_ints(ids):
-            return None
-        return ids, prompt_digest(ids)
+        return data if isinstance(data, dict) else None
