@@ -5,12 +5,21 @@ variant with its own fresh prompt, in rotating order:
   direct_stream   client -> prefill engine, streaming, max_tokens 1 (aggregated serving's path)
   direct_stream_tok  the same, while the decode engine's /tokenize tokenizes the same prompt
                   (what the decode sidecar does beside the prefill leg: does it slow the prefill?)
+  direct_stream_kv   streaming, max_tokens 1, with `do_remote_decode` (the connector's work
+                  for a prefill leg, without vLLM's non-streaming answer)
+  direct_leg_plain   non-streaming, max_tokens 1, no kv_transfer_params (vLLM's non-streaming
+                  answer, without the connector's work)
   direct_leg      client -> prefill engine, the prefill leg's body (non-streaming, no token ids)
   direct_leg_ids  the same with `return_token_ids` (the prefill leg before 2026-12-07 evening)
-  sidecar_ft      client -> decode sidecar (first token from the prefill leg)
+  sidecar_ft      client -> decode sidecar (first token from the prefill leg; the
+                  continuation's prompt ids from the decode engine's /tokenize)
+  sidecar_ft_pids the same through a second decode sidecar with `--first-token-ids prefill`
 For each: the client's time to the first byte, the prefill engine's own e2e for the
-request (metrics delta), and for sidecar_ft the sidecars' histograms. Also micro timings
-of the JSON work on a real prefill answer.
+request (metrics delta), `path` = client time - the prefill engine's e2e of the same request
+(what the hops and API servers add, without the engine's compute noise), and for the sidecar
+variants the sidecars' histograms. Also micro timings of the JSON work on a real prefill
+answer. The prefill engine's lease is 5 s here (`kv_lease_s`): the direct legs' KV is never
+read, and 8k-token leases of 30 s would fill the probe's small KV cache.
 """
 
 from __future__ import annotations
@@ -86,8 +95,10 @@ async def timed_with_tokenize(s: aiohttp.ClientSession, url: str, body: dict, to
 async def run(args, p, dec, sc) -> dict:
     voc = Vocabulary.from_model(args.model)
     rng = random.Random(7)
-    srcs = {"decode_sidecar": sc.decode_url, "prefill_sidecar": sc.prefill_url, "prefill_engine": p.url}
-    names = ["direct_stream", "direct_stream_tok", "direct_leg", "direct_leg_ids", "sidecar_ft"]
+    srcs = {"decode_sidecar": sc.decode_url, "prefill_sidecar": sc.prefill_url, "prefill_engine": p.url,
+            "decode_sidecar2": sc.decode2.url}
+    names = ["direct_stream", "direct_stream_tok", "direct_stream_kv", "direct_leg_plain", "direct_leg",
+             "direct_leg_ids", "sidecar_ft", "sidecar_ft_pids"]
     out: dict[str, list[dict]] = {n: [] for n in names}
     async with aiohttp.ClientSession() as s:
         for i in range(args.warmup + args.n):
@@ -97,20 +108,29 @@ async def run(args, p, dec, sc) -> dict:
                           "temperature": 0, "stream": True}
                 url, body = {"direct_stream": (p.url + "/v1/completions", {**client, "max_tokens": 1}),
                              "direct_stream_tok": (p.url + "/v1/completions", {**client, "max_tokens": 1}),
+                             "direct_stream_kv": (p.url + "/v1/completions",
+                                                  {**client, "max_tokens": 1,
+                                                   "kv_transfer_params": {"do_remote_decode": True}}),
+                             "direct_leg_plain": (p.url + "/v1/completions",
+                                                  {**client, "max_tokens": 1, "stream": False}),
                              "direct_leg": (p.url + "/v1/completions", leg_body(client)),
                              "direct_leg_ids": (p.url + "/v1/completions", leg_body(client, ids=True)),
-                             "sidecar_ft": (sc.decode_url + "/v1/completions", client)}[name]
+                             "sidecar_ft": (sc.decode_url + "/v1/completions", client),
+                             "sidecar_ft_pids": (sc.decode2.url + "/v1/completions", client)}[name]
                 before = await asyncio.to_thread(snapshot, srcs)
                 t = (await timed_with_tokenize(s, url, body, dec.url + "/tokenize") if name == "direct_stream_tok"
                      else await timed(s, url, body))
                 await asyncio.sleep(0.3)  # let the engines publish the request's stats
                 after = await asyncio.to_thread(snapshot, srcs)
                 d = {k: v["sum"] for k, v in delta(before, after).items() if v["count"] == 1}
-                for src, lab in (("prefill_sidecar", "prefill"), ("decode_sidecar", "decode")):
+                for src, lab, role in (("prefill_sidecar", "prefill", "prefill"), ("decode_sidecar", "decode", "decode"),
+                                       ("decode_sidecar2", "decode2", "decode")):
                     fam = "pd_sidecar_overhead_seconds"
-                    d[f"{lab}_sc_overhead"] = (_hist(after[src], fam, {"role": lab}, "sum")
-                                               - _hist(before[src], fam, {"role": lab}, "sum"))
+                    d[f"{lab}_sc_overhead"] = (_hist(after[src], fam, {"role": role}, "sum")
+                                               - _hist(before[src], fam, {"role": role}, "sum"))
                 d["client"] = t
+                if "p_e2e" in d:
+                    d["path"] = t - d["p_e2e"]
                 if i >= args.warmup:
                     out[name].append(d)
         raw = await (await s.post(p.url + "/v1/completions", json=leg_body(client))).read()
@@ -146,6 +166,7 @@ def main() -> None:
     for role, bind in zip(("prefill", "decode"), cpu_slices(2)):
         cfg = copy.deepcopy(base)
         cfg["kv_connector_extra_config"]["control_port"] = free_port()
+        cfg["kv_connector_extra_config"]["kv_lease_s"] = 5.0
         gpu = args.gpu_util is not None
         configs.append(EngineConfig(model=args.model, name=role, kv_transfer_config=cfg,
                                     cpu_bind=None if gpu else bind, pin_process=not gpu,
@@ -153,7 +174,8 @@ def main() -> None:
                                     extra_args=["--gpu-memory-utilization", str(args.gpu_util)] if gpu else []))
     engines = start_engines(configs, sequential=args.gpu_util is not None)
     try:
-        sc = start_sidecars(engines[0], engines[1], extra_decode_args=["--first-token-from-prefill", "all"])
+        sc = start_sidecars(engines[0], engines[1], extra_decode_args=["--first-token-from-prefill", "all"],
+                            second_decode_args=["--first-token-ids", "prefill"])
         try:
             res = asyncio.run(run(args, engines[0], engines[1], sc))
         finally:

@@ -58,6 +58,7 @@ class SidecarProcess:
 class LocalSidecars:
     prefill: SidecarProcess
     decode: SidecarProcess
+    decode2: SidecarProcess | None = None  # a second decode sidecar (other options, same engine)
 
     @property
     def prefill_url(self) -> str:
@@ -68,36 +69,47 @@ class LocalSidecars:
         return self.decode.url
 
     def stop(self) -> None:
+        if self.decode2 is not None:
+            self.decode2.stop()
         self.decode.stop()
         self.prefill.stop()
 
 
 def start_sidecars(prefill: Engine, decode: Engine, args=None, decode_port: int | None = None,
-                   extra_decode_args: list[str] | None = None) -> LocalSidecars:
+                   extra_decode_args: list[str] | None = None,
+                   second_decode_args: list[str] | None = None) -> LocalSidecars:
     """A prefill sidecar fronting `prefill` and a decode sidecar fronting `decode`, on loopback.
 
-    They share a random token; each allows only the other's host:port.
+    They share a random token; each allows only the other's host:port. `second_decode_args`:
+    also a second decode sidecar in front of `decode` with these extra options (the prefill
+    sidecar allows both).
     """
     token = secrets.token_hex(16)
     log_dir = prefill.log_path.parent
     p_port = free_port()
     d_port = decode_port or getattr(args, "port", None) or free_port()
+    d2_port = free_port() if second_decode_args is not None else None
+    allowed = ",".join(f"127.0.0.1:{x}" for x in (d_port, d2_port) if x is not None)
     common = ["--host", "127.0.0.1", "--auth-token", token, "--log-level", "warning"]
     p = SidecarProcess("prefill", [*common, "--port", str(p_port), "--vllm-url", prefill.url,
                                    "--advertise", f"127.0.0.1:{p_port}",
-                                   "--allowed-peers", f"127.0.0.1:{d_port}"], p_port, Path(log_dir))
-    d = None
+                                   "--allowed-peers", allowed], p_port, Path(log_dir))
+    decodes: list[SidecarProcess] = []
+
+    def decode_sidecar(port: int, extra: list[str]) -> SidecarProcess:
+        return SidecarProcess("decode", [*common, "--port", str(port), "--vllm-url", decode.url,
+                                         "--advertise", f"127.0.0.1:{port}",
+                                         "--kv-transfer-target", f"127.0.0.1:{p_port}",
+                                         "--allowed-peers", f"127.0.0.1:{p_port}", *extra], port, Path(log_dir))
     try:
-        d = SidecarProcess("decode", [*common, "--port", str(d_port), "--vllm-url", decode.url,
-                                      "--advertise", f"127.0.0.1:{d_port}",
-                                      "--kv-transfer-target", f"127.0.0.1:{p_port}",
-                                      "--allowed-peers", f"127.0.0.1:{p_port}",
-                                      *(extra_decode_args or [])], d_port, Path(log_dir))
-        p.wait_ready()
-        d.wait_ready()
+        decodes.append(decode_sidecar(d_port, extra_decode_args or []))
+        if d2_port is not None:
+            decodes.append(decode_sidecar(d2_port, [*(extra_decode_args or []), *(second_decode_args or [])]))
+        for sc in (p, *decodes):
+            sc.wait_ready()
     except BaseException:
-        if d is not None:
-            d.stop()
+        for sc in decodes:
+            sc.stop()
         p.stop()
         raise
-    return LocalSidecars(p, d)
+    return LocalSidecars(p, decodes[0], decodes[1] if len(decodes) > 1 else None)
