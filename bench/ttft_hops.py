@@ -1,7 +1,8 @@
 """Where a long prompt's first token loses time on the P/D path (probe, not a benchmark).
 
-One PdConnector pair with sidecars (`--first-token-from-prefill all`). Per iteration, each
-variant with its own fresh prompt, in rotating order:
+One PdConnector pair with sidecars (`--first-token-from-prefill all`). For each prompt
+length (`--tokens 2048,8064`), per iteration, each variant with its own fresh prompt, in
+rotating order:
   direct_stream   client -> prefill engine, streaming, max_tokens 1 (aggregated serving's path)
   direct_stream_tok  the same, while the decode engine's /tokenize tokenizes the same prompt
                   (what the decode sidecar does beside the prefill leg: does it slow the prefill?)
@@ -93,62 +94,88 @@ async def timed_with_tokenize(s: aiohttp.ClientSession, url: str, body: dict, to
 
 
 async def run(args, p, dec, sc) -> dict:
+    """All lengths of `args.tokens` on the same engines, one after another."""
     voc = Vocabulary.from_model(args.model)
     rng = random.Random(7)
     srcs = {"decode_sidecar": sc.decode_url, "prefill_sidecar": sc.prefill_url, "prefill_engine": p.url,
             "decode_sidecar2": sc.decode2.url}
+    async with aiohttp.ClientSession() as s:
+        res = {"tokens": args.tokens, "n": args.n, "model": args.model, "by_tokens": {}}
+        for tokens in args.tokens:
+            res["by_tokens"][str(tokens)] = await one_length(args, s, voc, rng, tokens, p, dec, sc, srcs)
+    return res
+
+
+async def one_length(args, s: aiohttp.ClientSession, voc, rng, tokens: int, p, dec, sc, srcs) -> dict:
     names = ["direct_stream", "direct_stream_tok", "direct_stream_kv", "direct_leg_plain", "direct_leg",
              "direct_leg_ids", "sidecar_ft", "sidecar_ft_pids"]
     out: dict[str, list[dict]] = {n: [] for n in names}
-    async with aiohttp.ClientSession() as s:
-        for i in range(args.warmup + args.n):
-            order = names[i % len(names):] + names[:i % len(names)]
-            for name in order:
-                client = {"model": p.model_name, "prompt": voc.prompt(args.tokens, rng), "max_tokens": 4,
-                          "temperature": 0, "stream": True}
-                url, body = {"direct_stream": (p.url + "/v1/completions", {**client, "max_tokens": 1}),
-                             "direct_stream_tok": (p.url + "/v1/completions", {**client, "max_tokens": 1}),
-                             "direct_stream_kv": (p.url + "/v1/completions",
-                                                  {**client, "max_tokens": 1,
-                                                   "kv_transfer_params": {"do_remote_decode": True}}),
-                             "direct_leg_plain": (p.url + "/v1/completions",
-                                                  {**client, "max_tokens": 1, "stream": False}),
-                             "direct_leg": (p.url + "/v1/completions", leg_body(client)),
-                             "direct_leg_ids": (p.url + "/v1/completions", leg_body(client, ids=True)),
-                             "sidecar_ft": (sc.decode_url + "/v1/completions", client),
-                             "sidecar_ft_pids": (sc.decode2.url + "/v1/completions", client)}[name]
-                before = await asyncio.to_thread(snapshot, srcs)
-                t = (await timed_with_tokenize(s, url, body, dec.url + "/tokenize") if name == "direct_stream_tok"
-                     else await timed(s, url, body))
-                await asyncio.sleep(0.3)  # let the engines publish the request's stats
-                after = await asyncio.to_thread(snapshot, srcs)
-                d = {k: v["sum"] for k, v in delta(before, after).items() if v["count"] == 1}
-                for src, lab, role in (("prefill_sidecar", "prefill", "prefill"), ("decode_sidecar", "decode", "decode"),
-                                       ("decode_sidecar2", "decode2", "decode")):
-                    fam = "pd_sidecar_overhead_seconds"
-                    d[f"{lab}_sc_overhead"] = (_hist(after[src], fam, {"role": role}, "sum")
-                                               - _hist(before[src], fam, {"role": role}, "sum"))
-                d["client"] = t
-                if "p_e2e" in d:
-                    d["path"] = t - d["p_e2e"]
-                if i >= args.warmup:
-                    out[name].append(d)
-        raw = await (await s.post(p.url + "/v1/completions", json=leg_body(client))).read()
-        raw_ids = await (await s.post(p.url + "/v1/completions", json=leg_body(client, ids=True))).read()
-    res: dict = {"tokens": args.tokens, "n": args.n, "variants": {}}
+    for i in range(args.warmup + args.n):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in order:
+            client = {"model": p.model_name, "prompt": voc.prompt(tokens, rng), "max_tokens": 4,
+                      "temperature": 0, "stream": True}
+            url, body = {"direct_stream": (p.url + "/v1/completions", {**client, "max_tokens": 1}),
+                         "direct_stream_tok": (p.url + "/v1/completions", {**client, "max_tokens": 1}),
+                         "direct_stream_kv": (p.url + "/v1/completions",
+                                              {**client, "max_tokens": 1,
+                                               "kv_transfer_params": {"do_remote_decode": True}}),
+                         "direct_leg_plain": (p.url + "/v1/completions",
+                                              {**client, "max_tokens": 1, "stream": False}),
+                         "direct_leg": (p.url + "/v1/completions", leg_body(client)),
+                         "direct_leg_ids": (p.url + "/v1/completions", leg_body(client, ids=True)),
+                         "sidecar_ft": (sc.decode_url + "/v1/completions", client),
+                         "sidecar_ft_pids": (sc.decode2.url + "/v1/completions", client)}[name]
+            before = await asyncio.to_thread(snapshot, srcs)
+            t = (await timed_with_tokenize(s, url, body, dec.url + "/tokenize") if name == "direct_stream_tok"
+                 else await timed(s, url, body))
+            await asyncio.sleep(0.3)  # let the engines publish the request's stats
+            after = await asyncio.to_thread(snapshot, srcs)
+            d = {k: v["sum"] for k, v in delta(before, after).items() if v["count"] == 1}
+            for src, lab, role in (("prefill_sidecar", "prefill", "prefill"), ("decode_sidecar", "decode", "decode"),
+                                   ("decode_sidecar2", "decode2", "decode")):
+                fam = "pd_sidecar_overhead_seconds"
+                d[f"{lab}_sc_overhead"] = (_hist(after[src], fam, {"role": role}, "sum")
+                                           - _hist(before[src], fam, {"role": role}, "sum"))
+            d["client"] = t
+            if "p_e2e" in d:
+                d["path"] = t - d["p_e2e"]
+            if i >= args.warmup:
+                out[name].append(d)
+    raw = await (await s.post(p.url + "/v1/completions", json=leg_body(client))).read()
+    raw_ids = await (await s.post(p.url + "/v1/completions", json=leg_body(client, ids=True))).read()
+    res: dict = {"tokens": tokens, "n": args.n, "variants": {}}
     for name, recs in out.items():
         keys = sorted({k for r in recs for k in r})
         res["variants"][name] = {k: statistics.median(r[k] for r in recs if k in r) * 1e3 for k in keys}
+    base = [r["client"] for r in out["direct_stream"]]
+    for name in ("sidecar_ft", "sidecar_ft_pids"):  # ratio of medians, client TTFT, same run
+        res["variants"][name]["ratio_to_direct_stream"] = (statistics.median(r["client"] for r in out[name])
+                                                           / statistics.median(base))
     res["answer_bytes"] = len(raw)
     res["answer_bytes_with_ids"] = len(raw_ids)
     res["micro_ms"] = {k: v * 1e3 for k, v in micro(raw, raw_ids).items()}
     return res
 
 
+def summary(res: dict) -> str:
+    """Medians per length and variant (ms): client TTFB, prefill engine e2e and compute, path."""
+    lines = []
+    for tokens, r in res["by_tokens"].items():
+        lines.append(f"{tokens} tokens, n={r['n']}: variant client / p_e2e / p_compute / path (ms)")
+        for name, v in r["variants"].items():
+            ratio = v.get("ratio_to_direct_stream")
+            lines.append(f"  {name:18s} " + " / ".join(f"{v.get(k, float('nan')):7.2f}"
+                                                       for k in ("client", "p_e2e", "p_compute", "path"))
+                         + (f"   ratio {ratio:.3f}" if ratio is not None else ""))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--tokens", type=int, default=8064)
+    ap.add_argument("--tokens", type=lambda v: [int(x) for x in v.split(",")], default=[8064],
+                    help="prompt lengths, comma-separated (each on the same engines, in turn)")
     ap.add_argument("--n", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gpu-util", type=float, default=None)
@@ -184,10 +211,12 @@ def main() -> None:
         for e in engines:
             e.stop()
     text = json.dumps(res, indent=1)
-    print(text)
     if args.json:
         with open(args.json, "w") as f:
             f.write(text)
+    else:
+        print(text)
+    print(summary(res))
 
 
 if __name__ == "__main__":

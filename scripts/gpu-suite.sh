@@ -41,14 +41,18 @@ for stage in "$@"; do
         ${PROBE_ARGS:-} --log-dir "$OUT/probe-logs" --json "$OUT/probe.json" > "$OUT/probe.txt" 2>&1
       echo "probe rc=$?"; grep -E "p50|Error|Traceback" "$OUT/probe.txt" | head -20 ;;
     hops)  # where a long prompt's first token loses time: direct vs through the sidecars
-      timeout "${HOPS_TIMEOUT:-300}" python3 -m bench.ttft_hops --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" \
-        --gpu-util 0.2 --tokens "${HOPS_TOKENS:-8064}" --n "${HOPS_N:-15}" --log-dir "$OUT/hops-logs" \
+      # (HOPS_MODEL: a preset made by the models stage; HOPS_TOKENS: lengths, comma-separated)
+      timeout "${HOPS_TIMEOUT:-300}" python3 -m bench.ttft_hops --model "$PDSIDECAR_CACHE/models/${HOPS_MODEL:-llama3-8b-kv}" \
+        --gpu-util "${HOPS_GPU_UTIL:-0.2}" --tokens "${HOPS_TOKENS:-8064}" --n "${HOPS_N:-15}" --log-dir "$OUT/hops-logs" \
         --json "$OUT/hops.json" > "$OUT/hops.txt" 2>&1
       echo "hops rc=$?"; grep -v Warning "$OUT/hops.txt" | tail -60
       for f in "$OUT"/hops-logs/*.log; do grep -E "Error|Traceback" "$f" | head -5 > "$f.grep"; done ;;
-    models)  # Llama-3-8B's KV shape with little compute, drawn on the GPU
-      python3 -m pdsidecar models make --preset llama3-8b-kv --device cuda \
-        --out "$PDSIDECAR_CACHE/models/llama3-8b-kv" > "$OUT/models.txt" 2>&1; echo "models rc=$?" ;;
+    models)  # Llama-3-8B's KV shape with little compute, drawn on the GPU (MODEL_PRESETS: other
+      # presets too, e.g. "llama3-8b-kv llama3-8b-shape", the latter with the real model's compute)
+      for preset in ${MODEL_PRESETS:-llama3-8b-kv}; do
+        python3 -m pdsidecar models make --preset "$preset" --device cuda \
+          --out "$PDSIDECAR_CACHE/models/$preset" >> "$OUT/models.txt" 2>&1; echo "models $preset rc=$?"
+      done ;;
     mps)  # a CUDA MPS control daemon for the later stages (BENCH_SM_SHARE), quit when this script ends;
       # the GPU's compute mode and other settings are left as they are
       export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/pd-mps} CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/pd-mps-log}
