@@ -70,11 +70,12 @@ for stage in "$@"; do
       # BENCH_SIDECAR_ARG: one extra decode-sidecar argument (e.g.
       # --first-token-from-prefill=all), BENCH_TAG: suffix of the output names,
       # BENCH_N=0: the sweep only (BENCH_SWEEP tokens, BENCH_SWEEP_N each), BENCH_SM_SHARE=P,D:
-      # the engines as MPS clients, a pair's prefill/decode limited to P/D % of the SMs (stage mps first)
+      # the engines as MPS clients, a pair's prefill/decode limited to P/D % of the SMs (stage mps first),
+      # BENCH_MODEL: a preset made by the models stage (llama3-8b-kv), BENCH_GPU_UTIL: each engine's share (0.2)
       c=${stage#bench=}; tag=${c//,/_}${BENCH_TAG:+-$BENCH_TAG}
-      timeout "${BENCH_TIMEOUT:-500}" python3 -m bench.cli e2e --gpu-util 0.2 --configs "$c" \
+      timeout "${BENCH_TIMEOUT:-500}" python3 -m bench.cli e2e --gpu-util "${BENCH_GPU_UTIL:-0.2}" --configs "$c" \
         ${BENCH_SIDECAR_ARG:+"--sidecar-arg=$BENCH_SIDECAR_ARG"} ${BENCH_SM_SHARE:+--gpu-sm-share "$BENCH_SM_SHARE"} \
-        --model "$PDSIDECAR_CACHE/models/llama3-8b-kv" --max-model-len 8192 \
+        --model "$PDSIDECAR_CACHE/models/${BENCH_MODEL:-llama3-8b-kv}" --max-model-len 8192 \
         --rate "${BENCH_RATE:-4}" --num-requests "${BENCH_N:-24}" --warmup 2 \
         --prompt-len uniform:128-512 --output-len fixed:64 \
         --long-prompt-len uniform:4096-7936 --long-output-len fixed:4 --long-fraction 0.25 \
