@@ -103,6 +103,9 @@ async def run(args, p, dec, sc) -> dict:
         res = {"tokens": args.tokens, "n": args.n, "model": args.model, "by_tokens": {}}
         for tokens in args.tokens:
             res["by_tokens"][str(tokens)] = await one_length(args, s, voc, rng, tokens, p, dec, sc, srcs)
+            if args.json:  # after each length: a run cut short keeps what finished
+                with open(args.json, "w") as f:
+                    json.dump(res, f, indent=1)
     return res
 
 
@@ -210,12 +213,8 @@ def main() -> None:
     finally:
         for e in engines:
             e.stop()
-    text = json.dumps(res, indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
-    else:
-        print(text)
+    if not args.json:
+        print(json.dumps(res, indent=1))
     print(summary(res))
 
 
