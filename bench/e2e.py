@@ -7,6 +7,8 @@ request, plus the KV bytes and transfer time the decode engine reports:
 * ``agg``       one vLLM engine pinned to all the cores the P/D pair uses together
 * ``pd-ours``   prefill + decode engines (one core slice each), our ``PdConnector``,
                 a prefill and a decode ``pdsidecar`` in front
+* ``pd-ours-ft``  ``pd-ours`` with the decode sidecar's ``--first-token-from-prefill all``:
+                the client's first token comes from the prefill leg (docs/sidecar.md 6a)
 * ``pd-stock``  the same with vLLM's stock ``NixlConnector``
 * ``pd-ours-push`` / ``pd-stock-push``  push mode: ours (layer-wise WRITEs, both legs at
                 once) and vLLM's ``NixlPushConnector`` (WRITE after the prefill)
@@ -47,7 +49,7 @@ from bench.e2e_workload import UsageError  # noqa: E402
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("configurations")
     g.add_argument("--configs", default="agg,pd-ours,pd-stock",
-                   help="comma list of agg, pd-ours, pd-ours-push, pd-stock (vLLM's NixlConnector), "
+                   help="comma list of agg, pd-ours, pd-ours-ft (first token from the prefill leg), pd-ours-push, pd-stock (vLLM's NixlConnector), "
                         "pd-stock-push (vLLM's NixlPushConnector), pd-ours-pods (root: dev-cpu overlay across "
                         "network-namespace pods) (default: agg,pd-ours,pd-stock, run one after another)")
     g.add_argument("--gpu-util", default=None,

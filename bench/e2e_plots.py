@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLORS = {"agg": "tab:blue", "pd-ours": "tab:green", "pd-stock": "tab:orange", "pd": "tab:purple"}
+COLORS = {"agg": "tab:blue", "pd-ours": "tab:green", "pd-ours-ft": "tab:olive", "pd-stock": "tab:orange",
+          "pd": "tab:purple"}
 
 
 def _plt():

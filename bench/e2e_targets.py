@@ -123,6 +123,9 @@ def start_target(name: str, plan: Plan, model: str) -> Target:
         label = f"{kv_cfg['kv_connector']} (stock vLLM)"
     prefill, decode = _start(_engine_configs(("prefill", "decode"), model, kv_cfg, plan, stock, common), plan)
     extra = list(plan.sidecar_args)
+    if name == "pd-ours-ft" and not any(a.startswith("--first-token-from-prefill") for a in extra):
+        extra += ["--first-token-from-prefill", "all"]
+        label += ", first token from the prefill leg"
     if push and not stock:
         port = decode.config.kv_transfer_config["kv_connector_extra_config"]["control_port"]
         extra += ["--transfer-mode", "push", "--push-target", f"127.0.0.1:{port}"]

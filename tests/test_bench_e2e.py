@@ -173,7 +173,7 @@ def _ours_importable() -> bool:
 def test_short_real_run_json_complete_and_greedy_outputs_match(llama_dir, tmp_path):
     pytest.importorskip("vllm")
     pytest.importorskip("openai")
-    configs = ["agg", "pd-stock"] + (["pd-ours"] if _ours_importable() else [])
+    configs = ["agg", "pd-stock"] + (["pd-ours", "pd-ours-ft"] if _ours_importable() else [])
     out = tmp_path / "e2e.json"
     r = e2e("--model", llama_dir, "--configs", ",".join(configs), "--num-requests", "4", "--concurrency", "2",
             "--prompt-len", "fixed:24", "--output-len", "fixed:6", "--long-prompt-len", "fixed:384",
@@ -191,6 +191,10 @@ def test_short_real_run_json_complete_and_greedy_outputs_match(llama_dir, tmp_pa
     assert {"agg", "pd-stock"} <= set(ok), {n: c.get("reason") for n, c in res["configs"].items()}
     if "pd-ours" not in ok:  # reported, with a reason, and the rest still ran
         assert res["configs"]["pd-ours"]["reason"]
+    if "pd-ours-ft" in ok:  # every first token from the prefill leg; pd-ours: none
+        assert ok["pd-ours-ft"]["breakdown_mean"]["sc_first_token"] == 1.0, ok["pd-ours-ft"]["breakdown_mean"]
+        assert ok["pd-ours-ft"]["label"].endswith("first token from the prefill leg, sidecars")
+        assert ok["pd-ours"]["breakdown_mean"].get("sc_first_token", 0.0) == 0.0
     for name, c in ok.items():
         s = c["summary"]
         assert s["ok"] == s["requests"] == 4, c.get("warnings")
