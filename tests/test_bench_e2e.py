@@ -194,7 +194,8 @@ def test_short_real_run_json_complete_and_greedy_outputs_match(llama_dir, tmp_pa
     if "pd-ours-ft" in ok:  # every first token from the prefill leg; pd-ours: none
         assert ok["pd-ours-ft"]["breakdown_mean"]["sc_first_token"] == 1.0, ok["pd-ours-ft"]["breakdown_mean"]
         assert ok["pd-ours-ft"]["label"].endswith("first token from the prefill leg, sidecars")
-        assert ok["pd-ours"]["breakdown_mean"].get("sc_first_token", 0.0) == 0.0
+        if "pd-ours" in ok:
+            assert ok["pd-ours"]["breakdown_mean"].get("sc_first_token", 0.0) == 0.0
     for name, c in ok.items():
         s = c["summary"]
         assert s["ok"] == s["requests"] == 4, c.get("warnings")
