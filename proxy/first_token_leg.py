@@ -94,7 +94,9 @@ class FirstTokenLeg:
                 else:
                     return await self._stream(rq, body, pre, got, pre.ids)
             else:
-                local = await tokens
+                t = time.perf_counter()
+                local = await tokens  # 0 s when the tokenization answered before the prefill leg
+                self.sc.metrics.first_token_ids_wait.observe(time.perf_counter() - t)
                 if local is None:
                     why = "no_token_ids"
                 elif local[1] != kv.get("pd_prompt_sha256") or len(local[0]) != kv.get("remote_num_tokens"):

@@ -140,6 +140,10 @@ class Metrics:
         self.first_token_skipped = Counter("pd_first_token_skipped", "Decode: streaming P/D requests served the "
                                            "normal way although --first-token-from-prefill is on, by reason.",
                                            ["reason"], registry=r)
+        self.first_token_ids_wait = Histogram("pd_first_token_ids_wait_seconds", "Decode: how long a request "
+                                              "whose first token could come from the prefill leg waited, after "
+                                              "the prefill answer, for the local /tokenize (--first-token-ids local).",
+                                              buckets=_OVERHEAD, registry=r)
 
     def render(self) -> bytes:
         return render_multiprocess() if self.multiprocess else generate_latest(self.registry)

@@ -249,6 +249,21 @@ async def test_fake_served_one_stream():
         (_, leg, _), = s.p_vllm.requests
         assert "return_token_ids" not in leg
         assert s.d_vllm.tokenized == [{"model": "m", "prompt": "a b c"}]
+        assert val(s.dec, "pd_first_token_ids_wait_seconds_count") == 1
+    finally:
+        await s.stop()
+
+
+async def test_fake_slow_local_tokenize_holds_the_first_token_and_is_counted():
+    """A local /tokenize slower than the prefill leg holds the first token back (its ids
+    are needed before the stream starts); the wait is in pd_first_token_ids_wait_seconds."""
+    s = await ft_stack(p_kw={"prefill_kv_extra": OURS}, d_kw={"tokenize_delay": 0.5})
+    try:
+        status, _, raw = await post(s.dec.url + "/v1/completions", REQ)
+        assert status == 200 and [e["choices"][0]["text"] for e in events(raw)[:-1]] == ["x", "t0", "t1", "t2"]
+        assert val(s.dec, "pd_first_token_ids_wait_seconds_count") == 1
+        # /tokenize answered 0.5 s after it started, the fake prefill at once
+        assert val(s.dec, "pd_first_token_ids_wait_seconds_sum") >= 0.25
     finally:
         await s.stop()
 
@@ -305,6 +320,7 @@ async def test_fake_ids_from_the_prefill_answer(reuse):
         assert status == 200 and [e["choices"][0]["text"] for e in events(raw)[:-1]] == ["x", "t0", "t1", "t2"]
         assert s.d_vllm.requests[-1][1]["prompt"] == [5, 6, 7, 42]
         assert s.p_vllm.requests[-1][1]["return_token_ids"] is True and not s.d_vllm.tokenized
+        assert val(s.dec, "pd_first_token_ids_wait_seconds_count") == 0  # nothing to wait for
         s.p_vllm.prefill_kv_extra = {k: v for k, v in OURS.items() if k != "pd_next_token_id"}
         status, _, raw = await post(s.dec.url + "/v1/completions", REQ)  # normal path: no next token
         assert status == 200 and val(s.dec, "pd_first_token_skipped_total", reason="no_token_ids") == 1

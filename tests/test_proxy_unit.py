@@ -29,7 +29,7 @@ class FakeVllm:
     def __init__(self, *, chunks: int = 3, delay: float = 0.0, prefill_status: int = 200,
                  prefill_delay: float = 0.0, no_kv: bool = False, decode_kv: dict | None = None,
                  kv_load_fails: bool = False, prefill_kv_extra: dict | None = None, tokenize_fails: bool = False,
-                 tokenize_status: int = 200):
+                 tokenize_status: int = 200, tokenize_delay: float = 0.0):
         self.requests: list[tuple[str, dict, dict]] = []
         self.chunks, self.delay = chunks, delay
         self.prefill_status, self.prefill_delay, self.no_kv = prefill_status, prefill_delay, no_kv
@@ -38,6 +38,7 @@ class FakeVllm:
         self.prefill_kv_extra = prefill_kv_extra or {}  # more fields in the prefill answer's params
         self.tokenize_fails = tokenize_fails
         self.tokenize_status = tokenize_status  # 404: no /tokenize
+        self.tokenize_delay = tokenize_delay  # seconds before /tokenize answers
         self.tokenized: list[dict] = []  # /tokenize bodies
         self.gate: asyncio.Event | None = None
         self.cancelled: list[str] = []
@@ -73,6 +74,7 @@ class FakeVllm:
         """One token per word: 5, 6, 7, ..."""
         body = await request.json()
         self.tokenized.append(body)
+        await asyncio.sleep(self.tokenize_delay)
         if self.tokenize_status != 200:
             return web.json_response({"detail": "Not Found"}, status=self.tokenize_status)
         if self.tokenize_fails:
