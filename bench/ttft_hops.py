@@ -36,6 +36,7 @@ import timeit
 
 import aiohttp
 
+from bench.e2e import write_json
 from bench.e2e_breakdown import _hist, delta, snapshot
 from bench.e2e_workload import Vocabulary
 
@@ -103,9 +104,8 @@ async def run(args, p, dec, sc) -> dict:
         res = {"tokens": args.tokens, "n": args.n, "model": args.model, "by_tokens": {}}
         for tokens in args.tokens:
             res["by_tokens"][str(tokens)] = await one_length(args, s, voc, rng, tokens, p, dec, sc, srcs)
-            if args.json:  # after each length: a run cut short keeps what finished
-                with open(args.json, "w") as f:
-                    json.dump(res, f, indent=1)
+            if args.json:  # after each length, atomically: a run cut short keeps what finished
+                write_json(args.json, res)
     return res
 
 
