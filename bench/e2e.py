@@ -49,7 +49,7 @@ from bench.e2e_workload import UsageError  # noqa: E402
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("configurations")
     g.add_argument("--configs", default="agg,pd-ours,pd-stock",
-                   help="comma list of agg, pd-ours, pd-ours-ft (first token from the prefill leg), pd-ours-push, pd-stock (vLLM's NixlConnector), "
+                   help="comma list of agg, agg-sc (agg behind a decode sidecar with no prefill peer), pd-ours, pd-ours-ft (first token from the prefill leg), pd-ours-push, pd-stock (vLLM's NixlConnector), "
                         "pd-stock-push (vLLM's NixlPushConnector), pd-ours-pods (root: dev-cpu overlay across "
                         "network-namespace pods) (default: agg,pd-ours,pd-stock, run one after another)")
     g.add_argument("--gpu-util", default=None,

@@ -12,7 +12,7 @@ from typing import Any
 from bench.e2e_workload import UsageError, Workload, load_prompts, parse_dist
 
 
-CONFIGS = ("agg", "pd-ours", "pd-ours-ft", "pd-ours-push", "pd-stock", "pd-stock-push", "pd-ours-pods")
+CONFIGS = ("agg", "agg-sc", "pd-ours", "pd-ours-ft", "pd-ours-push", "pd-stock", "pd-stock-push", "pd-ours-pods")
 PROG = "pdbench e2e"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLORS = {"agg": "tab:blue", "pd-ours": "tab:green", "pd-ours-ft": "tab:olive", "pd-stock": "tab:orange",
+COLORS = {"agg": "tab:blue", "agg-sc": "tab:cyan", "pd-ours": "tab:green", "pd-ours-ft": "tab:olive", "pd-stock": "tab:orange",
           "pd": "tab:purple"}
 
 

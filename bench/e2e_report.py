@@ -170,6 +170,11 @@ def _ms(v: float | None, digits: int = 1) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 1000:.{digits}f}"
 
 
+def _ratio(v: float | None, ref: float | None) -> str:
+    """`v / ref` as "1.02x"; "-" without both."""
+    return f"{v / ref:.3f}x" if v is not None and ref else "-"
+
+
 def _num(v: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -236,7 +241,7 @@ def format_tables(result: dict[str, Any]) -> str:
         if any_push:
             parts.append(PUSH_NOTE)
 
-    for ref_key, ref_name in (("vs_agg", "agg"), ("vs_stock", "pd-stock")):
+    for ref_key, ref_name in (("vs_agg", "agg"), ("vs_agg_sc", "agg-sc"), ("vs_stock", "pd-stock")):
         rrows = []
         for name, c in cfgs.items():
             r = (c.get("ratios") or {}).get(ref_key)
@@ -263,6 +268,8 @@ def format_tables(result: dict[str, Any]) -> str:
         parts.append(_table(["config", "TTFT ms/1k", "R²", "xfer ms/1k", "R²", "xfer ms @0"], sweep_rows))
         pts = []
         sweep_push = False
+        refs = [r for r in ("agg", "agg-sc") if _has(cfgs.get(r, {})) and cfgs[r].get("sweep")]
+        ref_ttft = {r: {p["tokens"]: p["ttft_s_median"] for p in cfgs[r]["sweep"]["points"]} for r in refs}
         for name, c in cfgs.items():
             sw = c.get("sweep")
             if not _has(c) or not sw:
@@ -271,11 +278,13 @@ def format_tables(result: dict[str, Any]) -> str:
             sweep_push |= push
             for p in sw["points"]:
                 x = _ms(p.get("kv_seconds_median"), 3)
-                pts.append([name, str(p["tokens"]), _ms(p["ttft_s_median"]),
-                            _num(p.get("kv_bytes_median") and p["kv_bytes_median"] / 1e6, "{:.3f}"),
-                            x + ("†" if push and x != "-" else ""),
-                            "-" if push else _num(p.get("gbps_median"), "{:.2f}")])
-        parts.append(_table(["config", "prompt tok", "TTFT ms", "KV MB", "xfer ms", "GB/s"], pts))
+                pts.append([name, str(p["tokens"]), _ms(p["ttft_s_median"])]
+                           + [_ratio(p["ttft_s_median"], ref_ttft[r].get(p["tokens"])) for r in refs]
+                           + [_num(p.get("kv_bytes_median") and p["kv_bytes_median"] / 1e6, "{:.3f}"),
+                              x + ("†" if push and x != "-" else ""),
+                              "-" if push else _num(p.get("gbps_median"), "{:.2f}")])
+        parts.append(_table(["config", "prompt tok", "TTFT ms"] + [f"TTFT/{r}" for r in refs]
+                            + ["KV MB", "xfer ms", "GB/s"], pts))
         if sweep_push:
             parts.append(PUSH_NOTE)
 

@@ -159,6 +159,10 @@ def run_config(name: str, plan: Plan, model: str | None) -> dict[str, Any]:
         not_disagg = {p: n for p, n in c["summary"]["paths"].items() if p != "disagg"}
         if not_disagg:
             warnings.append(f"not every request was disaggregated: {not_disagg}")
+    if name == "agg-sc" and records:
+        not_local = {p: n for p, n in c["summary"]["paths"].items() if p != "local"}
+        if not_local:
+            warnings.append(f"not every request took the sidecar's local path: {not_local}")
     if errors:
         warnings.append(f"{len(errors)} request(s) failed, first: {errors[0]['error']}")
     if warnings:
@@ -185,12 +189,13 @@ def finalize(result: dict[str, Any]) -> None:
     from bench.e2e_report import ratios
 
     cfgs = result["configs"]
-    agg = cfgs.get("agg", {}).get("summary") if cfgs.get("agg", {}).get("status") == "ok" else None
-    stock = cfgs.get("pd-stock", {}).get("summary") if cfgs.get("pd-stock", {}).get("status") == "ok" else None
+    refs = {"vs_agg": "agg", "vs_agg_sc": "agg-sc", "vs_stock": "pd-stock"}
+    ref_summary = {key: cfgs[ref]["summary"] if cfgs.get(ref, {}).get("status") == "ok" else None
+                   for key, ref in refs.items()}
     for name, c in cfgs.items():
         if has_numbers(c):
-            c["ratios"] = {"vs_agg": ratios(c["summary"], agg) if name != "agg" else None,
-                           "vs_stock": ratios(c["summary"], stock) if name != "pd-stock" else None}
+            c["ratios"] = {key: ratios(c["summary"], ref_summary[key]) if name != ref else None
+                           for key, ref in refs.items()}
     result["greedy_match"] = greedy_match(result)
 
 

@@ -93,6 +93,27 @@ def _start(configs: list[Any], plan: Plan) -> list[Any]:
     return start_engines(configs, sequential=plan.gpu_util is not None)
 
 
+def _start_agg_behind_sidecar(name: str, plan: Plan, model: str, common: dict[str, Any]) -> Target:
+    """``agg-sc``: the one aggregated engine behind a decode sidecar with no prefill peer,
+    the hop a sidecar deployment adds to a request it serves without disaggregating."""
+    from pdsidecar.dev.local_sidecars import start_local_sidecar
+
+    (e,) = _start(_engine_configs(("agg",), model, None, plan, False, common), plan)
+    try:
+        sc = start_local_sidecar(e, list(plan.sidecar_args))
+    except BaseException:
+        e.stop()
+        raise
+
+    def stop() -> None:
+        sc.stop()
+        e.stop()
+
+    return Target(name, sc.url, e.model_name, "aggregated (one engine) behind a decode sidecar, local path", "-",
+                  sidecar_url=sc.url, engine_kv_url=e.url, cores={"engine": e.config.cpu_bind or "gpu"},
+                  logs=[str(e.log_path), str(sc.log_path)], stop=stop)
+
+
 def start_target(name: str, plan: Plan, model: str) -> Target:
     from pdsidecar.dev.engines import stock_nixl_config
 
@@ -103,6 +124,8 @@ def start_target(name: str, plan: Plan, model: str) -> Target:
         (e,) = _start(_engine_configs(("agg",), model, None, plan, False, common), plan)
         return Target(name, e.url, e.model_name, "aggregated (one engine)", "-",
                       cores={"engine": e.config.cpu_bind or "gpu"}, logs=[str(e.log_path)], stop=e.stop)
+    if name == "agg-sc":
+        return _start_agg_behind_sidecar(name, plan, model, common)
     from pdsidecar.dev.local_sidecars import start_sidecars
 
     push = name.endswith("-push")

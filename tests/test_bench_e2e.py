@@ -173,7 +173,7 @@ def _ours_importable() -> bool:
 def test_short_real_run_json_complete_and_greedy_outputs_match(llama_dir, tmp_path):
     pytest.importorskip("vllm")
     pytest.importorskip("openai")
-    configs = ["agg", "pd-stock"] + (["pd-ours", "pd-ours-ft"] if _ours_importable() else [])
+    configs = ["agg", "agg-sc", "pd-stock"] + (["pd-ours", "pd-ours-ft"] if _ours_importable() else [])
     out = tmp_path / "e2e.json"
     r = e2e("--model", llama_dir, "--configs", ",".join(configs), "--num-requests", "4", "--concurrency", "2",
             "--prompt-len", "fixed:24", "--output-len", "fixed:6", "--long-prompt-len", "fixed:384",
@@ -188,7 +188,12 @@ def test_short_real_run_json_complete_and_greedy_outputs_match(llama_dir, tmp_pa
     assert set(res["configs"]) == set(configs)
     assert res["meta"]["machine"]["cpus"] >= 1 and res["workload"]["num_requests"] == 4
     ok = {n: c for n, c in res["configs"].items() if c["status"] == "ok"}
-    assert {"agg", "pd-stock"} <= set(ok), {n: c.get("reason") for n, c in res["configs"].items()}
+    assert {"agg", "agg-sc", "pd-stock"} <= set(ok), {n: c.get("reason") for n, c in res["configs"].items()}
+    # the sweep's TTFT against both aggregated baselines, and the load's ratios to agg-sc
+    assert "TTFT/agg " in r.stdout and "TTFT/agg-sc" in r.stdout and "Ratio to agg-sc" in r.stdout
+    assert ok["agg-sc"]["summary"]["paths"] == {"local": 4}, ok["agg-sc"]["summary"]["paths"]
+    assert "warnings" not in ok["agg-sc"], ok["agg-sc"]["warnings"]
+    assert ok["agg-sc"]["ratios"]["vs_agg"]["ttft_s.p50"] > 0 and ok["agg-sc"]["ratios"]["vs_agg_sc"] is None
     if "pd-ours" not in ok:  # reported, with a reason, and the rest still ran
         assert res["configs"]["pd-ours"]["reason"]
     if "pd-ours-ft" in ok:  # every first token from the prefill leg; pd-ours: none
@@ -225,7 +230,7 @@ def test_short_real_run_json_complete_and_greedy_outputs_match(llama_dir, tmp_pa
                         "decode_leg_mean_s", "prefill_leg_mean_s"):
                 assert k[key] > 0, (name, key)
             assert "decode_leg_not_transfer_s" in k
-            assert c["ratios"]["vs_agg"]["ttft_s.p50"] > 0
+            assert c["ratios"]["vs_agg"]["ttft_s.p50"] > 0 and c["ratios"]["vs_agg_sc"]["ttft_s.p50"] > 0
             assert all(p["kv_bytes_median"] > 0 and p["kv_seconds_median"] > 0 for p in sw["points"])
             big, small = sw["points"][1]["kv_bytes_median"], sw["points"][0]["kv_bytes_median"]
             assert big > small  # KV grows with the prompt

@@ -1,4 +1,5 @@
-"""Start a prefill and a decode sidecar as real subprocesses next to two local engines."""
+"""Start a prefill and a decode sidecar as real subprocesses next to two local engines
+(or one decode sidecar alone in front of one engine)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,18 @@ def start_sidecars(prefill: Engine, decode: Engine, args=None, decode_port: int 
         p.stop()
         raise
     return LocalSidecars(p, decodes[0], decodes[1] if len(decodes) > 1 else None)
+
+
+def start_local_sidecar(engine: Engine, extra_args: list[str] | None = None) -> SidecarProcess:
+    """A decode sidecar with no prefill peer in front of `engine`, on loopback: every request
+    takes its local path (`x-pd-path: local`, reason `no_peer`), the engine serves it whole."""
+    port = free_port()
+    sc = SidecarProcess("decode", ["--host", "127.0.0.1", "--port", str(port), "--vllm-url", engine.url,
+                                   "--advertise", f"127.0.0.1:{port}", "--log-level", "warning",
+                                   *(extra_args or [])], port, engine.log_path.parent)
+    try:
+        sc.wait_ready()
+    except BaseException:
+        sc.stop()
+        raise
+    return sc
