@@ -171,7 +171,7 @@ def _ms(v: float | None, digits: int = 1) -> str:
 
 
 def _ratio(v: float | None, ref: float | None) -> str:
-    """`v / ref` as "1.02x"; "-" without both."""
+    """`v / ref` as "1.020x"; "-" without both."""
     return f"{v / ref:.3f}x" if v is not None and ref else "-"
 
 
