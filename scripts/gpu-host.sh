@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host (no package index): unpack the offline site built by
-# shared/tools/offline-gpu-site.sh (parts under .gpusite/p*/), then run what follows
+# shared/tools/offline-gpu-site.sh (parts under .gpusite/p*/; scripts/gpusite-resplit.sh makes
+# them smaller where a part and the tree exceed the device tool's 64 MiB), then run what follows
 # with it on PYTHONPATH, e.g.  scripts/gpu-host.sh python -m pytest -q tests/gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
