@@ -42,11 +42,13 @@ SERIES: dict[str, tuple[str, str, dict[str, str]]] = {
 
 
 def sources(target: Any) -> dict[str, str | None]:
-    """The URLs to scrape for `target` (a bench.e2e_targets.Target); agg: its one engine."""
+    """The URLs to scrape for `target` (a bench.e2e_targets.Target); agg: its one engine;
+    agg-sc: its sidecar and the engine behind it."""
     if target.sidecar_url is None and target.engine_kv_url is None:
         return {"decode_engine": target.url}
     return {"decode_sidecar": target.sidecar_url, "prefill_sidecar": target.prefill_sidecar_url,
-            "decode_engine": target.engine_kv_url, "prefill_engine": getattr(target, "prefill_engine_url", None)}
+            "decode_engine": target.engine_kv_url or getattr(target, "engine_url", None),
+            "prefill_engine": getattr(target, "prefill_engine_url", None)}
 
 
 def snapshot(srcs: dict[str, str | None]) -> dict[str, dict | None]:

@@ -22,6 +22,7 @@ class Target:
     sidecar_url: str | None = None        # decode sidecar (pd_* metrics)
     prefill_sidecar_url: str | None = None
     engine_kv_url: str | None = None      # decode engine (KV figures)
+    engine_url: str | None = None         # agg-sc: the engine behind the sidecar (vLLM metrics, no KV)
     prefill_engine_url: str | None = None  # prefill engine (its vLLM metrics, bench.e2e_breakdown)
     kv_url: str | None = None             # where the KV figures are read when not the decode engine
     layerwise_push: bool = False          # our push: both legs at once, WRITEs during the prefill
@@ -93,12 +94,11 @@ def _start(configs: list[Any], plan: Plan) -> list[Any]:
     return start_engines(configs, sequential=plan.gpu_util is not None)
 
 
-def _start_agg_behind_sidecar(name: str, plan: Plan, model: str, common: dict[str, Any]) -> Target:
-    """``agg-sc``: the one aggregated engine behind a decode sidecar with no prefill peer,
+def _behind_sidecar(name: str, e: Any, plan: Plan) -> Target:
+    """``agg-sc``: the aggregated engine `e` behind a decode sidecar with no prefill peer,
     the hop a sidecar deployment adds to a request it serves without disaggregating."""
     from pdsidecar.dev.local_sidecars import start_local_sidecar
 
-    (e,) = _start(_engine_configs(("agg",), model, None, plan, False, common), plan)
     try:
         sc = start_local_sidecar(e, list(plan.sidecar_args))
     except BaseException:
@@ -110,7 +110,7 @@ def _start_agg_behind_sidecar(name: str, plan: Plan, model: str, common: dict[st
         e.stop()
 
     return Target(name, sc.url, e.model_name, "aggregated (one engine) behind a decode sidecar, local path", "-",
-                  sidecar_url=sc.url, engine_kv_url=e.url, cores={"engine": e.config.cpu_bind or "gpu"},
+                  sidecar_url=sc.url, engine_url=e.url, cores={"engine": e.config.cpu_bind or "gpu"},
                   logs=[str(e.log_path), str(sc.log_path)], stop=stop)
 
 
@@ -120,12 +120,12 @@ def start_target(name: str, plan: Plan, model: str) -> Target:
     if name == "pd-ours-pods":
         return start_pods_target(name, plan)
     common = dict(startup_timeout_s=plan.startup_timeout, max_model_len=plan.max_model_len)
-    if name == "agg":
+    if name in ("agg", "agg-sc"):
         (e,) = _start(_engine_configs(("agg",), model, None, plan, False, common), plan)
+        if name == "agg-sc":
+            return _behind_sidecar(name, e, plan)
         return Target(name, e.url, e.model_name, "aggregated (one engine)", "-",
                       cores={"engine": e.config.cpu_bind or "gpu"}, logs=[str(e.log_path)], stop=e.stop)
-    if name == "agg-sc":
-        return _start_agg_behind_sidecar(name, plan, model, common)
     from pdsidecar.dev.local_sidecars import start_sidecars
 
     push = name.endswith("-push")
